@@ -1,0 +1,55 @@
+# make demo  - install into .venv (once), then train -> merge -> GGUF -> chat on the tiny model
+# make test  - install into .venv (once), then run the test suite
+# The install is idempotent: .venv/.installed records it, and is redone when pyproject.toml changes.
+
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+PIP    := $(PY) -m pip
+STAMP  := $(VENV)/.installed
+export FASTTUNE_CACHE ?= $(HOME)/.cache/fasttune
+export HF_HUB_OFFLINE ?= 1
+export PYTHONUNBUFFERED := 1
+
+.PHONY: install demo test test-slow test-gpu clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install --quiet --upgrade pip
+	# First torch alone: on a CPU-only machine pip takes the local CPU build of this pin; on a GPU
+	# machine the same pin is the CUDA build from the registry.
+	$(PIP) install --quiet torch==2.13.0
+	$(PIP) install --quiet -e '.[test]'
+	# unsloth 2026.10.9 is the first release with a CPU backend, but its metadata demands
+	# certifi>=2026.10.19, which the registry does not have (newest: 2026.10.18); so --no-deps,
+	# with its real runtime needs listed in pyproject.toml. Never install torchvision here: the
+	# registry's build does not load against the CPU torch and `import unsloth` then fails.
+	$(PIP) install --quiet --no-deps unsloth==2026.10.9 unsloth_zoo==2026.10.9
+	$(PY) -c "import unsloth, trl, llama_cpp, gguf; print('fasttune environment ready')"
+	touch $(STAMP)
+
+demo: install
+	rm -rf runs/demo
+	$(PY) recipes/clinical_qa.py --model tiny \
+		--data recipes/data/clinical_qa.jsonl --eval-data recipes/data/clinical_qa_eval.jsonl \
+		--out runs/demo --epochs 3 --lora_r 16 --quants bf16 q4_k_m
+	@echo
+	@echo "The tiny model has random weights and 2 layers: its words carry no meaning. It proves the"
+	@echo "pipeline (train -> merge -> GGUF -> llama.cpp chat) works on this machine. With a GPU, the same"
+	@echo "recipe on a real model:"
+	@echo "  python recipes/clinical_qa.py --model Qwen/Qwen2.5-0.5B-Instruct --data my.jsonl --out runs/mine"
+	@echo "Chat with the demo file:  $(PY) export/chat.py runs/demo/gguf/demo-q4_k_m.gguf"
+
+test: install
+	$(PY) -m pytest -q
+
+test-slow: install
+	$(PY) -m pytest -q -m slow
+
+test-gpu: install
+	$(PY) -m pytest -q -m gpu
+
+clean:
+	rm -rf runs .pytest_cache

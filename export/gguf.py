@@ -1,0 +1,36 @@
+#!/usr/bin/env python
+"""Export a run's merged model as GGUF files, offline.
+
+    python export/gguf.py RUN_DIR                      # the types the recipe's config lists
+    python export/gguf.py RUN_DIR --quant bf16 q8_0 q4_k_m
+
+bf16/f16/f32/q8_0 are written by fasttune's own converter (the `gguf` package); k-quants and the
+other llama.cpp types are made from the 16-bit file by llama-cpp-python's bundled quantizer.
+Files land in RUN_DIR/gguf/<run name>-<type>.gguf. No network, no llama.cpp build.
+"""
+
+import argparse
+from pathlib import Path
+
+from fasttune import UserError, cli, config, gguf
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(prog="export/gguf.py", description=__doc__.split("\n\n")[0])
+    parser.add_argument("run_dir", type=Path, help="run directory written by a recipe")
+    parser.add_argument("--quant", nargs="+", metavar="TYPE",
+                        help="types to write (default: the recipe config's `quants`), e.g. bf16 q8_0 q4_k_m")
+    args = parser.parse_args(argv)
+    cfg = config.load_run(args.run_dir)
+    merged = args.run_dir / "merged"
+    if not (merged / "config.json").is_file():
+        raise UserError(f"{merged}: no merged model; the recipe did not finish (re-run it)")
+    quants = args.quant or cfg.export.quants
+    if not quants:
+        raise UserError("no types to export: pass --quant bf16 q4_k_m (the run's config lists none)")
+    for path in gguf.export(merged, args.run_dir / "gguf", quants, name=args.run_dir.name):
+        print(f"{path}  ({path.stat().st_size / 1e6:.1f} MB)")
+
+
+if __name__ == "__main__":
+    cli.run(main)

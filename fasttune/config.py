@@ -1,0 +1,166 @@
+"""Configuration: dataclasses with help on every field.
+
+Precedence: dataclass defaults < the recipe's own defaults < a YAML file (`--config`) < the command
+line. Unknown keys in the YAML file and unknown flags are errors. Parsing is TRL's `TrlParser`
+(transformers' `HfArgumentParser` plus `--config`), the convention TRL's own scripts use; every
+field is a flag under both spellings, `--eval_data` and `--eval-data`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from fasttune import UserError
+
+LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+@dataclass
+class ModelConfig:
+    model: str = field(
+        default="tiny",
+        metadata={"help": "Base model: a hub name (Qwen/Qwen2.5-0.5B-Instruct), a local directory, or 'tiny' for "
+                          "the embedded tiny Qwen2.5-architecture model (random weights; tests and demo)."},
+    )
+    load_in_4bit: bool = field(
+        default=True,
+        metadata={"help": "QLoRA: load the base in 4-bit nf4 for training (merge still uses the 16-bit weights). "
+                          "--no-4bit trains LoRA on the 16-bit base."},
+    )
+    max_seq_length: int = field(
+        default=1024, metadata={"help": "Longest training sequence in tokens (prompt + answer)."}
+    )
+    lora_r: int = field(default=64, metadata={"help": "LoRA rank."})
+    lora_alpha: int = field(default=16, metadata={"help": "LoRA alpha; the update is scaled by alpha / r."})
+    lora_dropout: float = field(default=0.1, metadata={"help": "Dropout on the LoRA input."})
+    lora_target_modules: list[str] = field(
+        default_factory=lambda: list(LORA_TARGETS),
+        metadata={"help": "Linear layers that get LoRA adapters (default: all seven projections)."},
+    )
+    gradient_checkpointing: bool = field(
+        default=True, metadata={"help": "Recompute activations in the backward pass (Unsloth's offloaded variant): "
+                                        "less memory, about 20-30%% slower."},
+    )
+
+
+@dataclass
+class DataConfig:
+    data: str = field(default=None, metadata={"help": "Training data file (.jsonl).", "required": True})
+    eval_data: str | None = field(default=None, metadata={"help": "Held-out data file, same format; "
+                                                                  "used for eval loss and the demo answer."})
+    system_prompt: str | None = field(default=None, metadata={"help": "System message put before every example."})
+    user_template: str | None = field(
+        default=None, metadata={"help": "Python format string that builds the user turn from a record's fields, "
+                                        "e.g. 'Context: {context}'. Set by the recipe."},
+    )
+    assistant_template: str | None = field(
+        default=None, metadata={"help": "Format string that builds the assistant turn (the trained answer)."}
+    )
+
+
+@dataclass
+class TrainConfig:
+    out: str = field(default=None, metadata={"help": "Run directory to write (adapter, merged model, GGUF, logs).",
+                                             "required": True})
+    epochs: float = field(default=3.0, metadata={"help": "Passes over the training data."})
+    batch_size: int = field(default=4, metadata={"help": "Examples per device step."})
+    grad_accum: int = field(default=1, metadata={"help": "Steps to accumulate before an optimizer update."})
+    learning_rate: float = field(default=2e-4, metadata={"help": "Peak learning rate."})
+    lr_scheduler: str = field(default="constant", metadata={"help": "transformers scheduler name "
+                                                                    "(constant, linear, cosine, ...)."})
+    warmup_ratio: float = field(default=0.03, metadata={"help": "Fraction of steps spent warming up."})
+    max_grad_norm: float = field(default=0.3, metadata={"help": "Gradient clipping norm."})
+    weight_decay: float = field(default=0.001, metadata={"help": "AdamW weight decay."})
+    optim: str = field(
+        default="paged_adamw_32bit",
+        metadata={"help": "Optimizer name as transformers spells it. Paged and 8-bit bitsandbytes optimizers "
+                          "need CUDA; on CPU fasttune uses adamw_torch instead and says so."},
+    )
+    logging_steps: int = field(default=1, metadata={"help": "Log loss every N optimizer steps."})
+    seed: int = field(default=42, metadata={"help": "Seed for LoRA init, shuffling and dropout."})
+    overwrite: bool = field(default=False, metadata={"help": "Replace an existing run in --out."})
+
+
+@dataclass
+class ExportConfig:
+    quants: list[str] = field(
+        default_factory=lambda: ["bf16", "q4_k_m"],
+        metadata={"help": "GGUF files to write after training: bf16, f16, f32, q8_0 directly; q4_k_m, q5_k_m, "
+                          "q6_k, ... via llama.cpp's quantizer. Empty list (--quants none) skips export."},
+    )
+
+
+@dataclass
+class Config:
+    model: ModelConfig
+    data: DataConfig
+    train: TrainConfig
+    export: ExportConfig
+
+    def flat(self) -> dict:
+        """One flat mapping, the shape `--config` reads back."""
+        out = {}
+        for part in (self.model, self.data, self.train, self.export):
+            out.update(dataclasses.asdict(part))
+        return out
+
+    def save(self, path: Path) -> None:
+        path.write_text(yaml.safe_dump(self.flat(), sort_keys=False, allow_unicode=True))
+
+
+# Short spellings users expect that HfArgumentParser cannot express (its boolean complement is
+# always --no_<field>); rewritten before parsing.
+FLAG_ALIASES = {"--no-4bit": ["--load_in_4bit", "false"], "--4bit": ["--load_in_4bit", "true"]}
+
+
+def parse(argv: list[str] | None = None, defaults: dict | None = None, prog: str | None = None) -> Config:
+    """Parse a recipe's command line into a Config. `defaults` are the recipe's own."""
+    import sys
+
+    from trl import TrlParser
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    argv = [part for arg in argv for part in FLAG_ALIASES.get(arg, [arg])]
+    parser = TrlParser((ModelConfig, DataConfig, TrainConfig, ExportConfig), prog=prog)
+    if defaults:
+        unknown = set(defaults) - {a.dest for a in parser._actions}
+        if unknown:
+            raise ValueError(f"recipe defaults name unknown fields: {sorted(unknown)}")
+        parser.set_defaults(**defaults)
+    try:
+        model, data, train, export = parser.parse_args_and_config(argv)
+    except FileNotFoundError as e:
+        raise UserError(f"--config: no such file: {e.filename}") from None
+    except ValueError as e:  # unknown YAML keys, a YAML file that is not a mapping
+        raise UserError(f"--config: {e}") from None
+    if export.quants == ["none"]:
+        export.quants = []
+    return Config(model, data, train, export)
+
+
+def create_run_dir(cfg: Config) -> Path:
+    """Make the run directory and write the resolved config.yaml into it."""
+    run_dir = Path(cfg.train.out)
+    if (run_dir / "config.yaml").exists() and not cfg.train.overwrite:
+        raise UserError(f"--out {run_dir}: a run already lives there; pass --overwrite or choose another --out")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "metrics.jsonl").unlink(missing_ok=True)
+    cfg.save(run_dir / "config.yaml")
+    return run_dir
+
+
+def load_run(run_dir: str | Path) -> Config:
+    """The Config a recipe run recorded in RUN_DIR/config.yaml."""
+    path = Path(run_dir) / "config.yaml"
+    if not path.is_file():
+        raise UserError(f"{run_dir}: no config.yaml; pass a run directory written by a recipe")
+    flat = yaml.safe_load(path.read_text())
+    parts = []
+    for cls in (ModelConfig, DataConfig, TrainConfig, ExportConfig):
+        names = {f.name for f in dataclasses.fields(cls)}
+        parts.append(cls(**{k: v for k, v in flat.items() if k in names}))
+    return Config(*parts)

@@ -1,0 +1,304 @@
+"""Merged Hugging Face checkpoint -> GGUF, offline, with the `gguf` package; k-quants via llama.cpp.
+
+Why our own writer: Unsloth's `save_pretrained_gguf` downloads and builds llama.cpp, which fails
+offline. The rules below are GGUF facts, checked against llama.cpp's `convert_hf_to_gguf.py`
+(tests compare tensor bytes and metadata with it): 1-D tensors and norms are stored as F32, the
+rest in the file's type; every tensor is read from safetensors, converted and written one at a
+time, so memory stays near one tensor. The file is written under a temporary name, re-read, then
+renamed: an interrupted export never leaves a file under the final name.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import json
+import logging
+import os
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import gguf
+import numpy as np
+from safetensors import safe_open
+from tqdm import tqdm
+
+from fasttune import UserError
+
+logger = logging.getLogger(__name__)
+
+Q = gguf.GGMLQuantizationType
+FT = gguf.LlamaFileType
+
+
+@dataclass(frozen=True)
+class Arch:
+    gguf_arch: gguf.MODEL_ARCH
+    tokenizer_pre: str  # llama.cpp's pre-tokenizer name for this family
+
+
+# Hugging Face architectures we convert. Table, not if-chain: add a row to support one.
+ARCHITECTURES = {
+    "Qwen2ForCausalLM": Arch(gguf.MODEL_ARCH.QWEN2, tokenizer_pre="qwen2"),
+}
+
+# Types written directly by this module: name -> (file type, tensor type for 2-D weights).
+DIRECT_TYPES = {
+    "f32": (FT.ALL_F32, Q.F32),
+    "f16": (FT.MOSTLY_F16, Q.F16),
+    "bf16": (FT.MOSTLY_BF16, Q.BF16),
+    "q8_0": (FT.MOSTLY_Q8_0, Q.Q8_0),
+}
+# llama.cpp refuses these without an importance matrix (llama-quantize says the same).
+NEEDS_IMATRIX = {"iq1_s", "iq1_m", "iq2_xxs", "iq2_xs", "iq2_s", "q2_k_s"}
+
+
+def llama_ftype(name: str) -> int:
+    """llama.cpp's LLAMA_FTYPE_MOSTLY_<NAME> for a quant name like 'q4_k_m'."""
+    import llama_cpp
+
+    value = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{name.upper()}", None)
+    if value is None:
+        known = sorted(DIRECT_TYPES) + sorted(
+            k.removeprefix("LLAMA_FTYPE_MOSTLY_").lower() for k in dir(llama_cpp) if k.startswith("LLAMA_FTYPE_MOSTLY_")
+        )
+        raise UserError(f"unknown quant type '{name}'; known: {', '.join(dict.fromkeys(known))}")
+    return value
+
+
+def check_quant_name(name: str) -> None:
+    if name in NEEDS_IMATRIX:
+        raise UserError(f"quant type '{name}' needs an importance matrix, which this export does not compute; "
+                        "choose q3_k_m, q4_k_m or larger")
+    if name not in DIRECT_TYPES:
+        llama_ftype(name)
+
+
+# --- vocabulary -------------------------------------------------------------------------------------
+
+def _looks_special(token: str) -> bool:
+    return token.startswith("<|") and token.endswith("|>")
+
+
+def vocab(tokenizer, vocab_size: int) -> tuple[list[str], list[int]]:
+    """Token strings and types by id, padded to the model's embedding rows.
+
+    GGUF lists one entry per embedding row; ids the tokenizer does not use (Qwen2.5 pads 151,665
+    tokens to 151,936 rows) become unused "[PAD<id>]" entries, as llama.cpp expects.
+    """
+    by_id = {i: t for t, i in tokenizer.get_vocab().items()}
+    added = tokenizer.added_tokens_decoder  # id -> AddedToken
+    tokens, types = [], []
+    for i in range(vocab_size):
+        if i not in by_id:
+            tokens.append(f"[PAD{i}]")
+            types.append(gguf.TokenType.UNUSED)
+        elif i in added:
+            tokens.append(by_id[i])
+            special = added[i].special or _looks_special(by_id[i])
+            types.append(gguf.TokenType.CONTROL if special else gguf.TokenType.USER_DEFINED)
+        else:
+            tokens.append(by_id[i])
+            types.append(gguf.TokenType.NORMAL)
+    return tokens, types
+
+
+# --- tensors ----------------------------------------------------------------------------------------
+
+def _safetensors_files(model_dir: Path) -> list[Path]:
+    index = model_dir / "model.safetensors.index.json"
+    if index.is_file():
+        return sorted({model_dir / f for f in json.loads(index.read_text())["weight_map"].values()})
+    single = model_dir / "model.safetensors"
+    if not single.is_file():
+        raise UserError(f"{model_dir}: no model.safetensors (or index); export needs a merged safetensors checkpoint")
+    return [single]
+
+
+def _tensor_type(gguf_name: str, shape: tuple[int, ...], file_qtype: Q) -> Q:
+    """Type a tensor is stored in: norms and 1-D tensors F32; rows that do not fit a block F16."""
+    if len(shape) <= 1 or gguf_name.endswith("_norm.weight"):
+        return Q.F32
+    block, _ = gguf.GGML_QUANT_SIZES[file_qtype]
+    if shape[-1] % block:
+        return Q.F16  # llama.cpp's converter falls back the same way
+    return file_qtype
+
+
+def _convert(data: np.ndarray, qtype: Q) -> np.ndarray:
+    return gguf.quants.quantize(data, qtype)
+
+
+def _nbytes(shape: tuple[int, ...], qtype: Q) -> tuple[tuple[int, ...], np.dtype, int]:
+    """(shape as stored, numpy dtype as stored, bytes) for a tensor of `shape` stored as `qtype`."""
+    if qtype == Q.F32:
+        return shape, np.dtype(np.float32), int(np.prod(shape)) * 4
+    if qtype == Q.F16:
+        return shape, np.dtype(np.float16), int(np.prod(shape)) * 2
+    byte_shape = gguf.quant_shape_to_byte_shape(shape, qtype)
+    return byte_shape, np.dtype(np.uint8), int(np.prod(byte_shape))
+
+
+# --- writing ----------------------------------------------------------------------------------------
+
+def convert(model_dir: str | Path, out_path: str | Path, outtype: str = "bf16", name: str | None = None) -> Path:
+    """Write `model_dir` (a merged HF checkpoint) as a GGUF of type `outtype` (f32/f16/bf16/q8_0)."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    model_dir, out_path = Path(model_dir), Path(out_path)
+    if outtype not in DIRECT_TYPES:
+        raise UserError(f"convert writes {', '.join(DIRECT_TYPES)}; '{outtype}' goes through quantize()")
+    config = AutoConfig.from_pretrained(model_dir)
+    hf_arch = (config.architectures or ["?"])[0]
+    if hf_arch not in ARCHITECTURES:
+        raise UserError(f"{model_dir}: architecture {hf_arch} is not supported; supported: "
+                        f"{', '.join(ARCHITECTURES)}")
+    arch = ARCHITECTURES[hf_arch]
+    file_type, file_qtype = DIRECT_TYPES[outtype]
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    n_layers = config.num_hidden_layers
+    names = gguf.get_tensor_name_map(arch.gguf_arch, n_layers)
+
+    tmp = out_path.with_name(out_path.name + ".partial")
+    writer = gguf.GGUFWriter(tmp, gguf.MODEL_ARCH_NAMES[arch.gguf_arch])
+    try:
+        _add_metadata(writer, config, file_type, name or model_dir.name)
+        _add_tokenizer(writer, model_dir, tokenizer, arch, config.vocab_size)
+
+        # Pass 1: names, shapes and types, so the header can be written before any data.
+        plan = []  # (file, hf_name, gguf_name, qtype)
+        for st_file in _safetensors_files(model_dir):
+            with safe_open(st_file, framework="pt") as f:
+                for hf_name in f.keys():
+                    if hf_name == "lm_head.weight" and config.tie_word_embeddings:
+                        continue  # tied: llama.cpp reuses token_embd
+                    gguf_name = names.get_name(hf_name, try_suffixes=(".weight", ".bias"))
+                    if gguf_name is None:
+                        raise UserError(f"{st_file.name}: tensor {hf_name} has no GGUF name for {hf_arch}")
+                    shape = tuple(f.get_slice(hf_name).get_shape())
+                    qtype = _tensor_type(gguf_name, shape, file_qtype)
+                    stored_shape, dtype, nbytes = _nbytes(shape, qtype)
+                    writer.add_tensor_info(gguf_name, stored_shape, dtype, nbytes, raw_dtype=qtype)
+                    plan.append((st_file, hf_name, qtype))
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_ti_data_to_file()
+
+        # Pass 2: data, one tensor in memory at a time.
+        for st_file, hf_name, qtype in tqdm(plan, desc=f"writing {out_path.name}", unit="tensor"):
+            with safe_open(st_file, framework="pt") as f:
+                data = f.get_tensor(hf_name).float().numpy()
+            writer.write_tensor_data(_convert(data, qtype))
+        writer.close()
+        _validate(tmp, expected_tensors=len(plan))
+        os.replace(tmp, out_path)
+    finally:
+        writer.close()
+        tmp.unlink(missing_ok=True)
+    logger.info("wrote %s (%.1f MB)", out_path, out_path.stat().st_size / 1e6)
+    return out_path
+
+
+def _add_metadata(writer: gguf.GGUFWriter, config, file_type: FT, name: str) -> None:
+    writer.add_type(gguf.GGUFType.MODEL)
+    writer.add_name(name)
+    writer.add_block_count(config.num_hidden_layers)
+    writer.add_context_length(config.max_position_embeddings)
+    writer.add_embedding_length(config.hidden_size)
+    writer.add_feed_forward_length(config.intermediate_size)
+    writer.add_head_count(config.num_attention_heads)
+    writer.add_head_count_kv(config.num_key_value_heads)
+    rope = getattr(config, "rope_parameters", None) or {}
+    writer.add_rope_freq_base(rope.get("rope_theta", getattr(config, "rope_theta", 10000.0)))
+    writer.add_layer_norm_rms_eps(config.rms_norm_eps)
+    writer.add_file_type(file_type)
+    writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+
+
+def _add_tokenizer(writer: gguf.GGUFWriter, model_dir: Path, tokenizer, arch: Arch, vocab_size: int) -> None:
+    tokens, types = vocab(tokenizer, vocab_size)
+    writer.add_tokenizer_model("gpt2")  # byte-level BPE
+    writer.add_tokenizer_pre(arch.tokenizer_pre)
+    writer.add_token_list(tokens)
+    writer.add_token_types(types)
+    # merges, bos/eos/pad ids, add_bos and the chat template, read from the tokenizer files
+    gguf.SpecialVocab(model_dir, load_merges=True, n_vocab=vocab_size).add_to_gguf(writer, quiet=True)
+    im_end = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    if isinstance(im_end, int) and im_end != tokenizer.unk_token_id:
+        writer.add_eot_token_id(im_end)  # end of turn = end of generation, also for base checkpoints
+
+
+def _validate(path: Path, expected_tensors: int) -> None:
+    reader = gguf.GGUFReader(path)
+    if len(reader.tensors) != expected_tensors:
+        raise RuntimeError(f"{path}: {len(reader.tensors)} tensors written, expected {expected_tensors}")
+
+
+@contextlib.contextmanager
+def _native_output_captured():
+    """Send llama.cpp's C-level stdout/stderr (a line per tensor) to a temp file; yields a reader.
+
+    Written by hand because llama-cpp-python's log callback does not cover the quantizer's output.
+    """
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = [os.dup(1), os.dup(2)]
+    with tempfile.TemporaryFile(mode="w+b") as sink:
+        os.dup2(sink.fileno(), 1)
+        os.dup2(sink.fileno(), 2)
+        try:
+            yield lambda: (sink.seek(0), sink.read().decode(errors="replace"))[1]
+        finally:
+            os.dup2(saved[0], 1)
+            os.dup2(saved[1], 2)
+            for fd in saved:
+                os.close(fd)
+
+
+def quantize(src: str | Path, out_path: str | Path, qtype: str, threads: int | None = None) -> Path:
+    """k-quants and the rest, in-process through llama-cpp-python's bundled llama.cpp (no build)."""
+    import llama_cpp
+
+    check_quant_name(qtype)
+    src, out_path = Path(src), Path(out_path)
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = llama_ftype(qtype)
+    params.nthread = threads or os.cpu_count() or 1
+    tmp = out_path.with_name(out_path.name + ".partial")
+    try:
+        with _native_output_captured() as captured:
+            rc = llama_cpp.llama_model_quantize(str(src).encode(), str(tmp).encode(), ctypes.byref(params))
+            native_log = captured()
+        if rc != 0:
+            tail = "\n".join(native_log.splitlines()[-5:])
+            raise RuntimeError(f"llama_model_quantize({src.name} -> {qtype}) failed with code {rc}:\n{tail}")
+        os.replace(tmp, out_path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    logger.info("wrote %s (%.1f MB)", out_path, out_path.stat().st_size / 1e6)
+    return out_path
+
+
+def export(merged_dir: str | Path, out_dir: str | Path, quants: list[str], name: str) -> list[Path]:
+    """Write every requested type into out_dir as <name>-<type>.gguf; k-quants start from bf16."""
+    merged_dir, out_dir = Path(merged_dir), Path(out_dir)
+    for q in quants:
+        check_quant_name(q)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written, base16 = [], None
+    for q in [q for q in quants if q in DIRECT_TYPES] + [q for q in quants if q not in DIRECT_TYPES]:
+        path = out_dir / f"{name}-{q}.gguf"
+        if q in DIRECT_TYPES:
+            convert(merged_dir, path, q, name=name)
+            if q in ("bf16", "f16", "f32"):
+                base16 = path
+        else:
+            if base16 is None:  # quantizing needs a 16-bit source; make one and keep it out of the list
+                base16 = convert(merged_dir, out_dir / f"{name}-bf16.gguf.src", "bf16", name=name)
+            quantize(base16, path, q)
+        written.append(path)
+    for leftover in out_dir.glob("*.gguf.src"):
+        leftover.unlink()
+    return written

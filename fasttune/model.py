@@ -1,0 +1,56 @@
+"""Load the base model through Unsloth's FastLanguageModel and attach LoRA adapters.
+
+On a GPU this gives Unsloth's Triton kernels; on a CPU, unsloth 2026.10's CPU backend (stock
+transformers + PEFT, bitsandbytes 4-bit on CPU). One code path for both.
+Import this module (which imports unsloth) before trl/transformers/peft: Unsloth patches them.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import unsloth  # noqa: F401  (must come first: it patches transformers, peft and trl)
+from unsloth import FastLanguageModel
+
+from fasttune import UserError
+from fasttune.chat import ensure_chat_template
+from fasttune.config import ModelConfig
+
+logger = logging.getLogger(__name__)
+
+
+def resolve(name: str) -> str:
+    """'tiny' -> the cached tiny checkpoint; a local directory or a hub name as is."""
+    if name == "tiny":
+        from fasttune.tiny import tiny_model_dir
+
+        return str(tiny_model_dir())
+    if Path(name).exists() and not (Path(name) / "config.json").is_file():
+        raise UserError(f"--model {name}: a directory without config.json; pass a Hugging Face model directory")
+    return name
+
+
+def load_for_training(cfg: ModelConfig, seed: int):
+    """(peft model, tokenizer): the base in 4-bit (QLoRA) or 16-bit, LoRA on cfg.lora_target_modules."""
+    path = resolve(cfg.model)
+    logger.info("loading %s (%s)", path, "4-bit nf4" if cfg.load_in_4bit else "16-bit")
+    model, tokenizer = FastLanguageModel.from_pretrained(
+        model_name=path,
+        max_seq_length=cfg.max_seq_length,
+        dtype=None,  # bf16 where the hardware has it, else fp16/fp32 (Unsloth decides)
+        load_in_4bit=cfg.load_in_4bit,
+        load_in_16bit=not cfg.load_in_4bit,
+    )
+    ensure_chat_template(tokenizer)
+    model = FastLanguageModel.get_peft_model(
+        model,
+        r=cfg.lora_r,
+        lora_alpha=cfg.lora_alpha,
+        lora_dropout=cfg.lora_dropout,
+        target_modules=cfg.lora_target_modules,
+        bias="none",
+        use_gradient_checkpointing="unsloth" if cfg.gradient_checkpointing else False,
+        random_state=seed,
+    )
+    return model, tokenizer

@@ -1,0 +1,149 @@
+"""The tiny Qwen2.5-architecture model used by the demo, the tests and the benchmarks.
+
+It has the real Qwen2 tokenizer (151,936 tokens) and Qwen2.5's shapes rules (GQA, q/k/v biases,
+tied embeddings), but only 2 layers of width 256 and random weights: its words mean nothing.
+Widths are multiples of 256 so llama.cpp's k-quants really apply (at 64 every tensor falls back).
+
+The tokenizer comes from the llama-cpp-python sdist, which ships llama.cpp's vocab-only
+`ggml-vocab-qwen2.gguf` and its tokenizer test vectors; no model hub is needed. Everything is built
+once and cached under $FASTTUNE_CACHE (default ~/.cache/fasttune).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import tarfile
+import tempfile
+from pathlib import Path
+
+logger = logging.getLogger(__name__)
+
+LLAMA_CPP_SDIST = "llama-cpp-python==0.3.36"
+SDIST_ROOT = "llama_cpp_python-0.3.36/vendor/llama.cpp/"
+VOCAB_GGUF = "models/ggml-vocab-qwen2.gguf"
+
+# Qwen2.5-0.5B's hyper-parameters where they do not cost compute; DESIGN.md section 4 for widths.
+TINY_CONFIG = dict(
+    hidden_size=256,
+    intermediate_size=512,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    vocab_size=151936,
+    tie_word_embeddings=True,
+    max_position_embeddings=32768,
+    rope_theta=1000000.0,
+    rms_norm_eps=1e-6,
+    bos_token_id=151643,
+    eos_token_id=151645,
+    # Larger than Qwen's 0.02 so that random logits have clear winners: greedy decoding then
+    # does not hinge on ties, which makes HF-vs-GGUF comparisons meaningful.
+    initializer_range=0.1,
+)
+
+# A Qwen2.5-0.5B-shaped model: same compute as the real one, used for speed benchmarks.
+QWEN2_5_0_5B_CONFIG = dict(
+    TINY_CONFIG,
+    hidden_size=896,
+    intermediate_size=4864,
+    num_hidden_layers=24,
+    num_attention_heads=14,
+    num_key_value_heads=2,
+    initializer_range=0.02,
+)
+
+
+def cache_dir() -> Path:
+    path = Path(os.environ.get("FASTTUNE_CACHE", Path.home() / ".cache" / "fasttune"))
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def llama_cpp_sdist() -> Path:
+    """The llama-cpp-python source archive (downloaded from the package registry once)."""
+    folder = cache_dir() / "sdist"
+    found = sorted(folder.glob("llama_cpp_python-0.3.36.tar.gz"))
+    if found:
+        return found[0]
+    logger.info("downloading the %s source archive (for the Qwen2 vocab and llama.cpp's converter)", LLAMA_CPP_SDIST)
+    subprocess.run(
+        [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--no-binary", ":all:",
+         LLAMA_CPP_SDIST, "-d", str(folder)],
+        check=True,
+    )
+    return llama_cpp_sdist()
+
+
+def llama_cpp_file(relpath: str) -> Path:
+    """A file or folder from the sdist's vendor/llama.cpp tree, extracted once into the cache."""
+    dest = cache_dir() / "llama.cpp" / relpath
+    if dest.exists():
+        return dest
+    with tarfile.open(llama_cpp_sdist()) as tar, tempfile.TemporaryDirectory(dir=cache_dir()) as tmp:
+        prefix = SDIST_ROOT + relpath
+        members = [m for m in tar.getmembers() if m.name == prefix or m.name.startswith(prefix + "/")]
+        if not members:
+            raise FileNotFoundError(f"{relpath} is not in {LLAMA_CPP_SDIST}")
+        tar.extractall(tmp, members=members, filter="data")
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(Path(tmp) / prefix, dest)
+    return dest
+
+
+def _atomic_build(dest: Path, build) -> Path:
+    """Run build(tmp_dir), then move tmp_dir to dest, so a killed build leaves no half cache."""
+    if dest.exists():
+        return dest
+    tmp = Path(tempfile.mkdtemp(dir=dest.parent, prefix=dest.name + ".tmp"))
+    try:
+        build(tmp)
+        os.replace(tmp, dest)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return dest
+
+
+def qwen2_tokenizer_dir() -> Path:
+    """A saved Qwen2 tokenizer (tokenizer.json + config) with Qwen2.5's chat template."""
+
+    def build(tmp: Path) -> None:
+        from transformers import AutoTokenizer
+
+        from fasttune.chat import QWEN2_5_TEMPLATE
+
+        vocab = llama_cpp_file(VOCAB_GGUF)
+        logger.info("building the Qwen2 tokenizer from %s (about 20 s, once)", vocab.name)
+        tok = AutoTokenizer.from_pretrained(str(vocab.parent), gguf_file=vocab.name)
+        # Qwen2.5-Instruct's special-token roles: <|im_end|> ends a turn, <|endoftext|> pads.
+        tok.eos_token = "<|im_end|>"
+        tok.pad_token = "<|endoftext|>"
+        tok.chat_template = QWEN2_5_TEMPLATE
+        tok.save_pretrained(tmp)
+
+    return _atomic_build(cache_dir() / "qwen2-tokenizer", build)
+
+
+def build_model(dest: Path, config: dict, seed: int = 0) -> Path:
+    """Save a random-weight Qwen2 checkpoint with the real tokenizer to dest (bf16 safetensors)."""
+    dest.parent.mkdir(parents=True, exist_ok=True)
+
+    def build(tmp: Path) -> None:
+        import torch
+        from transformers import AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
+
+        torch.manual_seed(seed)
+        model = Qwen2ForCausalLM(Qwen2Config(**config)).to(torch.bfloat16)
+        model.generation_config.eos_token_id = config["eos_token_id"]
+        model.save_pretrained(tmp)
+        AutoTokenizer.from_pretrained(qwen2_tokenizer_dir()).save_pretrained(tmp)
+
+    return _atomic_build(dest, build)
+
+
+def tiny_model_dir() -> Path:
+    """The embedded tiny model, built and cached on first use (`--model tiny`)."""
+    return build_model(cache_dir() / "tiny-qwen2.5", TINY_CONFIG)

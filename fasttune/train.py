@@ -1,0 +1,117 @@
+"""Supervised fine-tuning with TRL's SFTTrainer (patched by Unsloth), loss on assistant tokens only.
+
+Wiring only: the chat template decides what is trained (see chat.py), TRL tokenizes and masks,
+Unsloth supplies the kernels. Writes metrics.jsonl and loss.png into the run directory.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import torch
+from datasets import Dataset
+from transformers import TrainerCallback
+from trl import SFTConfig, SFTTrainer
+
+from fasttune.chat import check_trainable, training_template
+from fasttune.config import Config
+from fasttune.data import Example
+
+logger = logging.getLogger(__name__)
+
+CUDA_ONLY_OPTIMIZERS = ("paged_", "adamw_8bit", "adamw_bnb_8bit", "lion_8bit")
+
+
+class MetricsLog(TrainerCallback):
+    """Appends every trainer log (loss, lr, eval_loss) to metrics.jsonl as it happens."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if logs:
+            with self.path.open("a") as f:
+                f.write(json.dumps({"step": state.global_step, "epoch": state.epoch, **logs}) + "\n")
+
+
+def sft_config(cfg: Config, output_dir: Path, has_eval: bool) -> SFTConfig:
+    t = cfg.train
+    optim = t.optim
+    if not torch.cuda.is_available() and optim.startswith(CUDA_ONLY_OPTIMIZERS):
+        logger.warning("optimizer %s needs CUDA; using adamw_torch on this CPU", optim)
+        optim = "adamw_torch"
+    bf16 = torch.cuda.is_bf16_supported() if torch.cuda.is_available() else True
+    return SFTConfig(
+        output_dir=str(output_dir),
+        num_train_epochs=t.epochs,
+        per_device_train_batch_size=t.batch_size,
+        per_device_eval_batch_size=t.batch_size,
+        gradient_accumulation_steps=t.grad_accum,
+        learning_rate=t.learning_rate,
+        lr_scheduler_type=t.lr_scheduler,
+        warmup_steps=t.warmup_ratio,  # transformers 5: a float below 1 is a ratio of total steps
+        max_grad_norm=t.max_grad_norm,
+        weight_decay=t.weight_decay,
+        optim=optim,
+        logging_steps=t.logging_steps,
+        seed=t.seed,
+        bf16=bf16,
+        fp16=torch.cuda.is_available() and not bf16,
+        max_length=cfg.model.max_seq_length,
+        assistant_only_loss=True,
+        packing=False,
+        eval_strategy="epoch" if has_eval else "no",
+        save_strategy="no",
+        report_to="none",
+        disable_tqdm=False,
+    )
+
+
+def train(model, tokenizer, train_set: list[Example], eval_set: list[Example], cfg: Config, run_dir: Path):
+    """Train in place; returns the trainer (its state.log_history holds the losses)."""
+    stats = {"train": check_trainable(train_set, tokenizer, cfg.model.max_seq_length)}
+    if eval_set:
+        stats["eval"] = check_trainable(eval_set, tokenizer, cfg.model.max_seq_length)
+    (run_dir / "data_stats.json").write_text(json.dumps(stats, indent=2))
+    to_dataset = lambda examples: Dataset.from_list([{"messages": e.messages} for e in examples])  # noqa: E731
+    inference_template = tokenizer.chat_template
+    tokenizer.chat_template = training_template(tokenizer)  # same text, plus the assistant mask
+    try:
+        trainer = SFTTrainer(
+            model=model,
+            processing_class=tokenizer,
+            args=sft_config(cfg, run_dir / "checkpoints", has_eval=bool(eval_set)),
+            train_dataset=to_dataset(train_set),
+            eval_dataset=to_dataset(eval_set) if eval_set else None,
+            callbacks=[MetricsLog(run_dir / "metrics.jsonl")],
+        )
+        trainer.train()
+    finally:
+        tokenizer.chat_template = inference_template
+    return trainer
+
+
+def plot_loss(metrics_path: Path, out_png: Path) -> None:
+    """loss.png: training loss per step, eval loss per epoch."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
+    train = [(r["step"], r["loss"]) for r in rows if "loss" in r]
+    evals = [(r["step"], r["eval_loss"]) for r in rows if "eval_loss" in r]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    if train:
+        ax.plot(*zip(*train), label="train loss")
+    if evals:
+        ax.plot(*zip(*evals), "o-", label="eval loss")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("cross-entropy (assistant tokens)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out_png, dpi=110)
+    plt.close(fig)
