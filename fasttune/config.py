@@ -132,11 +132,17 @@ def parse(argv: list[str] | None = None, defaults: dict | None = None, prog: str
             raise ValueError(f"recipe defaults name unknown fields: {sorted(unknown)}")
         parser.set_defaults(**defaults)
     try:
-        model, data, train, export = parser.parse_args_and_config(argv)
+        model, data, train, export, yaml_extra, cli_extra = parser.parse_args_and_config(
+            argv, return_remaining_strings=True, separate_remaining_strings=True)
     except FileNotFoundError as e:
         raise UserError(f"--config: no such file: {e.filename}") from None
-    except ValueError as e:  # unknown YAML keys, a YAML file that is not a mapping
+    except ValueError as e:  # a YAML file that is not a mapping
         raise UserError(f"--config: {e}") from None
+    if yaml_extra:
+        keys = ", ".join(k.removeprefix("--") for k in yaml_extra[::2])
+        raise UserError(f"--config: unknown keys: {keys} (--help lists every field)")
+    if cli_extra:
+        raise UserError(f"unknown arguments: {' '.join(cli_extra)} (--help lists every flag)")
     if export.quants == ["none"]:
         export.quants = []
     return Config(model, data, train, export)

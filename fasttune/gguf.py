@@ -223,8 +223,15 @@ def _add_tokenizer(writer: gguf.GGUFWriter, model_dir: Path, tokenizer, arch: Ar
     writer.add_tokenizer_pre(arch.tokenizer_pre)
     writer.add_token_list(tokens)
     writer.add_token_types(types)
-    # merges, bos/eos/pad ids, add_bos and the chat template, read from the tokenizer files
-    gguf.SpecialVocab(model_dir, load_merges=True, n_vocab=vocab_size).add_to_gguf(writer, quiet=True)
+    # merges, bos/eos/pad ids and the chat template, read from the tokenizer files
+    special = gguf.SpecialVocab(model_dir, load_merges=True, n_vocab=vocab_size)
+    # Whether llama.cpp adds BOS/EOS when tokenizing: measured from what the tokenizer does.
+    probe = tokenizer.encode("a", add_special_tokens=True)
+    special.add_special_token = {
+        "bos": tokenizer.bos_token_id is not None and probe[0] == tokenizer.bos_token_id,
+        "eos": probe[-1] == tokenizer.eos_token_id,
+    }
+    special.add_to_gguf(writer, quiet=True)
     im_end = tokenizer.convert_tokens_to_ids("<|im_end|>")
     if isinstance(im_end, int) and im_end != tokenizer.unk_token_id:
         writer.add_eot_token_id(im_end)  # end of turn = end of generation, also for base checkpoints

@@ -1,0 +1,70 @@
+"""Shared fixtures: the tiny model, its tokenizer, and one trained run the later stages reuse.
+
+The trained run is the clinical QA recipe run as a user runs it (a subprocess), on four short
+records it can memorise: then "the model stops where it should" and "greedy answers agree" are
+checks with a known right answer, not hopes.
+"""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import fasttune.model  # noqa: E402,F401  (unsloth before transformers/trl/peft, as in every entry point)
+
+REPO = Path(__file__).resolve().parents[1]
+MEMORIZE = REPO / "tests" / "data" / "memorize.jsonl"
+
+
+def run_script(*args, check: bool = True, timeout: int = 900) -> subprocess.CompletedProcess:
+    """Run a repo script with this interpreter, from the repo root, capturing output."""
+    proc = subprocess.run([sys.executable, *map(str, args)], cwd=REPO, capture_output=True, text=True,
+                          timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{args} exited {proc.returncode}\nstdout:\n{proc.stdout[-3000:]}\n"
+                             f"stderr:\n{proc.stderr[-3000:]}")
+    return proc
+
+
+@pytest.fixture(scope="session")
+def tiny_dir() -> Path:
+    from fasttune.tiny import tiny_model_dir
+
+    return tiny_model_dir()
+
+
+@pytest.fixture(scope="session")
+def tokenizer(tiny_dir):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(tiny_dir)
+
+
+@pytest.fixture(scope="session")
+def trained_run(tmp_path_factory):
+    """(run_dir, completed recipe process): tiny model, 4-bit QLoRA, taught four short answers."""
+    run_dir = tmp_path_factory.mktemp("runs") / "memorize"
+    proc = run_script(
+        "recipes/clinical_qa.py", "--model", "tiny", "--data", MEMORIZE, "--eval-data", MEMORIZE,
+        "--out", run_dir, "--epochs", "40", "--lora_r", "16", "--learning_rate", "3e-3",
+        "--quants", "bf16", "q4_k_m",
+    )
+    return run_dir, proc
+
+
+@pytest.fixture(scope="session")
+def memorized_chats():
+    """The four training conversations as the recipe builds them (system, user, assistant)."""
+    import importlib.util
+
+    from fasttune import data
+
+    spec = importlib.util.spec_from_file_location("clinical_qa", REPO / "recipes" / "clinical_qa.py")
+    recipe = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(recipe)
+    return data.load_fields(MEMORIZE, recipe.USER_TEMPLATE, recipe.ASSISTANT_TEMPLATE, recipe.SYSTEM_PROMPT)

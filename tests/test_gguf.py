@@ -1,0 +1,167 @@
+"""GGUF export: faithful to the merged HF model, byte-identical to llama.cpp's own converter."""
+
+import os
+import subprocess
+import sys
+
+import gguf as gguf_py
+import numpy as np
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from fasttune import UserError, infer
+from fasttune import gguf as export
+from fasttune.tiny import llama_cpp_file
+
+
+@pytest.fixture(scope="module")
+def merged(trained_run):
+    run_dir, _ = trained_run
+    return run_dir / "merged"
+
+
+@pytest.fixture(scope="module")
+def hf_model(merged):
+    return AutoModelForCausalLM.from_pretrained(merged, dtype=torch.float32).eval()
+
+
+def prompt(tokenizer, chat) -> tuple[str, list[int]]:
+    text = tokenizer.apply_chat_template(chat.messages[:-1], add_generation_prompt=True, tokenize=False)
+    return text, tokenizer.encode(text, add_special_tokens=False)
+
+
+def gguf_logits(path, ids):
+    with infer.load(path, n_ctx=512, logits_all=True) as llm:
+        llm.eval(ids)
+        return np.array(llm.scores[: len(ids)])
+
+
+@pytest.mark.parametrize("outtype, max_abs, mean_abs, top1", [
+    # f32 is the writer alone: any mapping or layout slip would show up far above this.
+    ("f32", 0.05, 0.005, 1.0),
+    # bf16: llama.cpp's CPU matmul also rounds activations to bf16; measured ~0.11 max, ~0.01 mean.
+    # Prompt positions the model never trained on have near-ties, so top-1 may flip at one or two.
+    ("bf16", 0.3, 0.03, 0.95),
+])
+def test_logits_match_hf(tmp_path, merged, hf_model, tokenizer, memorized_chats, outtype, max_abs, mean_abs, top1):
+    path = tmp_path / f"m-{outtype}.gguf" if outtype != "bf16" else merged.parent / "gguf" / "memorize-bf16.gguf"
+    if outtype != "bf16":
+        export.convert(merged, path, outtype)
+    for chat in memorized_chats[:2]:
+        text, ids = prompt(tokenizer, chat)
+        with infer.load(path, n_ctx=512) as llm:
+            assert llm.tokenize(text.encode(), add_bos=False, special=True) == ids  # same tokenization
+        with torch.no_grad():
+            want = hf_model(torch.tensor([ids])).logits[0].numpy()
+        got = gguf_logits(path, ids)
+        diff = np.abs(got - want)
+        assert diff.max() < max_abs and diff.mean() < mean_abs, (diff.max(), diff.mean())
+        agree = (got.argmax(-1) == want.argmax(-1)).mean()
+        assert agree >= top1, agree
+
+
+def test_greedy_continuations_identical(trained_run, hf_model, tokenizer, memorized_chats):
+    run_dir, _ = trained_run
+    untrained = memorized_chats[0].messages[:1] + [{"role": "user", "content": "Describe a normal ECG."}]
+    chats = [c.messages[:-1] for c in memorized_chats] + [untrained]
+    with infer.load(run_dir / "gguf" / "memorize-bf16.gguf", n_ctx=512) as llm:
+        for messages in chats:
+            text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+            ids = tokenizer.encode(text, add_special_tokens=False)
+            with torch.no_grad():
+                hf = hf_model.generate(torch.tensor([ids]), max_new_tokens=24, do_sample=False,
+                                       eos_token_id=tokenizer.eos_token_id)[0, len(ids):].tolist()
+            got = []
+            for tok in llm.generate(ids, temp=0.0, reset=True):
+                got.append(tok)
+                if tok == tokenizer.eos_token_id or len(got) == len(hf):
+                    break
+            assert got == hf, (tokenizer.decode(got), tokenizer.decode(hf))
+
+
+def test_q4_k_m_loads_generates_and_chat_stops(trained_run, memorized_chats):
+    run_dir, _ = trained_run
+    q4 = run_dir / "gguf" / "memorize-q4_k_m.gguf"
+    bf16 = run_dir / "gguf" / "memorize-bf16.gguf"
+    assert q4.stat().st_size < 0.6 * bf16.stat().st_size
+    reader = gguf_py.GGUFReader(q4)
+    assert any(t.tensor_type == gguf_py.GGMLQuantizationType.Q4_K for t in reader.tensors)
+    for path in (bf16, q4):
+        with infer.load(path) as llm:
+            reply = infer.chat(llm, memorized_chats[1].messages[:-1], max_tokens=64)
+        choice = reply["choices"][0]
+        assert choice["finish_reason"] == "stop", choice
+        if path == bf16:  # the memorised answer, word for word, then <|im_end|>
+            assert choice["message"]["content"].strip() == memorized_chats[1].messages[-1]["content"]
+
+
+def test_metadata(trained_run):
+    run_dir, _ = trained_run
+    reader = gguf_py.GGUFReader(run_dir / "gguf" / "memorize-bf16.gguf")
+
+    def field(key):
+        f = reader.fields[key]
+        return f.contents()
+
+    assert field("general.architecture") == "qwen2"
+    assert field("tokenizer.ggml.pre") == "qwen2"
+    assert field("tokenizer.ggml.eos_token_id") == 151645
+    assert field("tokenizer.ggml.eot_token_id") == 151645
+    assert field("tokenizer.ggml.padding_token_id") == 151643
+    assert field("tokenizer.ggml.add_bos_token") is False
+    assert "<|im_start|>assistant" in field("tokenizer.chat_template")
+    assert len(field("tokenizer.ggml.tokens")) == 151936
+
+
+def test_same_bytes_as_llama_cpp_converter(tmp_path, merged):
+    """llama.cpp's convert_hf_to_gguf.py (from the llama-cpp-python sdist; test-only) is the oracle."""
+    ours = export.convert(merged, tmp_path / "ours.gguf", "bf16")
+    ref = tmp_path / "ref.gguf"
+    root = llama_cpp_file("convert_hf_to_gguf.py").parent
+    llama_cpp_file("conversion"), llama_cpp_file("gguf-py")
+    env = dict(os.environ, PYTHONPATH=str(root / "gguf-py"))
+    subprocess.run([sys.executable, str(root / "convert_hf_to_gguf.py"), str(merged), "--outtype", "bf16",
+                    "--outfile", str(ref)], check=True, env=env, capture_output=True)
+    a, b = gguf_py.GGUFReader(ours), gguf_py.GGUFReader(ref)
+    ta, tb = {t.name: t for t in a.tensors}, {t.name: t for t in b.tensors}
+    assert set(ta) == set(tb) and len(ta) == 26
+    for name in ta:
+        assert ta[name].tensor_type == tb[name].tensor_type, name
+        assert list(ta[name].shape) == list(tb[name].shape), name
+        assert ta[name].data.tobytes() == tb[name].data.tobytes(), name
+    keys = [k for k in b.fields if k.startswith(("qwen2.", "tokenizer.")) or k in (
+        "general.architecture", "general.file_type", "general.quantization_version")]
+    assert len(keys) > 15
+    for key in keys:
+        assert key in a.fields, key
+        assert a.fields[key].contents() == b.fields[key].contents(), key
+
+
+def test_untied_embeddings_write_output_tensor(tmp_path):
+    from fasttune.tiny import TINY_CONFIG, build_model
+
+    model_dir = build_model(tmp_path / "untied", dict(TINY_CONFIG, tie_word_embeddings=False))
+    path = export.convert(model_dir, tmp_path / "untied.gguf", "q8_0")
+    names = {t.name for t in gguf_py.GGUFReader(path).tensors}
+    assert {"output.weight", "token_embd.weight", "blk.0.attn_q.bias"} <= names
+    with infer.load(path, n_ctx=256) as llm:
+        assert len(llm.tokenize(b"hello")) > 0
+
+
+def test_interrupted_export_leaves_no_file(tmp_path, merged, monkeypatch):
+    def boom(*args, **kwargs):
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr(export, "_validate", boom)
+    with pytest.raises(RuntimeError):
+        export.convert(merged, tmp_path / "x.gguf", "bf16")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_bad_quant_names():
+    with pytest.raises(UserError, match="unknown quant type 'q4_k_x'"):
+        export.check_quant_name("q4_k_x")
+    with pytest.raises(UserError, match="importance matrix"):
+        export.check_quant_name("iq2_xs")
+    export.check_quant_name("q5_k_m")

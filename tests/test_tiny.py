@@ -1,0 +1,34 @@
+"""The tiny model's tokenizer is the real Qwen2 tokenizer: llama.cpp's own test vectors agree."""
+
+from fasttune.tiny import llama_cpp_file
+
+
+def load_vectors():
+    sep = "\n__ggml_vocab_test__\n"
+    texts = llama_cpp_file("models/ggml-vocab-qwen2.gguf.inp").read_text(encoding="utf-8").split(sep)
+    outs = llama_cpp_file("models/ggml-vocab-qwen2.gguf.out").read_text(encoding="utf-8").split("\n")
+    return [(text, [int(t) for t in out.split()]) for text, out in zip(texts, outs, strict=True)]
+
+
+def test_llama_cpp_qwen2_vectors(tokenizer):
+    vectors = load_vectors()
+    assert len(vectors) == 47
+    mismatches = [(text, want, tokenizer.encode(text, add_special_tokens=False)) for text, want in vectors
+                  if tokenizer.encode(text, add_special_tokens=False) != want]
+    assert not mismatches, mismatches[:3]
+
+
+def test_special_tokens(tokenizer):
+    assert len(tokenizer) == 151936
+    assert tokenizer.convert_tokens_to_ids(["<|endoftext|>", "<|im_start|>", "<|im_end|>"]) == [151643, 151644, 151645]
+    assert tokenizer.eos_token == "<|im_end|>"
+    assert tokenizer.pad_token_id == 151643 != tokenizer.eos_token_id  # pad is never the trained stop token
+
+
+def test_tiny_model_shape(tiny_dir):
+    from transformers import AutoConfig
+
+    cfg = AutoConfig.from_pretrained(tiny_dir)
+    assert (cfg.hidden_size, cfg.num_hidden_layers, cfg.num_key_value_heads) == (256, 2, 2)
+    assert cfg.hidden_size % 256 == 0 and cfg.intermediate_size % 256 == 0  # k-quants apply
+    assert cfg.tie_word_embeddings
