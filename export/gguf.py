@@ -9,8 +9,14 @@ other llama.cpp types are made from the 16-bit file by llama-cpp-python's bundle
 Files land in RUN_DIR/gguf/<run name>-<type>.gguf. No network, no llama.cpp build.
 """
 
-import argparse
-from pathlib import Path
+import sys
+
+# Python puts this script's folder first on sys.path, and this file is named gguf.py: without
+# this line `import gguf` (the package) would import this script instead.
+sys.path = [p for p in sys.path if not p.endswith("export")]
+
+import argparse  # noqa: E402
+from pathlib import Path  # noqa: E402
 
 from fasttune import UserError, cli, config, gguf
 

@@ -47,7 +47,7 @@ def read_jsonl(path: str | Path) -> list[tuple[int, dict]]:
             if not line.strip():
                 continue
             try:
-                obj = json.loads(line)
+                obj = json.loads(line.rstrip("\r\n"))  # so the column points into this line
             except json.JSONDecodeError as e:
                 problems.append(f"{path}:{lineno}: invalid JSON: {e.msg} (column {e.colno})")
                 continue

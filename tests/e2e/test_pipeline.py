@@ -1,0 +1,80 @@
+"""End to end through the entry points a user runs: recipe -> export -> chat, and bad input."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from tests.conftest import MEMORIZE, REPO, run_script
+
+
+def test_recipe_leaves_a_complete_run_directory(trained_run):
+    run_dir, proc = trained_run
+    for path in ["config.yaml", "metrics.jsonl", "loss.png", "data_stats.json", "adapter/adapter_config.json",
+                 "adapter/adapter_model.safetensors", "adapter/tokenizer.json", "merged/model.safetensors",
+                 "merged/config.json", "merged/chat_template.jinja", "gguf/memorize-bf16.gguf",
+                 "gguf/memorize-q4_k_m.gguf"]:
+        assert (run_dir / path).is_file(), path
+    assert not list(run_dir.rglob("*.partial")) and not list(run_dir.glob("merged.tmp*"))
+    # the recipe answered a held-out case with the exported file, and the model stopped by itself
+    assert "answered by memorize-q4_k_m.gguf" in proc.stdout
+    assert "[finish: stop]" in proc.stdout
+    assert "python export/chat.py" in proc.stdout
+    stats = json.loads((run_dir / "data_stats.json").read_text())
+    assert stats["train"]["examples"] == 4 and stats["train"]["answers_cut"] == 0
+
+
+def test_export_script_adds_a_quant(trained_run):
+    run_dir, _ = trained_run
+    proc = run_script("export/gguf.py", run_dir, "--quant", "q8_0")
+    out = run_dir / "gguf" / "memorize-q8_0.gguf"
+    assert str(out) in proc.stdout and out.is_file()
+
+
+def test_chat_one_shot_answers_and_stops(trained_run, memorized_chats):
+    run_dir, _ = trained_run
+    chat = memorized_chats[2].messages
+    proc = run_script("export/chat.py", run_dir / "gguf" / "memorize-bf16.gguf",
+                      "--system", chat[0]["content"], "--prompt", chat[1]["content"])
+    assert proc.stdout.strip() == chat[2]["content"]
+
+
+def test_chat_interactive_streams_and_exits(trained_run, memorized_chats):
+    run_dir, _ = trained_run
+    chat = memorized_chats[3].messages
+    question = chat[1]["content"].replace("\n", " ")  # one line of input
+    proc = subprocess.run(
+        [sys.executable, "export/chat.py", str(run_dir / "gguf" / "memorize-bf16.gguf"), "--system", chat[0]["content"]],
+        cwd=REPO, input=question + "\n\n", capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "you> " in proc.stdout and "model> " in proc.stdout
+    assert "model> Summary:" in proc.stdout  # the learned answer format, streamed
+
+
+@pytest.mark.parametrize("content, message", [
+    ('{"context": "c", "clinical_scenario": "s", "questions": "q", "summary": "s"}\n',
+     "bad.jsonl:1: field 'answers': missing (expected a string)"),
+    ('{"context": "c", "clinical_scenario": "s", "questions": ["q"], "summary": "s", "answers": "a"}\n',
+     "bad.jsonl:1: field 'questions': expected a string, got array"),
+    (MEMORIZE.read_text() + '{"context": "c", "clinical_scenario": \n',
+     "bad.jsonl:5: invalid JSON: Expecting value (column 39)"),
+    ("", "bad.jsonl: no records (the file is empty); expected one JSON object per line"),
+])
+def test_bad_input_is_one_line_exit_2_and_no_run_dir(tmp_path, content, message):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(content)
+    out = tmp_path / "run"
+    proc = run_script("recipes/clinical_qa.py", "--model", "tiny", "--data", bad, "--out", out, check=False)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines()[-1] == f"error: {bad.parent}/{message}"
+    assert "Traceback" not in proc.stderr
+    assert not out.exists()
+
+
+def test_usage_errors_exit_2(tmp_path):
+    proc = run_script("export/gguf.py", tmp_path, check=False)
+    assert proc.returncode == 2 and "no config.yaml" in proc.stderr and "Traceback" not in proc.stderr
+    proc = run_script("export/chat.py", tmp_path / "missing.gguf", "--prompt", "hi", check=False)
+    assert proc.returncode == 2 and "no such GGUF file" in proc.stderr
