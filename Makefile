@@ -34,7 +34,7 @@ demo: install
 	rm -rf runs/demo
 	$(PY) recipes/clinical_qa.py --model tiny \
 		--data recipes/data/clinical_qa.jsonl --eval-data recipes/data/clinical_qa_eval.jsonl \
-		--out runs/demo --epochs 3 --lora_r 16 --quants bf16 q4_k_m
+		--out runs/demo --epochs 6 --lora_r 16 --learning_rate 3e-3 --quants bf16 q4_k_m
 	@echo
 	@echo "The tiny model has random weights and 2 layers: its words carry no meaning. It proves the"
 	@echo "pipeline (train -> merge -> GGUF -> llama.cpp chat) works on this machine. With a GPU, the same"

@@ -93,6 +93,16 @@ def train(model, tokenizer, train_set: list[Example], eval_set: list[Example], c
     return trainer
 
 
+def _rows(metrics_path: Path) -> list[dict]:
+    return [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
+
+
+def read_metrics(metrics_path: Path) -> dict[str, list[float]]:
+    """{'loss': [...], 'eval_loss': [...]} in logging order, from metrics.jsonl."""
+    rows = _rows(metrics_path)
+    return {key: [r[key] for r in rows if key in r] for key in ("loss", "eval_loss")}
+
+
 def plot_loss(metrics_path: Path, out_png: Path) -> None:
     """loss.png: training loss per step, eval loss per epoch."""
     import matplotlib
@@ -100,7 +110,7 @@ def plot_loss(metrics_path: Path, out_png: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
+    rows = _rows(metrics_path)
     train = [(r["step"], r["loss"]) for r in rows if "loss" in r]
     evals = [(r["step"], r["eval_loss"]) for r in rows if "eval_loss" in r]
     fig, ax = plt.subplots(figsize=(7, 4))

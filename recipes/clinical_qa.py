@@ -48,7 +48,12 @@ def main(argv=None):
     merge.merge(run_dir / "adapter", run_dir / "merged", base=model_lib.resolve(cfg.model.model))
     files = gguf.export(run_dir / "merged", run_dir / "gguf", cfg.export.quants, name=run_dir.name)
 
-    print(f"\nrun directory: {run_dir}")
+    losses = train.read_metrics(run_dir / "metrics.jsonl")
+    print(f"\ntraining loss {losses['loss'][0]:.3f} -> {losses['loss'][-1]:.3f}", end="")
+    if losses["eval_loss"]:
+        print(f", eval loss {losses['eval_loss'][0]:.3f} -> {losses['eval_loss'][-1]:.3f}", end="")
+    print(f"  (curve: {run_dir / 'loss.png'})")
+    print(f"run directory: {run_dir}")
     for path in files:
         print(f"  {path}  ({path.stat().st_size / 1e6:.1f} MB)")
     if files and eval_set:
