@@ -168,7 +168,7 @@ def convert(model_dir: str | Path, out_path: str | Path, outtype: str = "bf16", 
         _add_tokenizer(writer, model_dir, tokenizer, arch, config.vocab_size)
 
         # Pass 1: names, shapes and types, so the header can be written before any data.
-        plan = []  # (file, hf_name, gguf_name, qtype)
+        plan = []  # (safetensors file, HF tensor name, stored type), in header order
         for st_file in _safetensors_files(model_dir):
             with safe_open(st_file, framework="pt") as f:
                 for hf_name in f.keys():
@@ -210,8 +210,7 @@ def _add_metadata(writer: gguf.GGUFWriter, config, file_type: FT, name: str) -> 
     writer.add_feed_forward_length(config.intermediate_size)
     writer.add_head_count(config.num_attention_heads)
     writer.add_head_count_kv(config.num_key_value_heads)
-    rope = getattr(config, "rope_parameters", None) or {}
-    writer.add_rope_freq_base(rope.get("rope_theta", getattr(config, "rope_theta", 10000.0)))
+    writer.add_rope_freq_base(config.rope_parameters["rope_theta"])  # transformers 5 keeps rope here
     writer.add_layer_norm_rms_eps(config.rms_norm_eps)
     writer.add_file_type(file_type)
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)

@@ -61,3 +61,18 @@ def test_metrics_and_loss_curve(trained):
     train.plot_loss(run_dir / "metrics.jsonl", run_dir / "loss.png")
     assert (run_dir / "loss.png").read_bytes()[:4] == b"\x89PNG"
     assert (run_dir / "data_stats.json").is_file()
+
+
+def test_no_4bit_trains_lora_on_the_16bit_base(tmp_path, memorized_chats):
+    cfg = Config(
+        ModelConfig(model="tiny", load_in_4bit=False, lora_r=8, max_seq_length=256),
+        DataConfig(data="memorize.jsonl"),
+        TrainConfig(out="unused", epochs=4, learning_rate=3e-3, batch_size=4, seed=0),
+        ExportConfig(quants=[]),
+    )
+    model, tokenizer = model_lib.load_for_training(cfg.model, seed=0)
+    weights = [p for n, p in model.named_parameters() if n.endswith("q_proj.base_layer.weight")]
+    assert weights and all(p.dtype == torch.bfloat16 for p in weights)
+    trainer = train.train(model, tokenizer, memorized_chats, [], cfg, tmp_path)
+    losses = [log["loss"] for log in trainer.state.log_history if "loss" in log]
+    assert losses[-1] < losses[0]

@@ -1,0 +1,29 @@
+"""The GPU tier (`make test-gpu`): the same training path on CUDA, through Unsloth's kernels.
+
+Skipped without CUDA. ../shared/GPU.md lists what a GPU machine without network needs.
+"""
+
+import pytest
+import torch
+
+from fasttune import model as model_lib
+from fasttune import train
+from fasttune.config import Config, DataConfig, ExportConfig, ModelConfig, TrainConfig
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
+
+
+def test_qlora_trains_on_cuda(tmp_path, memorized_chats):
+    cfg = Config(
+        ModelConfig(model="tiny", lora_r=16, max_seq_length=256),
+        DataConfig(data="memorize.jsonl"),
+        TrainConfig(out=str(tmp_path), epochs=15, learning_rate=3e-3, batch_size=4, seed=0),
+        ExportConfig(quants=[]),
+    )
+    torch.cuda.reset_peak_memory_stats()
+    model, tokenizer = model_lib.load_for_training(cfg.model, seed=0)
+    assert next(model.parameters()).is_cuda
+    trainer = train.train(model, tokenizer, memorized_chats, [], cfg, tmp_path)
+    losses = [log["loss"] for log in trainer.state.log_history if "loss" in log]
+    assert sum(losses[-3:]) / 3 < 0.5 * losses[0], losses
+    assert torch.cuda.max_memory_allocated() > 0
