@@ -143,6 +143,8 @@ def parse(argv: list[str] | None = None, defaults: dict | None = None, prog: str
         raise UserError(f"--config: unknown keys: {keys} (--help lists every field)")
     if cli_extra:
         raise UserError(f"unknown arguments: {' '.join(cli_extra)} (--help lists every flag)")
+    if not 0 <= train.warmup_ratio < 1:
+        raise UserError(f"--warmup_ratio {train.warmup_ratio}: must be a fraction of the steps, 0 <= r < 1")
     if export.quants == ["none"]:
         export.quants = []
     return Config(model, data, train, export)

@@ -33,6 +33,11 @@ def test_flags(tmp_path):
     assert parse(REQUIRED + ["--quants", "none"]).export.quants == []
 
 
+def test_warmup_ratio_must_be_a_fraction():
+    with pytest.raises(UserError, match="warmup_ratio 3.0"):
+        parse(REQUIRED + ["--warmup_ratio", "3"])
+
+
 def test_unknown_yaml_key_is_an_error(tmp_path):
     yml = tmp_path / "c.yaml"
     yml.write_text("lora_rank: 8\n")
