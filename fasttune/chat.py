@@ -10,13 +10,14 @@ plus its `<|im_end|>`, so the model learns to stop.
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 
 from trl.chat_template_utils import get_training_chat_template
 from trl.chat_template_utils import qwen2_5_chat_template as QWEN2_5_TEMPLATE  # Qwen2.5-Instruct's own
 
 from fasttune import UserError
-from fasttune.data import raise_problems
+from fasttune.data import Example, Reject
 
 TRAINING_TEMPLATE_PATH = Path(__file__).parent / "templates" / "qwen2_5_training.jinja"
 TRAINING_TEMPLATE = TRAINING_TEMPLATE_PATH.read_text()
@@ -40,8 +41,12 @@ def training_template(tokenizer) -> str:
         raise UserError(f"this model's chat template cannot mask assistant tokens: {e}") from None
 
 
-def tokenize_chat(tokenizer, messages: list[dict], template: str | None = None) -> tuple[list[int], list[int]]:
-    """(input_ids, labels) for one conversation; labels are IGNORE outside assistant turns."""
+def tokenize_chat(tokenizer, messages: list[dict], template: str | None = None,
+                  train_on: str = "all") -> tuple[list[int], list[int]]:
+    """(input_ids, labels) for one conversation; labels are IGNORE outside assistant turns.
+
+    train_on="last" keeps only the last assistant turn's labels (earlier answers are context).
+    """
     out = tokenizer.apply_chat_template(
         messages,
         chat_template=template or training_template(tokenizer),
@@ -50,7 +55,13 @@ def tokenize_chat(tokenizer, messages: list[dict], template: str | None = None) 
         return_assistant_tokens_mask=True,
     )
     ids = list(out["input_ids"])
-    labels = [t if m else IGNORE for t, m in zip(ids, out["assistant_masks"])]
+    mask = list(out["assistant_masks"])
+    if train_on == "last" and 1 in mask:
+        last_start = len(mask) - mask[::-1].index(1)  # one past the last trained token
+        while last_start > 0 and mask[last_start - 1]:
+            last_start -= 1
+        mask = [0] * last_start + mask[last_start:]
+    labels = [t if m else IGNORE for t, m in zip(ids, mask)]
     return ids, labels
 
 
@@ -68,35 +79,76 @@ def render_mask(tokenizer, input_ids: list[int], labels: list[int]) -> str:
     return "".join(parts)
 
 
-def check_trainable(examples, tokenizer, max_length: int) -> dict:
-    """Tokenize every example as training will, and refuse ones with nothing left to train.
+@dataclass
+class Prepared:
+    """Tokenized examples ready for training, the ones left out (with reasons), and statistics."""
 
-    TRL truncates to max_length and then silently drops examples whose labels are all IGNORE;
-    here each such example is an error naming its file and line. Answers that truncation cuts
-    short are counted and logged. Returns summary statistics.
+    rows: list[dict]  # {"input_ids", "labels"} per kept example, truncated to max_length
+    kept: list[Example]
+    rejects: list[Reject]
+    stats: dict
+
+
+def prepare(examples: list[Example], tokenizer, max_length: int, truncation: str = "drop",
+            train_on: str = "all") -> Prepared:
+    """Tokenize every example as training will, apply the truncation policy, count everything.
+
+    An example whose answer does not fit in max_length is left out (truncation="drop") or trained
+    on the part that fits (truncation="keep"); one with nothing left to train is always left out.
+    Left-out examples are returned as rejects with the reason, never dropped silently (TRL itself
+    would drop fully masked examples without a word).
     """
+    if truncation not in ("drop", "keep"):
+        raise UserError(f"--truncation {truncation}: choose drop or keep")
+    if train_on not in ("all", "last"):
+        raise UserError(f"--train_on {train_on}: choose all or last")
     template = training_template(tokenizer)
-    problems, cut, tokens, trained = [], 0, 0, 0
+    rows, kept, rejects = [], [], []
+    lengths, n_cut, n_empty, tokens, trained = [], 0, 0, 0, 0
     for ex in examples:
-        ids, labels = tokenize_chat(tokenizer, ex.messages, template)
-        kept = labels[:max_length]
-        n_trained = sum(lab != IGNORE for lab in kept)
-        if n_trained == 0:
-            first = next((i for i, lab in enumerate(labels) if lab != IGNORE), None)
-            why = ("has no assistant turn to train" if first is None else
-                   f"its answer starts at token {first}, past max_seq_length={max_length}; "
-                   "raise --max_seq_length or shorten the prompt")
-            problems.append(f"{ex.source}: nothing to train: {why}")
+        ids, labels = tokenize_chat(tokenizer, ex.messages, template, train_on)
+        lengths.append(len(ids))
+        n_total = sum(lab != IGNORE for lab in labels)
+        n_kept = sum(lab != IGNORE for lab in labels[:max_length])
+        if n_kept == 0:
+            n_empty += 1
+            if n_total:
+                first = next(i for i, lab in enumerate(labels) if lab != IGNORE)
+                why = (f"nothing to train within max_seq_length={max_length}: the answer starts at token {first}; "
+                       "raise --max_seq_length or shorten the prompt")
+            else:
+                why = "no assistant tokens to train"
+            rejects.append(Reject(ex.source, why, ex.record))
             continue
-        cut += n_trained < sum(lab != IGNORE for lab in labels)
-        tokens += len(ids[:max_length])
-        trained += n_trained
-    raise_problems(problems)
-    if cut:
-        logger.warning("%d of %d examples have answers cut by max_seq_length=%d; they train on part of the answer "
-                       "and never see its <|im_end|>", cut, len(examples), max_length)
-    stats = {"examples": len(examples), "tokens": tokens, "trained_tokens": trained,
-             "trained_fraction": round(trained / max(tokens, 1), 4), "answers_cut": cut}
-    logger.info("data: %d examples, %d tokens, %d trained (%.1f%%), %d answers cut", len(examples), tokens,
-                trained, 100 * stats["trained_fraction"], cut)
-    return stats
+        if n_kept < n_total:
+            n_cut += 1
+            if truncation == "drop":
+                rejects.append(Reject(ex.source, f"answer cut by max_seq_length={max_length} (conversation is "
+                                                 f"{len(ids)} tokens); raise --max_seq_length, or pass "
+                                                 "--truncation keep to train on the part that fits", ex.record))
+                continue
+        rows.append({"input_ids": ids[:max_length], "labels": labels[:max_length]})
+        kept.append(ex)
+        tokens += len(rows[-1]["input_ids"])
+        trained += n_kept
+    stats = {
+        "records": len(examples), "kept": len(kept), "tokens": tokens, "trained_tokens": trained,
+        "trained_fraction": round(trained / max(tokens, 1), 4),
+        "nothing_trained": n_empty, "answers_cut": n_cut, "truncation": truncation, "max_length": max_length,
+        "length_percentiles": _percentiles(lengths),
+    }
+    if n_cut:
+        logger.warning("%d of %d examples have answers longer than max_seq_length=%d: %s", n_cut, len(examples),
+                       max_length, "left out (--truncation drop)" if truncation == "drop"
+                       else "trained on the part that fits (--truncation keep); they never see their <|im_end|>")
+    if n_empty:
+        logger.warning("%d examples have nothing to train within max_seq_length=%d: left out", n_empty, max_length)
+    if not rows:
+        raise UserError(f"no example is left to train on: {rejects[0].source}: {rejects[0].reason}")
+    return Prepared(rows, kept, rejects, stats)
+
+
+def _percentiles(lengths: list[int]) -> dict:
+    ordered = sorted(lengths)
+    pick = lambda q: ordered[min(len(ordered) - 1, int(q * len(ordered)))]  # noqa: E731
+    return {"p50": pick(0.5), "p90": pick(0.9), "p99": pick(0.99), "max": ordered[-1]} if ordered else {}

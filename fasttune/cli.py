@@ -43,3 +43,45 @@ def run(main) -> None:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         sys.exit(130)
+
+
+def report_run(run_dir, files, td) -> None:
+    """What a recipe prints at the end: loss change, files, one held-out answer, how to chat."""
+    from fasttune import train
+
+    losses = train.read_metrics(run_dir / "metrics.jsonl")
+    line = f"\ntraining loss {losses['loss'][0]:.3f} -> {losses['loss'][-1]:.3f}"
+    if losses["eval_loss"]:
+        line += f", eval loss {losses['eval_loss'][0]:.3f} -> {losses['eval_loss'][-1]:.3f}"
+    print(f"{line}  (curve: {run_dir / 'loss.png'})")
+    print(f"run directory: {run_dir}")
+    for path in files:
+        print(f"  {path}  ({path.stat().st_size / 1e6:.1f} MB)")
+    if files and td.eval:
+        answer_held_out(files[-1], td.eval.prepared.kept[0])
+    if files:
+        print(f"\nchat with it:  python export/chat.py {files[-1]}")
+
+
+def answer_held_out(gguf_file, example) -> None:
+    """Answer one held-out case with the exported file, next to the reference answer."""
+    from fasttune import infer
+
+    prompt = example.messages[:-1]
+    with infer.load(gguf_file) as llm:
+        reply = infer.chat(llm, prompt, max_tokens=200)
+    choice = reply["choices"][0]
+    print(f"\nheld-out case ({example.source}), answered by {gguf_file.name}:")
+    print(f"  question : {prompt[-1]['content'][:300]}")
+    print(f"  model    : {choice['message']['content'].strip()[:600]}  [finish: {choice['finish_reason']}]")
+    print(f"  reference: {example.messages[-1]['content'][:600]}")
+
+
+def inspect(td, tokenizer, cfg) -> None:
+    """--inspect: show the mask and statistics, write the page, train nothing."""
+    from pathlib import Path
+
+    from fasttune import preview
+
+    page = preview.inspect(td, tokenizer, Path(cfg.train.out) / "inspect", cfg.data.inspect_examples)
+    print(f"\nmask page: {page}  (length histogram and rejects beside it)")

@@ -15,6 +15,7 @@ from pathlib import Path
 import yaml
 
 from fasttune import UserError
+from fasttune.data import FORMATS
 
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -49,17 +50,39 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    data: str = field(default=None, metadata={"help": "Training data file (.jsonl).", "required": True})
-    eval_data: str | None = field(default=None, metadata={"help": "Held-out data file, same format; "
-                                                                  "used for eval loss and the demo answer."})
-    system_prompt: str | None = field(default=None, metadata={"help": "System message put before every example."})
+    data: str = field(default=None, metadata={"help": "Training data: .jsonl, .json (array), .csv, .parquet, a "
+                                                      "datasets.save_to_disk directory, or a hub dataset name.",
+                                              "required": True})
+    eval_data: str | None = field(default=None, metadata={"help": "Held-out data, same format; used for eval "
+                                                                  "loss and the demo answer."})
+    eval_fraction: float = field(default=0.0, metadata={"help": "Without --eval_data: hold out this fraction of "
+                                                                "the training records (shuffled with --seed)."})
+    format: str = field(default="auto", metadata={"help": "auto (detect from the first record), messages, "
+                                                          "sharegpt, alpaca, prompt_completion or fields."})
+    split: str = field(default="train", metadata={"help": "Split to read from a saved or hub dataset."})
+    system_prompt: str | None = field(default=None, metadata={"help": "System message put before every example "
+                                                                      "that has none."})
     user_template: str | None = field(
-        default=None, metadata={"help": "Python format string that builds the user turn from a record's fields, "
-                                        "e.g. 'Context: {context}'. Set by the recipe."},
+        default=None, metadata={"help": "format 'fields': Python format string that builds the user turn from a "
+                                        "record's columns, e.g. 'Context: {context}'. Set by task recipes."},
     )
     assistant_template: str | None = field(
-        default=None, metadata={"help": "Format string that builds the assistant turn (the trained answer)."}
+        default=None, metadata={"help": "format 'fields': format string that builds the assistant turn."}
     )
+    on_bad_record: str = field(default="error", metadata={"help": "error: stop before training and list every "
+                                                                  "bad record; skip: leave them out and write them "
+                                                                  "with reasons to RUN_DIR/rejects.jsonl."})
+    dedupe: bool = field(default=False, metadata={"help": "Remove duplicate records (they are always counted)."})
+    truncation: str = field(default="drop", metadata={"help": "Examples whose answer does not fit in "
+                                                              "max_seq_length: drop (leave out, counted and "
+                                                              "written to rejects.jsonl) or keep (train on the "
+                                                              "part that fits)."})
+    train_on: str = field(default="all", metadata={"help": "Which assistant turns carry the loss: all, or only "
+                                                           "the last one of each conversation."})
+    inspect: bool = field(default=False, metadata={"help": "Show the training mask and data statistics, write "
+                                                           "OUT/inspect/ (HTML page, length histogram), and exit "
+                                                           "without training."})
+    inspect_examples: int = field(default=3, metadata={"help": "How many formatted examples --inspect shows."})
 
 
 @dataclass
@@ -81,7 +104,9 @@ class TrainConfig:
                           "need CUDA; on CPU fasttune uses adamw_torch instead and says so."},
     )
     logging_steps: int = field(default=1, metadata={"help": "Log loss every N optimizer steps."})
-    seed: int = field(default=42, metadata={"help": "Seed for LoRA init, shuffling and dropout."})
+    packing: bool = field(default=False, metadata={"help": "Pack several examples into one sequence without "
+                                                           "padding; each still attends only to itself."})
+    seed: int = field(default=42, metadata={"help": "Seed for LoRA init, shuffling, the eval split and dropout."})
     overwrite: bool = field(default=False, metadata={"help": "Replace an existing run in --out."})
 
 
@@ -111,6 +136,13 @@ class Config:
     def save(self, path: Path) -> None:
         path.write_text(yaml.safe_dump(self.flat(), sort_keys=False, allow_unicode=True))
 
+
+CHOICES = [  # (section, field, allowed values), checked after parsing (YAML values skip argparse's checks)
+    ("data", "format", ("auto", *FORMATS)),
+    ("data", "on_bad_record", ("error", "skip")),
+    ("data", "truncation", ("drop", "keep")),
+    ("data", "train_on", ("all", "last")),
+]
 
 # Short spellings users expect that HfArgumentParser cannot express (its boolean complement is
 # always --no_<field>); rewritten before parsing.
@@ -143,6 +175,12 @@ def parse(argv: list[str] | None = None, defaults: dict | None = None, prog: str
         raise UserError(f"--config: unknown keys: {keys} (--help lists every field)")
     if cli_extra:
         raise UserError(f"unknown arguments: {' '.join(cli_extra)} (--help lists every flag)")
+    for part, name, allowed in CHOICES:
+        value = getattr({"data": data}[part], name)
+        if value not in allowed:
+            raise UserError(f"--{name} {value}: choose one of {', '.join(allowed)}")
+    if not 0 <= data.eval_fraction < 1:
+        raise UserError(f"--eval_fraction {data.eval_fraction}: must be 0 <= f < 1")
     if not 0 <= train.warmup_ratio < 1:
         raise UserError(f"--warmup_ratio {train.warmup_ratio}: must be a fraction of the steps, 0 <= r < 1")
     if export.quants == ["none"]:

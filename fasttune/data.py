@@ -1,25 +1,46 @@
-"""Read a dataset file, validate every record, and turn it into chat messages.
+"""Read a dataset in any common shape, validate every record, turn it into chat messages.
 
-This stage owns the user's data: every problem is reported as `file:line: field 'x': what is
-wrong`, all problems are collected before anything is trained, and nothing is dropped silently.
+This stage owns the user's data. Every problem is reported as `file:line: field: what is wrong`;
+with `on_bad_record="error"` all problems are listed before anything is trained, with "skip" the
+bad records are returned as rejects (the recipe writes them to rejects.jsonl). Nothing is dropped
+without being counted and written out.
 
-Formats so far: `fields` (any columns turned into a user and an assistant turn by two format
-strings, as the clinical QA recipe does). Input: JSON Lines.
+Formats (detected from the first record, or named):
+  messages           {"messages": [{"role", "content"}, ...]}  (OpenAI / TRL conversational)
+  sharegpt           {"conversations": [{"from", "value"}, ...]}
+  alpaca             {"instruction", "input"?, "output", "system"?}
+  prompt_completion  {"prompt", "completion"}: strings, or message lists (TRL's convention)
+  fields             any columns, turned into the user and assistant turns by two format strings
+Sources: .jsonl, .json (an array), .csv, .parquet, a `datasets.save_to_disk` directory, or a hub
+dataset name (online only).
 """
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 import logging
 import string
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Iterator
 
 from fasttune import UserError
 
 logger = logging.getLogger(__name__)
 
 MAX_LISTED_PROBLEMS = 20
+FORMATS = ("messages", "sharegpt", "alpaca", "prompt_completion", "fields")
+ROLES = {"system", "user", "assistant", "tool"}
+# ShareGPT speakers as the common exports spell them.
+SHAREGPT_ROLES = {
+    "system": "system",
+    "human": "user", "user": "user",
+    "gpt": "assistant", "assistant": "assistant", "chatgpt": "assistant", "bing": "assistant",
+    "bard": "assistant", "model": "assistant", "bot": "assistant",
+    "tool": "tool", "function_response": "tool", "observation": "tool",
+}
 
 
 @dataclass
@@ -31,34 +52,319 @@ class Example:
     record: dict  # the raw record, kept for evaluation (reference fields)
 
 
-def read_jsonl(path: str | Path) -> list[tuple[int, dict]]:
-    """(line number, object) for every non-blank line; raises UserError listing every bad line."""
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"{path}: no such file")
-    records, problems = [], []
-    with path.open("rb") as f:
-        for lineno, raw in enumerate(f, start=1):
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError as e:
-                problems.append(f"{path}:{lineno}: not valid UTF-8 (byte {e.start}); save the file as UTF-8")
-                continue
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line.rstrip("\r\n"))  # so the column points into this line
-            except json.JSONDecodeError as e:
-                problems.append(f"{path}:{lineno}: invalid JSON: {e.msg} (column {e.colno})")
-                continue
-            if not isinstance(obj, dict):
-                problems.append(f"{path}:{lineno}: expected a JSON object, got {_json_type(obj)}")
-                continue
-            records.append((lineno, obj))
-    raise_problems(problems)
-    if not records:
-        raise UserError(f"{path}: no records (the file is empty); expected one JSON object per line")
-    return records
+@dataclass
+class Reject:
+    """A record that was not used, and why. Written to rejects.jsonl."""
+
+    source: str
+    reason: str
+    record: object = None
+
+    def to_json(self) -> str:
+        return json.dumps({"source": self.source, "reason": self.reason, "record": self.record},
+                          ensure_ascii=False, default=str)
+
+
+@dataclass
+class Loaded:
+    examples: list[Example]
+    rejects: list[Reject] = field(default_factory=list)
+    format: str = ""
+    notes: list[str] = field(default_factory=list)  # harmless things fixed on the way (BOM, CRLF, ...)
+
+
+class RecordError(Exception):
+    """One record is bad; the message names the field and what was expected."""
+
+
+# --- sources -----------------------------------------------------------------------------------------
+
+def read_records(source: str | Path, split: str = "train", notes: list[str] | None = None) \
+        -> Iterator[tuple[str, object]]:
+    """(where, record) for every record; `record` is a RecordError for a line that cannot be read."""
+    notes = [] if notes is None else notes
+    path = Path(source)
+    if path.is_dir():
+        yield from _read_saved_dataset(path, split)
+    elif path.suffix == ".jsonl":
+        yield from _read_jsonl(path, notes)
+    elif path.suffix == ".json":
+        yield from _read_json_array(path, notes)
+    elif path.suffix == ".csv":
+        yield from _read_csv(path, notes)
+    elif path.suffix == ".parquet":
+        yield from _read_parquet(path)
+    elif path.exists():
+        raise UserError(f"{path}: unknown file type '{path.suffix}'; use .jsonl, .json, .csv or .parquet")
+    elif "/" in str(source) and not str(source).startswith((".", "/")) and path.suffix == "":
+        yield from _read_hub(str(source), split)
+    else:
+        raise UserError(f"{source}: no such file")
+
+
+def _strip_bom(path: Path, raw: bytes, notes: list[str]) -> bytes:
+    if raw.startswith(b"\xef\xbb\xbf"):
+        notes.append(f"{path}: starts with a UTF-8 byte-order mark (BOM); ignored it")
+        return raw[3:]
+    return raw
+
+
+def _decode(path: Path, raw: bytes, notes: list[str]) -> str:
+    raw = _strip_bom(path, raw, notes)
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = raw[: e.start].count(b"\n") + 1
+        raise UserError(f"{path}:{line}: not valid UTF-8 (byte 0x{raw[e.start]:02x}); save the file as UTF-8") from None
+
+
+def _read_jsonl(path: Path, notes: list[str]) -> Iterator[tuple[str, object]]:
+    lines = _strip_bom(path, path.read_bytes(), notes).split(b"\n")
+    if lines[-1] == b"":
+        lines.pop()  # the newline that ends the file
+    blank, crlf = [], 0
+    for lineno, line_bytes in enumerate(lines, start=1):
+        where = f"{path}:{lineno}"
+        if line_bytes.endswith(b"\r"):
+            crlf += 1
+            line_bytes = line_bytes[:-1]
+        try:
+            line = line_bytes.decode("utf-8")
+        except UnicodeDecodeError as e:
+            yield where, RecordError(f"not valid UTF-8 (byte 0x{line_bytes[e.start]:02x} at column {e.start + 1}); "
+                                     "save the file as UTF-8")
+            continue
+        if not line.strip():
+            blank.append(lineno)
+            continue
+        try:
+            yield where, json.loads(line)
+        except json.JSONDecodeError as e:
+            yield where, RecordError(f"invalid JSON: {e.msg} (column {e.colno})")
+    if crlf:
+        notes.append(f"{path}: {crlf} lines end in CRLF (Windows line endings); read them as plain lines")
+    if blank:
+        shown = ", ".join(map(str, blank[:10])) + (" ..." if len(blank) > 10 else "")
+        notes.append(f"{path}: skipped {len(blank)} blank lines (line {shown})")
+
+
+def _read_json_array(path: Path, notes: list[str]) -> Iterator[tuple[str, object]]:
+    text = _decode(path, path.read_bytes(), notes)
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise UserError(f"{path}:{e.lineno}: invalid JSON: {e.msg} (column {e.colno})") from None
+    if not isinstance(data, list):
+        raise UserError(f"{path}: expected a JSON array of records, got {_json_type(data)}; "
+                        "for one record per line use .jsonl")
+    for i, record in enumerate(data):
+        yield f"{path}: record {i}", record
+
+
+def _read_csv(path: Path, notes: list[str]) -> Iterator[tuple[str, object]]:
+    text = _decode(path, path.read_bytes(), notes)
+    reader = csv.DictReader(io.StringIO(text, newline=""))
+    start = 2
+    for row in reader:
+        where = f"{path}:{start}"
+        start = reader.line_num + 1
+        if None in row:  # more cells than header columns
+            yield where, RecordError(f"{len(row) - 1 + len(row[None])} cells but the header has {len(row) - 1} columns")
+        elif any(v is None for v in row.values()):
+            yield where, RecordError(f"fewer cells than the header's {len(row)} columns")
+        else:
+            yield where, row
+
+
+def _read_parquet(path: Path) -> Iterator[tuple[str, object]]:
+    import pyarrow.parquet as pq
+
+    try:
+        table = pq.read_table(path)
+    except Exception as e:  # pyarrow raises several types for a broken file
+        raise UserError(f"{path}: not a readable parquet file ({e})") from None
+    for i, record in enumerate(table.to_pylist()):
+        yield f"{path}: row {i}", record
+
+
+def _read_saved_dataset(path: Path, split: str) -> Iterator[tuple[str, object]]:
+    from datasets import DatasetDict, load_from_disk
+
+    try:
+        ds = load_from_disk(str(path))
+    except FileNotFoundError:
+        raise UserError(f"{path}: a directory, but not one written by datasets' save_to_disk") from None
+    if isinstance(ds, DatasetDict):
+        if split not in ds:
+            raise UserError(f"{path}: no split '{split}'; it has {', '.join(ds)} (choose with --split)")
+        ds = ds[split]
+    for i, record in enumerate(ds):
+        yield f"{path}: row {i}", record
+
+
+def _read_hub(name: str, split: str) -> Iterator[tuple[str, object]]:
+    from datasets import load_dataset
+
+    try:
+        ds = load_dataset(name, split=split)
+    except Exception as e:  # offline, unknown name, unknown split: datasets raises many types
+        raise UserError(f"{name}: cannot load this hub dataset (split '{split}'): {e}") from None
+    for i, record in enumerate(ds):
+        yield f"{name}[{split}]: row {i}", record
+
+
+# --- formats -----------------------------------------------------------------------------------------
+
+@dataclass
+class Templates:
+    """What the `fields` format and the system prompt need; set by the recipe or the config."""
+
+    user: str | None = None
+    assistant: str | None = None
+    system: str | None = None
+
+
+def detect_format(record: object, templates: Templates) -> str:
+    if isinstance(record, dict):
+        if "messages" in record:
+            return "messages"
+        if "conversations" in record:
+            return "sharegpt"
+        if "instruction" in record and "output" in record:
+            return "alpaca"
+        if "prompt" in record and "completion" in record:
+            return "prompt_completion"
+        if templates.user and templates.assistant:
+            return "fields"
+        keys = ", ".join(sorted(record)[:8])
+    else:
+        keys = _json_type(record)
+    raise UserError(f"cannot tell the data format from the first record (keys: {keys}); expected messages, "
+                    "conversations, instruction+output or prompt+completion, or pass --format "
+                    "with --user_template/--assistant_template")
+
+
+def _string(value, name: str, allow_empty: bool = False) -> str:
+    if not isinstance(value, str):
+        raise RecordError(f"field '{name}': expected a string, got {_json_type(value)}")
+    if not allow_empty and not value.strip():
+        raise RecordError(f"field '{name}': empty string")
+    return value
+
+
+def _require(record: dict, name: str, where: str | None = None):
+    """record[name], or a RecordError naming the field (`where` is its full path, if nested)."""
+    if name not in record:
+        raise RecordError(f"field '{where or name}': missing")
+    return record[name]
+
+
+def _check_messages(messages, name: str) -> list[dict]:
+    if not isinstance(messages, list):
+        raise RecordError(f"field '{name}': expected a list of messages, got {_json_type(messages)}")
+    if not messages:
+        raise RecordError(f"field '{name}': empty list")
+    out = []
+    for i, msg in enumerate(messages):
+        where = f"{name}[{i}]"
+        if not isinstance(msg, dict):
+            raise RecordError(f"field '{where}': expected an object with role and content, got {_json_type(msg)}")
+        role = _require(msg, "role", f"{where}.role")
+        if role not in ROLES:
+            raise RecordError(f"field '{where}.role': '{role}' is not one of {', '.join(sorted(ROLES))}")
+        content = _require(msg, "content", f"{where}.content")
+        if not isinstance(content, str):
+            raise RecordError(f"field '{where}.content': expected a string, got {_json_type(content)}")
+        if role == "assistant" and not content.strip():
+            raise RecordError(f"field '{where}.content': empty assistant turn (nothing to learn)")
+        out.append({"role": role, "content": content})
+    return out
+
+
+def _check_conversation(messages: list[dict], name: str) -> list[dict]:
+    if not any(m["role"] == "assistant" for m in messages):
+        raise RecordError(f"field '{name}': no assistant turn (nothing to learn)")
+    if messages[-1]["role"] != "assistant":
+        raise RecordError(f"field '{name}': ends on a {messages[-1]['role']} turn; the last message must be "
+                          "the assistant's answer")
+    return messages
+
+
+def _with_system(messages: list[dict], system: str | None) -> list[dict]:
+    if system and messages[0]["role"] != "system":
+        return [{"role": "system", "content": system}] + messages
+    return messages
+
+
+def from_messages(record: dict, t: Templates) -> list[dict]:
+    return _with_system(_check_conversation(_check_messages(_require(record, "messages"), "messages"),
+                                            "messages"), t.system)
+
+
+def from_sharegpt(record: dict, t: Templates) -> list[dict]:
+    turns = _require(record, "conversations")
+    if not isinstance(turns, list) or not turns:
+        raise RecordError(f"field 'conversations': expected a non-empty list, got {_json_type(turns)}")
+    messages = []
+    for i, turn in enumerate(turns):
+        where = f"conversations[{i}]"
+        if not isinstance(turn, dict):
+            raise RecordError(f"field '{where}': expected an object with from and value, got {_json_type(turn)}")
+        speaker = _require(turn, "from", f"{where}.from")
+        if speaker not in SHAREGPT_ROLES:
+            raise RecordError(f"field '{where}.from': '{speaker}' is not a known speaker "
+                              f"({', '.join(sorted(SHAREGPT_ROLES))})")
+        role = SHAREGPT_ROLES[speaker]
+        value = _string(_require(turn, "value", f"{where}.value"), f"{where}.value", allow_empty=role != "assistant")
+        messages.append({"role": role, "content": value})
+    return _with_system(_check_conversation(_check_messages(messages, "conversations"), "conversations"),
+                        record.get("system") or t.system)
+
+
+def from_alpaca(record: dict, t: Templates) -> list[dict]:
+    instruction = _string(_require(record, "instruction"), "instruction")
+    extra = record.get("input")
+    extra = "" if extra is None else _string(extra, "input", allow_empty=True)
+    output = _string(_require(record, "output"), "output")
+    system = record.get("system") or t.system
+    user = f"{instruction}\n\n{extra}" if extra.strip() else instruction
+    messages = [{"role": "user", "content": user}, {"role": "assistant", "content": output}]
+    return _with_system(messages, _string(system, "system") if system else None)
+
+
+def from_prompt_completion(record: dict, t: Templates) -> list[dict]:
+    prompt, completion = _require(record, "prompt"), _require(record, "completion")
+    if isinstance(prompt, str):
+        prompt = [{"role": "user", "content": _string(prompt, "prompt")}]
+    else:
+        prompt = _check_messages(prompt, "prompt")
+        if prompt[-1]["role"] == "assistant":
+            raise RecordError("field 'prompt': ends on an assistant turn; the answer belongs in 'completion'")
+    if isinstance(completion, str):
+        completion = [{"role": "assistant", "content": _string(completion, "completion")}]
+    else:
+        completion = _check_conversation(_check_messages(completion, "completion"), "completion")
+    return _with_system(prompt + completion, t.system)
+
+
+def from_fields(record: dict, t: Templates) -> list[dict]:
+    if not (t.user and t.assistant):
+        raise UserError("format 'fields' needs --user_template and --assistant_template "
+                        "(format strings such as 'Context: {context}')")
+    for name in dict.fromkeys(template_fields(t.user) + template_fields(t.assistant)):
+        _string(_require(record, name), name)
+    messages = [{"role": "user", "content": t.user.format_map(record)},
+                {"role": "assistant", "content": t.assistant.format_map(record)}]
+    return _with_system(messages, t.system)
+
+
+CONVERTERS = {
+    "messages": from_messages,
+    "sharegpt": from_sharegpt,
+    "alpaca": from_alpaca,
+    "prompt_completion": from_prompt_completion,
+    "fields": from_fields,
+}
 
 
 def template_fields(template: str) -> list[str]:
@@ -66,45 +372,81 @@ def template_fields(template: str) -> list[str]:
     return [name for _, name, _, _ in string.Formatter().parse(template) if name]
 
 
-def load_fields(
-    path: str | Path,
-    user_template: str,
-    assistant_template: str,
-    system_prompt: str | None = None,
-) -> list[Example]:
-    """Records with named columns -> single-turn chats, via two format strings.
+# --- loading -----------------------------------------------------------------------------------------
 
-    Every placeholder must be present in every record as a non-empty string; all problems in the
-    file are reported together.
+def load(
+    source: str | Path,
+    templates: Templates = Templates(),
+    fmt: str = "auto",
+    on_bad_record: str = "error",
+    dedupe: bool = False,
+    split: str = "train",
+) -> Loaded:
+    """Read, detect the format, validate and convert every record.
+
+    on_bad_record="error" raises one UserError listing the problems (first 20 + a count);
+    "skip" returns them in Loaded.rejects. Duplicates (same messages) are counted, and removed
+    into the rejects when dedupe is set.
     """
-    path = Path(path)
-    needed = template_fields(user_template) + template_fields(assistant_template)
-    examples, problems = [], []
-    for lineno, record in read_jsonl(path):
-        where = f"{path}:{lineno}"
-        bad = [_field_problem(where, name, record) for name in dict.fromkeys(needed)]
-        bad = [b for b in bad if b]
-        if bad:
-            problems.extend(bad)
+    if fmt != "auto" and fmt not in CONVERTERS:
+        raise UserError(f"--format {fmt}: unknown; choose auto or one of {', '.join(FORMATS)}")
+    if on_bad_record not in ("error", "skip"):
+        raise UserError(f"--on_bad_record {on_bad_record}: choose error or skip")
+    loaded = Loaded(examples=[])
+    seen: dict[str, str] = {}
+    duplicates = 0
+    for where, record in read_records(source, split, loaded.notes):
+        if isinstance(record, RecordError):
+            loaded.rejects.append(Reject(where, str(record)))
             continue
-        messages = [{"role": "system", "content": system_prompt}] if system_prompt else []
-        messages.append({"role": "user", "content": user_template.format_map(record)})
-        messages.append({"role": "assistant", "content": assistant_template.format_map(record)})
-        examples.append(Example(where, messages, record))
-    raise_problems(problems)
-    logger.info("%s: %d examples", path, len(examples))
-    return examples
+        if not isinstance(record, dict):
+            loaded.rejects.append(Reject(where, f"expected a JSON object, got {_json_type(record)}", record))
+            continue
+        if not loaded.format:
+            loaded.format = detect_format(record, templates) if fmt == "auto" else fmt
+        try:
+            messages = CONVERTERS[loaded.format](record, templates)
+        except RecordError as e:
+            loaded.rejects.append(Reject(where, str(e), record))
+            continue
+        key = json.dumps(messages, sort_keys=True, ensure_ascii=False)
+        if key in seen:
+            duplicates += 1
+            if dedupe:
+                loaded.rejects.append(Reject(where, f"duplicate of {seen[key]} (--dedupe)", record))
+                continue
+        else:
+            seen[key] = where
+        loaded.examples.append(Example(where, messages, record))
+
+    bad = [r for r in loaded.rejects if not r.reason.startswith("duplicate of")]
+    if bad and on_bad_record == "error":
+        raise_problems([f"{r.source}: {r.reason}" for r in bad], skippable=True)
+    if duplicates:
+        loaded.notes.append(f"{source}: {duplicates} duplicate records" +
+                            (" removed (--dedupe)" if dedupe else " kept (pass --dedupe to remove them)"))
+    if not loaded.examples:
+        if bad:
+            raise UserError(f"{source}: no usable records; all {len(bad)} were rejected (first: "
+                            f"{bad[0].source}: {bad[0].reason})")
+        raise UserError(f"{source}: no records (the file is empty)")
+    for note in loaded.notes:
+        logger.warning(note)
+    logger.info("%s: %d examples (%s format)%s", source, len(loaded.examples), loaded.format,
+                f", {len(loaded.rejects)} rejected" if loaded.rejects else "")
+    return loaded
 
 
-def _field_problem(where: str, name: str, record: dict) -> str | None:
-    if name not in record:
-        return f"{where}: field '{name}': missing (expected a string)"
-    value = record[name]
-    if not isinstance(value, str):
-        return f"{where}: field '{name}': expected a string, got {_json_type(value)}"
-    if not value.strip():
-        return f"{where}: field '{name}': empty string"
-    return None
+def split_off(loaded: Loaded, fraction: float, seed: int) -> tuple[list[Example], list[Example]]:
+    """(train, held out): a seeded shuffle, at least one example on each side."""
+    import random
+
+    examples = list(loaded.examples)
+    random.Random(seed).shuffle(examples)
+    n_eval = max(1, round(fraction * len(examples)))
+    if n_eval >= len(examples):
+        raise UserError(f"--eval_fraction {fraction}: {len(examples)} examples leave none to train on")
+    return examples[n_eval:], examples[:n_eval]
 
 
 def _json_type(value) -> str:
@@ -112,11 +454,19 @@ def _json_type(value) -> str:
     return "null" if value is None else names.get(type(value), type(value).__name__)
 
 
-def raise_problems(problems: list[str]) -> None:
-    """Raise one UserError listing the first problems, one per line, and how many more there are."""
+def raise_problems(problems: list[str], skippable: bool = False) -> None:
+    """Raise one UserError: the first problems, one per line, and how many more there are.
+
+    skippable: the records can be left out with --on_bad_record skip; say so.
+    """
     if not problems:
         return
     shown = problems[:MAX_LISTED_PROBLEMS]
     more = len(problems) - len(shown)
-    tail = [f"... and {more} more problems"] if more else []
-    raise UserError("\n".join(shown + tail))
+    lines = shown + ([f"... and {more} more problems"] if more else [])
+    if skippable and len(problems) == 1:
+        lines[0] += " (fix it, or pass --on_bad_record skip to leave it out)"
+    elif skippable:
+        lines.append(f"{len(problems)} bad records: fix them, or pass --on_bad_record skip to leave them out "
+                     "(they are written to rejects.jsonl)")
+    raise UserError("\n".join(lines))

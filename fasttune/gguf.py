@@ -290,6 +290,8 @@ def quantize(src: str | Path, out_path: str | Path, qtype: str, threads: int | N
 def export(merged_dir: str | Path, out_dir: str | Path, quants: list[str], name: str) -> list[Path]:
     """Write every requested type into out_dir as <name>-<type>.gguf; k-quants start from bf16."""
     merged_dir, out_dir = Path(merged_dir), Path(out_dir)
+    if not quants:
+        return []
     for q in quants:
         check_quant_name(q)
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -31,6 +31,15 @@ def resolve(name: str) -> str:
     return name
 
 
+def load_tokenizer(name: str):
+    """The model's tokenizer alone (fast): for --inspect and data preparation."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(resolve(name))
+    ensure_chat_template(tokenizer)
+    return tokenizer
+
+
 def load_for_training(cfg: ModelConfig, seed: int):
     """(peft model, tokenizer): the base in 4-bit (QLoRA) or 16-bit, LoRA on cfg.lora_target_modules."""
     path = resolve(cfg.model)

@@ -15,9 +15,8 @@ from datasets import Dataset
 from transformers import TrainerCallback
 from trl import SFTConfig, SFTTrainer
 
-from fasttune.chat import check_trainable, training_template
 from fasttune.config import Config
-from fasttune.data import Example
+from fasttune.dataset import TrainingData
 
 logger = logging.getLogger(__name__)
 
@@ -42,6 +41,8 @@ def sft_config(cfg: Config, output_dir: Path, has_eval: bool) -> SFTConfig:
     if not torch.cuda.is_available() and optim.startswith(CUDA_ONLY_OPTIMIZERS):
         logger.warning("optimizer %s needs CUDA; using adamw_torch on this CPU", optim)
         optim = "adamw_torch"
+    if t.packing and not torch.cuda.is_available():
+        logger.warning("--packing: Unsloth's CPU backend trains unpacked (it packs only with GPU attention kernels)")
     bf16 = torch.cuda.is_bf16_supported() if torch.cuda.is_available() else True
     return SFTConfig(
         output_dir=str(output_dir),
@@ -60,8 +61,7 @@ def sft_config(cfg: Config, output_dir: Path, has_eval: bool) -> SFTConfig:
         bf16=bf16,
         fp16=torch.cuda.is_available() and not bf16,
         max_length=cfg.model.max_seq_length,
-        assistant_only_loss=True,
-        packing=False,
+        packing=cfg.train.packing,  # best-fit packing, padding-free: per-example position ids
         eval_strategy="epoch" if has_eval else "no",
         save_strategy="no",
         report_to="none",
@@ -69,27 +69,26 @@ def sft_config(cfg: Config, output_dir: Path, has_eval: bool) -> SFTConfig:
     )
 
 
-def train(model, tokenizer, train_set: list[Example], eval_set: list[Example], cfg: Config, run_dir: Path):
-    """Train in place; returns the trainer (its state.log_history holds the losses)."""
-    stats = {"train": check_trainable(train_set, tokenizer, cfg.model.max_seq_length)}
-    if eval_set:
-        stats["eval"] = check_trainable(eval_set, tokenizer, cfg.model.max_seq_length)
-    (run_dir / "data_stats.json").write_text(json.dumps(stats, indent=2))
-    to_dataset = lambda examples: Dataset.from_list([{"messages": e.messages} for e in examples])  # noqa: E731
-    inference_template = tokenizer.chat_template
-    tokenizer.chat_template = training_template(tokenizer)  # same text, plus the assistant mask
-    try:
-        trainer = SFTTrainer(
-            model=model,
-            processing_class=tokenizer,
-            args=sft_config(cfg, run_dir / "checkpoints", has_eval=bool(eval_set)),
-            train_dataset=to_dataset(train_set),
-            eval_dataset=to_dataset(eval_set) if eval_set else None,
-            callbacks=[MetricsLog(run_dir / "metrics.jsonl")],
-        )
-        trainer.train()
-    finally:
-        tokenizer.chat_template = inference_template
+def train(model, tokenizer, td: TrainingData, cfg: Config, run_dir: Path):
+    """Train in place on the prepared rows ({"input_ids", "labels"} from chat.prepare); write loss.png.
+
+    The rows carry our mask as labels, which TRL uses as they are. Returns the trainer (its
+    state.log_history holds the losses).
+    """
+    eval_rows = td.eval.prepared.rows if td.eval else []
+    # No KV cache while training: with one, transformers also skips the per-example attention mask
+    # that packed (padding-free) batches need.
+    model.config.use_cache = False
+    trainer = SFTTrainer(
+        model=model,
+        processing_class=tokenizer,
+        args=sft_config(cfg, run_dir / "checkpoints", has_eval=bool(eval_rows)),
+        train_dataset=Dataset.from_list(td.train.prepared.rows),
+        eval_dataset=Dataset.from_list(eval_rows) if eval_rows else None,
+        callbacks=[MetricsLog(run_dir / "metrics.jsonl")],
+    )
+    trainer.train()
+    plot_loss(run_dir / "metrics.jsonl", run_dir / "loss.png")
     return trainer
 
 

@@ -67,4 +67,5 @@ def memorized_chats():
     spec = importlib.util.spec_from_file_location("clinical_qa", REPO / "recipes" / "clinical_qa.py")
     recipe = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(recipe)
-    return data.load_fields(MEMORIZE, recipe.USER_TEMPLATE, recipe.ASSISTANT_TEMPLATE, recipe.SYSTEM_PROMPT)
+    templates = data.Templates(recipe.USER_TEMPLATE, recipe.ASSISTANT_TEMPLATE, recipe.SYSTEM_PROMPT)
+    return data.load(MEMORIZE, templates, fmt="fields").examples

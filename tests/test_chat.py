@@ -3,7 +3,7 @@
 import pytest
 
 from fasttune import UserError
-from fasttune.chat import IGNORE, QWEN2_5_TEMPLATE, TRAINING_TEMPLATE, check_trainable, render_mask, tokenize_chat
+from fasttune.chat import IGNORE, QWEN2_5_TEMPLATE, TRAINING_TEMPLATE, prepare, render_mask, tokenize_chat
 from fasttune.data import Example
 
 IM_END = 151645
@@ -75,14 +75,47 @@ def test_render_mask_marks_trained_spans(tokenizer):
     assert text.count("[[") == 1
 
 
-def test_fully_masked_example_is_an_error_not_a_silent_drop(tokenizer):
-    long_prompt = "word " * 300
+def test_train_on_last_keeps_only_the_final_answer(tokenizer):
+    messages = [{"role": "user", "content": "A?"}, {"role": "assistant", "content": "a."},
+                {"role": "user", "content": "B?"}, {"role": "assistant", "content": "b."}]
+    ids, every = tokenize_chat(tokenizer, messages)
+    _, last = tokenize_chat(tokenizer, messages, train_on="last")
+    assert [t for t in last if t != IGNORE] == encode(tokenizer, "b.<|im_end|>")
+    assert [t for t in every if t != IGNORE] == encode(tokenizer, "a.<|im_end|>") + encode(tokenizer, "b.<|im_end|>")
+
+
+def chat_example(source, prompt, answer):
+    return Example(source, [{"role": "user", "content": prompt}, {"role": "assistant", "content": answer}], {})
+
+
+def test_prepare_leaves_out_what_cannot_be_trained_and_says_why(tokenizer):
     examples = [
-        Example("d.jsonl:1", [{"role": "user", "content": "short"}, {"role": "assistant", "content": "ok"}], {}),
-        Example("d.jsonl:2", [{"role": "user", "content": long_prompt}, {"role": "assistant", "content": "ok"}], {}),
+        chat_example("d.jsonl:1", "short", "ok"),
+        chat_example("d.jsonl:2", "word " * 300, "ok"),  # the answer starts past the limit
+        chat_example("d.jsonl:3", "short", "answer " * 100),  # the answer is cut
     ]
-    with pytest.raises(UserError, match=r"d\.jsonl:2: nothing to train: .*max_seq_length=64"):
-        check_trainable(examples, tokenizer, max_length=64)
-    stats = check_trainable(examples, tokenizer, max_length=1024)
-    assert stats["examples"] == 2 and stats["answers_cut"] == 0
-    assert 0 < stats["trained_fraction"] < 0.1
+    p = prepare(examples, tokenizer, max_length=64)
+    assert [e.source for e in p.kept] == ["d.jsonl:1"]
+    reasons = {r.source: r.reason for r in p.rejects}
+    assert reasons["d.jsonl:2"].startswith("nothing to train within max_seq_length=64: the answer starts at token")
+    assert reasons["d.jsonl:3"].startswith("answer cut by max_seq_length=64")
+    assert p.stats["nothing_trained"] == 1 and p.stats["answers_cut"] == 1 and p.stats["records"] == 3
+
+    kept = prepare(examples, tokenizer, max_length=64, truncation="keep")
+    assert [e.source for e in kept.kept] == ["d.jsonl:1", "d.jsonl:3"]  # trained on the part that fits
+    assert len(kept.rows[1]["input_ids"]) == 64 and IM_END not in kept.rows[1]["labels"]
+    assert [r.source for r in kept.rejects] == ["d.jsonl:2"]  # nothing to train is left out either way
+
+
+def test_prepare_statistics(tokenizer):
+    p = prepare([chat_example(f"d:{i}", "q " * i, "a") for i in range(1, 11)], tokenizer, max_length=1024)
+    s = p.stats
+    assert s["kept"] == 10 and s["answers_cut"] == 0 and s["nothing_trained"] == 0
+    assert s["trained_tokens"] == 10 * len(encode(tokenizer, "a<|im_end|>"))
+    assert s["length_percentiles"]["max"] == max(len(r["input_ids"]) for r in p.rows)
+    assert 0 < s["trained_fraction"] < 0.2
+
+
+def test_nothing_left_is_an_error(tokenizer):
+    with pytest.raises(UserError, match="no example is left to train on: d.jsonl:2"):
+        prepare([chat_example("d.jsonl:2", "word " * 300, "ok")], tokenizer, max_length=64)

@@ -1,70 +1,184 @@
-"""Reading and validating the recipe's data: every problem names file, line and field."""
+"""Reading and validating data: every format, every source, and a precise message for every fault."""
 
 import json
 
 import pytest
 
 from fasttune import UserError
-from fasttune.data import load_fields, read_jsonl, template_fields
+from fasttune.data import Templates, load, template_fields
 
-USER = "Context: {context}\n\nQuestions: {questions}"
-ASSISTANT = "Answers: {answers}"
+BAD = __import__("pathlib").Path(__file__).parent / "data" / "bad"
+SKIP_HINT = " (fix it, or pass --on_bad_record skip to leave it out)"
+
+# file in tests/data/bad -> the first line of the error, after the file's path
+BAD_CASES = {
+    "invalid_json.jsonl": ":2: invalid JSON: Expecting value (column 15)",
+    "not_an_object.jsonl": ":1: expected a JSON object, got array",
+    "empty.jsonl": ": no records (the file is empty)",
+    "only_blank_lines.jsonl": ": no records (the file is empty)",
+    "non_utf8.jsonl": ":2: not valid UTF-8 (byte 0xe9 at column 47); save the file as UTF-8",
+    "messages_not_a_list.jsonl": ":1: field 'messages': expected a list of messages, got string",
+    "messages_empty.jsonl": ":1: field 'messages': empty list",
+    "message_not_an_object.jsonl": ":1: field 'messages[0]': expected an object with role and content, got string",
+    "message_missing_role.jsonl": ":1: field 'messages[0].role': missing",
+    "message_unknown_role.jsonl": ":1: field 'messages[1].role': 'bot' is not one of assistant, system, tool, user",
+    "message_missing_content.jsonl": ":1: field 'messages[1].content': missing",
+    "message_content_not_string.jsonl": ":1: field 'messages[1].content': expected a string, got number",
+    "empty_assistant_turn.jsonl": ":1: field 'messages[1].content': empty assistant turn (nothing to learn)",
+    "ends_on_user_turn.jsonl": ":1: field 'messages': ends on a user turn; the last message must be the "
+                               "assistant's answer",
+    "no_assistant_turn.jsonl": ":1: field 'messages': no assistant turn (nothing to learn)",
+    "sharegpt_unknown_speaker.jsonl": ":1: field 'conversations[1].from': 'alien' is not a known speaker "
+                                      "(assistant, bard, bing, bot, chatgpt, function_response, gpt, human, model, "
+                                      "observation, system, tool, user)",
+    "sharegpt_not_a_list.jsonl": ":1: field 'conversations': expected a non-empty list, got object",
+    "sharegpt_missing_value.jsonl": ":1: field 'conversations[1].value': missing",
+    "alpaca_missing_output.jsonl": ":2: field 'output': missing",
+    "alpaca_input_not_string.jsonl": ":1: field 'input': expected a string, got array",
+    "completion_empty.jsonl": ":1: field 'completion': empty string",
+    "prompt_ends_on_assistant.jsonl": ":1: field 'prompt': ends on an assistant turn; the answer belongs in "
+                                      "'completion'",
+    "json_not_an_array.json": ": expected a JSON array of records, got object; for one record per line use .jsonl",
+    "json_invalid.json": ":3: invalid JSON: Expecting property name enclosed in double quotes (column 4)",
+    "json_bad_record.json": ": record 1: field 'messages': empty list",
+    "csv_ragged_row.csv": ":3: 3 cells but the header has 2 columns",
+    "csv_short_row.csv": ":3: fewer cells than the header's 3 columns",
+    "csv_empty_output.csv": ":2: field 'output': empty string",
+    "unknown_extension.txt": ": unknown file type '.txt'; use .jsonl, .json, .csv or .parquet",
+    "many_bad_records.jsonl": ":1: field 'messages': empty list",
+}
 
 
-def write(tmp_path, lines, name="d.jsonl"):
-    path = tmp_path / name
-    path.write_text("".join(line + "\n" for line in lines))
-    return path
+def test_the_bad_corpus_is_complete():
+    assert len(BAD_CASES) >= 25
+    assert {p.name for p in BAD.iterdir()} == set(BAD_CASES) | {"unknown_format.jsonl", "broken.parquet"}
 
 
-def good(**over):
-    return json.dumps({"context": "c", "questions": "q", "answers": "a", **over})
-
-
-def test_fields_become_a_chat(tmp_path):
-    path = write(tmp_path, [good(context="Man, 60.", extra=1)])
-    [ex] = load_fields(path, USER, ASSISTANT, system_prompt="Be brief.")
-    assert ex.source == f"{path}:1"
-    assert ex.messages == [
-        {"role": "system", "content": "Be brief."},
-        {"role": "user", "content": "Context: Man, 60.\n\nQuestions: q"},
-        {"role": "assistant", "content": "Answers: a"},
-    ]
-
-
-def test_template_fields():
-    assert template_fields(USER) == ["context", "questions"]
-
-
-@pytest.mark.parametrize("lines, message", [
-    ([good(), json.dumps({"context": "c", "answers": "a"})], r"d\.jsonl:2: field 'questions': missing"),
-    ([good(context=3)], r"d\.jsonl:1: field 'context': expected a string, got number"),
-    ([good(answers=None)], r"d\.jsonl:1: field 'answers': expected a string, got null"),
-    ([good(answers="  ")], r"d\.jsonl:1: field 'answers': empty string"),
-    ([good(), good(), '{"context": "c",'], r"d\.jsonl:3: invalid JSON: .* \(column \d+\)"),
-    (["[1, 2]"], r"d\.jsonl:1: expected a JSON object, got array"),
-    ([], r"d\.jsonl: no records \(the file is empty\)"),
-])
-def test_bad_records(tmp_path, lines, message):
-    with pytest.raises(UserError, match=message):
-        load_fields(write(tmp_path, lines), USER, ASSISTANT)
-
-
-def test_all_problems_listed_with_a_count(tmp_path):
-    lines = [json.dumps({"context": "c"}) for _ in range(30)]
+@pytest.mark.parametrize("name", sorted(BAD_CASES))
+def test_bad_file(name):
+    path = BAD / name
     with pytest.raises(UserError) as err:
-        load_fields(write(tmp_path, lines), USER, ASSISTANT)
-    shown = str(err.value).splitlines()
-    assert len(shown) == 21 and shown[-1] == "... and 40 more problems"  # 2 missing fields x 30 records
+        load(path)
+    first = str(err.value).splitlines()[0].removesuffix(SKIP_HINT)
+    assert first == f"{path}{BAD_CASES[name]}"
 
 
-def test_non_utf8_line(tmp_path):
+def test_unknown_format_names_the_keys_and_the_way_out():
+    with pytest.raises(UserError, match=r"cannot tell the data format from the first record \(keys: answer, "
+                                        r"question\); .* pass --format"):
+        load(BAD / "unknown_format.jsonl")
+
+
+def test_broken_parquet():
+    with pytest.raises(UserError, match=r"broken.parquet: not a readable parquet file"):
+        load(BAD / "broken.parquet")
+
+
+def test_many_problems_are_listed_with_a_count_and_the_way_out():
+    with pytest.raises(UserError) as err:
+        load(BAD / "many_bad_records.jsonl")
+    lines = str(err.value).splitlines()
+    assert len(lines) == 22
+    assert lines[20] == "... and 10 more problems"
+    assert lines[21].startswith("30 bad records: fix them, or pass --on_bad_record skip")
+
+
+def test_skip_keeps_the_good_records_and_returns_the_bad_with_reasons(tmp_path):
+    path = tmp_path / "mixed.jsonl"
+    good = {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."}]}
+    path.write_text(json.dumps(good) + "\n" + '{"messages": []}\n' + "not json\n" + json.dumps(good) + "\n")
+    loaded = load(path, on_bad_record="skip")
+    assert [e.source for e in loaded.examples] == [f"{path}:1", f"{path}:4"]
+    assert [(r.source, r.reason) for r in loaded.rejects] == [
+        (f"{path}:2", "field 'messages': empty list"),
+        (f"{path}:3", "invalid JSON: Expecting value (column 1)"),
+    ]
+    assert json.loads(loaded.rejects[0].to_json())["record"] == {"messages": []}
+    assert any("duplicate" in note for note in loaded.notes)  # 1 and 4 are the same; counted, kept
+
+
+def test_dedupe_removes_duplicates_into_the_rejects(tmp_path):
+    path = tmp_path / "dup.jsonl"
+    rec = json.dumps({"instruction": "Say hi", "output": "Hi"})
+    path.write_text(f"{rec}\n{rec}\n{rec}\n")
+    loaded = load(path, dedupe=True)
+    assert len(loaded.examples) == 1
+    assert [r.reason for r in loaded.rejects] == [f"duplicate of {path}:1 (--dedupe)"] * 2
+
+
+def test_bom_crlf_and_blank_lines_are_read_and_reported(tmp_path):
+    path = tmp_path / "windows.jsonl"
+    rec = json.dumps({"prompt": "Hi", "completion": "Hello."})
+    path.write_bytes(b"\xef\xbb\xbf" + f"{rec}\r\n\r\n{rec.replace('Hi', 'Hey')}\r\n".encode())
+    loaded = load(path)
+    assert len(loaded.examples) == 2 and loaded.format == "prompt_completion"
+    notes = "\n".join(loaded.notes)
+    assert "byte-order mark (BOM); ignored it" in notes
+    assert "3 lines end in CRLF" in notes
+    assert "skipped 1 blank lines (line 2)" in notes
+
+
+# --- every format becomes the same chat ------------------------------------------------------------
+
+WANT = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Capital of France?"},
+        {"role": "assistant", "content": "Paris."}]
+
+FORMS = {
+    "messages": {"messages": WANT},
+    "sharegpt": {"conversations": [{"from": "system", "value": "Be brief."},
+                                   {"from": "human", "value": "Capital of France?"}, {"from": "gpt", "value": "Paris."}]},
+    "alpaca": {"instruction": "Capital of France?", "input": "", "output": "Paris.", "system": "Be brief."},
+    "prompt_completion": {"prompt": [WANT[0], WANT[1]], "completion": [WANT[2]]},
+}
+
+
+@pytest.mark.parametrize("fmt", sorted(FORMS))
+def test_formats_detected_and_converted(tmp_path, fmt):
     path = tmp_path / "d.jsonl"
-    path.write_bytes(good().encode() + b"\n" + b'{"context": "caf\xe9"}\n')
-    with pytest.raises(UserError, match=r"d\.jsonl:2: not valid UTF-8"):
-        read_jsonl(path)
+    path.write_text(json.dumps(FORMS[fmt]) + "\n")
+    loaded = load(path)
+    assert loaded.format == fmt and loaded.examples[0].messages == WANT
 
 
-def test_missing_file(tmp_path):
-    with pytest.raises(UserError, match="no such file"):
-        read_jsonl(tmp_path / "nope.jsonl")
+def test_alpaca_input_and_prompt_completion_strings(tmp_path):
+    path = tmp_path / "a.jsonl"
+    path.write_text(json.dumps({"instruction": "Translate", "input": "chat", "output": "cat"}) + "\n")
+    assert load(path).examples[0].messages[0] == {"role": "user", "content": "Translate\n\nchat"}
+    path.write_text(json.dumps({"prompt": "Q", "completion": "A"}) + "\n")
+    assert load(path, Templates(system="S")).examples[0].messages == [
+        {"role": "system", "content": "S"}, {"role": "user", "content": "Q"}, {"role": "assistant", "content": "A"}]
+
+
+def test_fields_format(tmp_path):
+    path = tmp_path / "f.jsonl"
+    path.write_text(json.dumps({"context": "Man, 60.", "answers": "MI", "extra": 1}) + "\n"
+                    + json.dumps({"context": 3, "answers": "x"}) + "\n")
+    t = Templates("Context: {context}", "Answers: {answers}", "Be brief.")
+    with pytest.raises(UserError, match=r"f\.jsonl:2: field 'context': expected a string, got number"):
+        load(path, t, fmt="fields")
+    [ex] = load(path, t, fmt="fields", on_bad_record="skip").examples
+    assert ex.messages[1:] == [{"role": "user", "content": "Context: Man, 60."},
+                               {"role": "assistant", "content": "Answers: MI"}]
+    assert template_fields(t.user) == ["context"]
+
+
+def test_sources_json_csv_parquet_and_saved_dataset(tmp_path):
+    from datasets import Dataset, DatasetDict
+
+    records = [{"instruction": f"Say {w}", "input": "", "output": w} for w in ("hi", "bye", "yes")]
+    (tmp_path / "d.json").write_text(json.dumps(records))
+    (tmp_path / "d.csv").write_text("instruction,input,output\n" + "".join(
+        f"{r['instruction']},,{r['output']}\n" for r in records))
+    Dataset.from_list(records).to_parquet(tmp_path / "d.parquet")
+    DatasetDict({"train": Dataset.from_list(records)}).save_to_disk(tmp_path / "saved")
+    for source in ("d.json", "d.csv", "d.parquet", "saved"):
+        loaded = load(tmp_path / source)
+        assert [e.messages[-1]["content"] for e in loaded.examples] == ["hi", "bye", "yes"], source
+    with pytest.raises(UserError, match="no split 'test'; it has train"):
+        load(tmp_path / "saved", split="test")
+
+
+def test_hub_name_offline_is_a_clear_error(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(UserError, match=r"someone/nonexistent-data: cannot load this hub dataset \(split 'train'\)"):
+        load("someone/nonexistent-data")

@@ -9,6 +9,7 @@ import torch
 from fasttune import model as model_lib
 from fasttune import train
 from fasttune.config import Config, DataConfig, ExportConfig, ModelConfig, TrainConfig
+from tests.test_train import training_data
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 
@@ -23,7 +24,7 @@ def test_qlora_trains_on_cuda(tmp_path, memorized_chats):
     torch.cuda.reset_peak_memory_stats()
     model, tokenizer = model_lib.load_for_training(cfg.model, seed=0)
     assert next(model.parameters()).is_cuda
-    trainer = train.train(model, tokenizer, memorized_chats, [], cfg, tmp_path)
+    trainer = train.train(model, tokenizer, training_data(memorized_chats, tokenizer), cfg, tmp_path)
     losses = [log["loss"] for log in trainer.state.log_history if "loss" in log]
     assert sum(losses[-3:]) / 3 < 0.5 * losses[0], losses
     assert torch.cuda.max_memory_allocated() > 0

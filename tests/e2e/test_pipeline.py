@@ -22,7 +22,8 @@ def test_recipe_leaves_a_complete_run_directory(trained_run):
     assert "[finish: stop]" in proc.stdout
     assert "python export/chat.py" in proc.stdout
     stats = json.loads((run_dir / "data_stats.json").read_text())
-    assert stats["train"]["examples"] == 4 and stats["train"]["answers_cut"] == 0
+    assert stats["train"]["kept"] == 4 and stats["train"]["answers_cut"] == 0 and stats["train"]["format"] == "fields"
+    assert not (run_dir / "rejects.jsonl").exists()
 
 
 def test_export_script_adds_a_quant(trained_run):
@@ -53,14 +54,17 @@ def test_chat_interactive_streams_and_exits(trained_run, memorized_chats):
     assert "model> Summary:" in proc.stdout  # the learned answer format, streamed
 
 
+HINT = " (fix it, or pass --on_bad_record skip to leave it out)"
+
+
 @pytest.mark.parametrize("content, message", [
     ('{"context": "c", "clinical_scenario": "s", "questions": "q", "summary": "s"}\n',
-     "bad.jsonl:1: field 'answers': missing (expected a string)"),
+     "bad.jsonl:1: field 'answers': missing" + HINT),
     ('{"context": "c", "clinical_scenario": "s", "questions": ["q"], "summary": "s", "answers": "a"}\n',
-     "bad.jsonl:1: field 'questions': expected a string, got array"),
+     "bad.jsonl:1: field 'questions': expected a string, got array" + HINT),
     (MEMORIZE.read_text() + '{"context": "c", "clinical_scenario": \n',
-     "bad.jsonl:5: invalid JSON: Expecting value (column 39)"),
-    ("", "bad.jsonl: no records (the file is empty); expected one JSON object per line"),
+     "bad.jsonl:5: invalid JSON: Expecting value (column 39)" + HINT),
+    ("", "bad.jsonl: no records (the file is empty)"),
 ])
 def test_bad_input_is_one_line_exit_2_and_no_run_dir(tmp_path, content, message):
     bad = tmp_path / "bad.jsonl"
