@@ -1,5 +1,6 @@
 # make demo  - install into .venv (once), then train -> merge -> GGUF -> chat on the tiny model
 # make test  - install into .venv (once), then run the test suite
+# make bench - benchmarks that print ratios against a baseline run in the same process
 # The install is idempotent: .venv/.installed records it, and is redone when pyproject.toml changes.
 
 PYTHON ?= python3
@@ -11,7 +12,7 @@ export FASTTUNE_CACHE ?= $(HOME)/.cache/fasttune
 export HF_HUB_OFFLINE ?= 1
 export PYTHONUNBUFFERED := 1
 
-.PHONY: install demo test test-slow test-gpu clean
+.PHONY: install demo test test-slow test-gpu bench clean
 
 install: $(STAMP)
 
@@ -50,6 +51,9 @@ test-slow: install
 
 test-gpu: install
 	$(PY) -m pytest -q -m gpu
+
+bench: install
+	$(PY) bench/data.py
 
 clean:
 	rm -rf runs .pytest_cache
