@@ -1,4 +1,4 @@
-"""Qwen2.5 ChatML: the one chat template, and the assistant-token mask.
+"""Qwen2.5 ChatML: the one chat template, the assistant-token mask, and the length policy.
 
 The template is the tokenizer's Jinja, everywhere: it formats training text, is embedded in the GGUF
 and drives llama.cpp chat. For training, a variant with `{% generation %}` markers renders the same
@@ -19,8 +19,7 @@ from trl.chat_template_utils import qwen2_5_chat_template as QWEN2_5_TEMPLATE  #
 from fasttune import UserError
 from fasttune.data import Example, Reject
 
-TRAINING_TEMPLATE_PATH = Path(__file__).parent / "templates" / "qwen2_5_training.jinja"
-TRAINING_TEMPLATE = TRAINING_TEMPLATE_PATH.read_text()
+TRAINING_TEMPLATE = (Path(__file__).parent / "templates" / "qwen2_5_training.jinja").read_text()
 logger = logging.getLogger(__name__)
 IGNORE = -100  # label of a token that does not count towards the loss (PyTorch's ignore_index)
 
