@@ -96,20 +96,6 @@ def tokenize_all(tokenizer, conversations: list[list[dict]], template: str, trai
         _FORK_STATE.clear()
 
 
-def render_mask(tokenizer, input_ids: list[int], labels: list[int]) -> str:
-    """The conversation as text with trained spans in [[double brackets]], for a person to check."""
-    parts, trained = [], False
-    for tok, lab in zip(input_ids, labels):
-        is_trained = lab != IGNORE
-        if is_trained != trained:
-            parts.append("[[" if is_trained else "]]")
-            trained = is_trained
-        parts.append(tokenizer.decode([tok]))
-    if trained:
-        parts.append("]]")
-    return "".join(parts)
-
-
 @dataclass
 class Prepared:
     """Tokenized examples ready for training, the ones left out (with reasons), and statistics."""

@@ -376,7 +376,7 @@ def template_fields(template: str) -> list[str]:
 
 def load(
     source: str | Path,
-    templates: Templates = Templates(),
+    templates: Templates | None = None,
     fmt: str = "auto",
     on_bad_record: str = "error",
     dedupe: bool = False,
@@ -388,6 +388,7 @@ def load(
     "skip" returns them in Loaded.rejects. Duplicates (same messages) are counted, and removed
     into the rejects when dedupe is set.
     """
+    templates = templates or Templates()
     if fmt != "auto" and fmt not in CONVERTERS:
         raise UserError(f"--format {fmt}: unknown; choose auto or one of {', '.join(FORMATS)}")
     if on_bad_record not in ("error", "skip"):

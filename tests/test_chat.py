@@ -3,7 +3,7 @@
 import pytest
 
 from fasttune import UserError
-from fasttune.chat import IGNORE, QWEN2_5_TEMPLATE, TRAINING_TEMPLATE, prepare, render_mask, tokenize_chat
+from fasttune.chat import IGNORE, QWEN2_5_TEMPLATE, TRAINING_TEMPLATE, prepare, tokenize_chat
 from fasttune.data import Example
 
 IM_END = 151645
@@ -68,11 +68,13 @@ def test_training_template_renders_the_same_text(tokenizer):
                 == tokenizer.apply_chat_template(msgs, chat_template=QWEN2_5_TEMPLATE, tokenize=False, **kwargs))
 
 
-def test_render_mask_marks_trained_spans(tokenizer):
+def test_preview_spans_mark_trained_text(tokenizer):
+    from fasttune.preview import spans
+
     ids, labels = tokenize_chat(tokenizer, [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Yo"}])
-    text = render_mask(tokenizer, ids, labels)
-    assert text.endswith("assistant\n[[Yo<|im_end|>]]\n")
-    assert text.count("[[") == 1
+    runs = spans(tokenizer, ids, labels)
+    assert runs[-2:] == [("Yo<|im_end|>", True), ("\n", False)]
+    assert sum(trained for _, trained in runs) == 1
 
 
 def test_train_on_last_keeps_only_the_final_answer(tokenizer):
