@@ -54,6 +54,7 @@ test-gpu: install
 
 bench: install
 	$(PY) bench/data.py
+	$(PY) bench/export.py
 
 clean:
 	rm -rf runs .pytest_cache

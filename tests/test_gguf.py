@@ -165,3 +165,20 @@ def test_bad_quant_names():
     with pytest.raises(UserError, match="importance matrix"):
         export.check_quant_name("iq2_xs")
     export.check_quant_name("q5_k_m")
+
+
+def test_bf16_bit_copy_equals_the_float32_round_trip():
+    t = torch.randn(64, 128).to(torch.bfloat16)
+    t[3, 5] = float("nan")  # NaN takes the generic path (llama.cpp quiets NaNs)
+    for tensor in (t, t.nan_to_num()):
+        want = gguf_py.quants.quantize(tensor.float().numpy(), gguf_py.GGMLQuantizationType.BF16)
+        assert np.array_equal(export._convert(tensor, gguf_py.GGMLQuantizationType.BF16), want)
+
+
+def test_validate_catches_a_truncated_file(tmp_path, tiny_dir):
+    path = export.convert(tiny_dir, tmp_path / "t.gguf", "q8_0")
+    size = path.stat().st_size
+    with open(path, "r+b") as f:
+        f.truncate(size - 1000)
+    with pytest.raises(RuntimeError, match="incomplete GGUF"):
+        export._validate(path, 26, size)
