@@ -18,7 +18,7 @@ sys.path = [p for p in sys.path if not p.endswith("export")]
 import argparse  # noqa: E402
 from pathlib import Path  # noqa: E402
 
-from fasttune import UserError, cli, config, gguf
+from fasttune import UserError, cli, config, gguf, verify  # noqa: E402
 
 
 def main(argv=None):
@@ -34,8 +34,12 @@ def main(argv=None):
     quants = args.quant or cfg.export.quants
     if not quants:
         raise UserError("no types to export: pass --quant bf16 q4_k_m (the run's config lists none)")
-    for path in gguf.export(merged, args.run_dir / "gguf", quants, name=args.run_dir.name):
+    files = gguf.export(merged, args.run_dir / "gguf", quants, name=args.run_dir.name, base_model=cfg.model.model)
+    rows = verify.verify_run(args.run_dir, files)
+    for path in files:
         print(f"{path}  ({path.stat().st_size / 1e6:.1f} MB)")
+    for row in rows:
+        print(f"  {verify.line(row)}")
 
 
 if __name__ == "__main__":

@@ -45,9 +45,10 @@ def run(main) -> None:
         sys.exit(130)
 
 
-def report_run(run_dir, files, td) -> None:
-    """What a recipe prints at the end: loss change, files, one held-out answer, how to chat."""
-    from fasttune import train
+def report_run(run_dir, files, td, report) -> None:
+    """What a recipe prints at the end: loss change, files and their fidelity, one held-out answer,
+    how to chat."""
+    from fasttune import train, verify
 
     losses = train.read_metrics(run_dir / "metrics.jsonl")
     line = f"\ntraining loss {losses['loss'][0]:.3f} -> {losses['loss'][-1]:.3f}"
@@ -57,6 +58,10 @@ def report_run(run_dir, files, td) -> None:
     print(f"run directory: {run_dir}")
     for path in files:
         print(f"  {path}  ({path.stat().st_size / 1e6:.1f} MB)")
+    if report:
+        print(f"fidelity against the merged model ({run_dir / 'gguf' / 'report.json'}):")
+        for row in report:
+            print(f"  {verify.line(row)}")
     if files and td.eval:
         answer_held_out(files[-1], td.eval.prepared.kept[0])
     if files:

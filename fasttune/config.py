@@ -117,6 +117,11 @@ class ExportConfig:
         metadata={"help": "GGUF files to write after training: bf16, f16, f32, q8_0 directly; q4_k_m, q5_k_m, "
                           "q6_k, ... via llama.cpp's quantizer. Empty list (--quants none) skips export."},
     )
+    verify: bool = field(
+        default=True,
+        metadata={"help": "After export, compare every GGUF with the merged model on a few of the run's own "
+                          "conversations (logits, perplexity, greedy text, stopping): gguf/report.json."},
+    )
 
 
 @dataclass

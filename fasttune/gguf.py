@@ -156,7 +156,8 @@ def _nbytes(shape: tuple[int, ...], qtype: Q) -> tuple[tuple[int, ...], np.dtype
 
 # --- writing ----------------------------------------------------------------------------------------
 
-def convert(model_dir: str | Path, out_path: str | Path, outtype: str = "bf16", name: str | None = None) -> Path:
+def convert(model_dir: str | Path, out_path: str | Path, outtype: str = "bf16", name: str | None = None,
+            base_model: str | None = None) -> Path:
     """Write `model_dir` (a merged HF checkpoint) as a GGUF of type `outtype` (f32/f16/bf16/q8_0)."""
     from transformers import AutoConfig, AutoTokenizer
 
@@ -177,7 +178,7 @@ def convert(model_dir: str | Path, out_path: str | Path, outtype: str = "bf16", 
     tmp = out_path.with_name(out_path.name + ".partial")
     writer = gguf.GGUFWriter(tmp, gguf.MODEL_ARCH_NAMES[arch.gguf_arch])
     try:
-        _add_metadata(writer, config, file_type, name or model_dir.name)
+        _add_metadata(writer, config, file_type, name or model_dir.name, base_model)
         _add_tokenizer(writer, model_dir, tokenizer, arch, config.vocab_size)
 
         # Pass 1: names, shapes and types, so the header can be written before any data.
@@ -216,9 +217,12 @@ def convert(model_dir: str | Path, out_path: str | Path, outtype: str = "bf16", 
     return out_path
 
 
-def _add_metadata(writer: gguf.GGUFWriter, config, file_type: FT, name: str) -> None:
+def _add_metadata(writer: gguf.GGUFWriter, config, file_type: FT, name: str, base_model: str | None) -> None:
     writer.add_type(gguf.GGUFType.MODEL)
     writer.add_name(name)
+    if base_model:  # what it was fine-tuned from, as llama.cpp's converter records it
+        writer.add_base_model_count(1)
+        writer.add_base_model_name(0, base_model)
     writer.add_block_count(config.num_hidden_layers)
     writer.add_context_length(config.max_position_embeddings)
     writer.add_embedding_length(config.hidden_size)
@@ -313,7 +317,8 @@ def quantize(src: str | Path, out_path: str | Path, qtype: str, threads: int | N
     return out_path
 
 
-def export(merged_dir: str | Path, out_dir: str | Path, quants: list[str], name: str) -> list[Path]:
+def export(merged_dir: str | Path, out_dir: str | Path, quants: list[str], name: str,
+           base_model: str | None = None) -> list[Path]:
     """Write every requested type into out_dir as <name>-<type>.gguf; k-quants start from bf16."""
     merged_dir, out_dir = Path(merged_dir), Path(out_dir)
     if not quants:
@@ -325,12 +330,12 @@ def export(merged_dir: str | Path, out_dir: str | Path, quants: list[str], name:
     for q in [q for q in quants if q in DIRECT_TYPES] + [q for q in quants if q not in DIRECT_TYPES]:
         path = out_dir / f"{name}-{q}.gguf"
         if q in DIRECT_TYPES:
-            convert(merged_dir, path, q, name=name)
+            convert(merged_dir, path, q, name=name, base_model=base_model)
             if q in ("bf16", "f16", "f32"):
                 base16 = path
         else:
             if base16 is None:  # quantizing needs a 16-bit source; make one and keep it out of the list
-                base16 = convert(merged_dir, out_dir / f"{name}-bf16.gguf.src", "bf16", name=name)
+                base16 = convert(merged_dir, out_dir / f"{name}-bf16.gguf.src", "bf16", name=name, base_model=base_model)
             quantize(base16, path, q)
         written.append(path)
     for leftover in out_dir.glob("*.gguf.src"):

@@ -32,9 +32,16 @@ def base_model_of(adapter_dir: Path) -> str:
 
 def load_merged(adapter_dir: Path, base: str | None = None, dtype=torch.float32):
     """The base in float32 with the adapter merged in (and the tokenizer saved with the adapter)."""
-    base = base or base_model_of(adapter_dir)
+    recorded = base_model_of(adapter_dir)
+    base = base or recorded
+    if base != recorded:
+        logger.warning("%s was trained on %s; merging it onto %s", adapter_dir, recorded, base)
     model = AutoModelForCausalLM.from_pretrained(base, dtype=dtype)
-    model = PeftModel.from_pretrained(model, str(adapter_dir)).merge_and_unload()
+    try:
+        model = PeftModel.from_pretrained(model, str(adapter_dir)).merge_and_unload()
+    except RuntimeError as e:  # PEFT: "Error(s) in loading state_dict ... size mismatch for ..."
+        first = next((ln.strip() for ln in str(e).splitlines() if "size mismatch" in ln), str(e).splitlines()[0])
+        raise UserError(f"{adapter_dir} does not fit {base} (it was trained on {recorded}): {first}") from None
     return model, AutoTokenizer.from_pretrained(str(adapter_dir))
 
 

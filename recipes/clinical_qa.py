@@ -16,7 +16,7 @@ and may come from a YAML file (--config my.yaml); the flag wins.
 
 import fasttune.model as model_lib  # first: imports unsloth, which patches transformers/trl/peft
 
-from fasttune import cli, config, dataset, gguf, merge, train
+from fasttune import cli, config, dataset, gguf, merge, train, verify
 
 SYSTEM_PROMPT = ("You are a clinical assistant. Summarize the case in one or two sentences, "
                  "then answer each question concisely.")
@@ -45,8 +45,10 @@ def main(argv=None):
     model.save_pretrained(run_dir / "adapter")
     tokenizer.save_pretrained(run_dir / "adapter")
     merge.merge(run_dir / "adapter", run_dir / "merged", base=model_lib.resolve(cfg.model.model))
-    files = gguf.export(run_dir / "merged", run_dir / "gguf", cfg.export.quants, name=run_dir.name)
-    cli.report_run(run_dir, files, td)
+    files = gguf.export(run_dir / "merged", run_dir / "gguf", cfg.export.quants, name=run_dir.name,
+                        base_model=cfg.model.model)
+    report = verify.verify_run(run_dir, files)  # each file against the merged model: gguf/report.json
+    cli.report_run(run_dir, files, td, report)
 
 
 if __name__ == "__main__":

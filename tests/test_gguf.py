@@ -105,6 +105,7 @@ def test_metadata(trained_run):
         return f.contents()
 
     assert field("general.architecture") == "qwen2"
+    assert field("general.name") == "memorize" and field("general.base_model.0.name") == "tiny"
     assert field("tokenizer.ggml.pre") == "qwen2"
     assert field("tokenizer.ggml.eos_token_id") == 151645
     assert field("tokenizer.ggml.eot_token_id") == 151645

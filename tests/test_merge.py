@@ -36,3 +36,15 @@ def test_merged_logits_equal_base_plus_adapter(trained_run, tokenizer, memorized
 def test_adapter_records_its_base(trained_run):
     run_dir, _ = trained_run
     assert base_model_of(run_dir / "adapter") == model_lib.resolve("tiny")
+
+
+def test_adapter_onto_a_mismatched_base_is_refused(trained_run, tmp_path):
+    import pytest
+
+    from fasttune import UserError
+    from fasttune.tiny import TINY_CONFIG, build_model
+
+    run_dir, _ = trained_run
+    other = build_model(tmp_path / "wider", dict(TINY_CONFIG, hidden_size=512, intermediate_size=1024))
+    with pytest.raises(UserError, match=r"does not fit .*wider .*size mismatch"):
+        load_merged(run_dir / "adapter", str(other))

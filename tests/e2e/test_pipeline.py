@@ -31,6 +31,9 @@ def test_export_script_adds_a_quant(trained_run):
     proc = run_script("export/gguf.py", run_dir, "--quant", "q8_0")
     out = run_dir / "gguf" / "memorize-q8_0.gguf"
     assert str(out) in proc.stdout and out.is_file()
+    assert "memorize-q8_0.gguf: " in proc.stdout and "greedy 4/4 identical, chat stop" in proc.stdout
+    rows = json.loads((run_dir / "gguf" / "report.json").read_text())["files"]
+    assert [r["file"] for r in rows] == ["memorize-bf16.gguf", "memorize-q4_k_m.gguf", "memorize-q8_0.gguf"]
 
 
 def test_chat_one_shot_answers_and_stops(trained_run, memorized_chats):

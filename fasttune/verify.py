@@ -1,0 +1,128 @@
+"""Proof of fidelity for exported GGUF files: how close each one is to the merged model it came from.
+
+For a few conversations from the run's own data it compares, file by file, against the merged
+Hugging Face model: tokenization, per-position logits (max/mean absolute difference, top-1
+agreement), perplexity on the reference answers, greedy continuations, and whether a chat
+completion through llama-cpp-python stops by itself. The result goes to gguf/report.json and one
+line per file.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from fasttune import infer
+from fasttune.chat import IGNORE, tokenize_chat
+
+
+def _log_softmax(x: np.ndarray) -> np.ndarray:
+    x = x - x.max(-1, keepdims=True)
+    return x - np.log(np.exp(x).sum(-1, keepdims=True))
+
+
+def _answer_nll(logits: np.ndarray, labels: list[int]) -> tuple[float, int]:
+    """Summed negative log-likelihood of the trained tokens (position t predicts token t+1)."""
+    logp = _log_softmax(logits[:-1].astype(np.float64))
+    targets = np.array(labels[1:])
+    keep = targets != IGNORE
+    return float(-logp[np.arange(len(targets))[keep], targets[keep]].sum()), int(keep.sum())
+
+
+def reference(merged_dir: Path, conversations: list[list[dict]], max_new_tokens: int) -> dict:
+    """What the merged HF model says, computed once for all files."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(merged_dir)
+    model = AutoModelForCausalLM.from_pretrained(merged_dir, dtype=torch.float32).eval()
+    cases = []
+    with torch.no_grad():
+        for conv in conversations:
+            prompt_text = tokenizer.apply_chat_template(conv[:-1], add_generation_prompt=True, tokenize=False)
+            prompt_ids = tokenizer.encode(prompt_text, add_special_tokens=False)
+            full_ids, labels = tokenize_chat(tokenizer, conv)
+            logits = model(torch.tensor([full_ids])).logits[0].numpy()
+            greedy = model.generate(torch.tensor([prompt_ids]), max_new_tokens=max_new_tokens, do_sample=False,
+                                    eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+            cases.append(dict(messages=conv[:-1], prompt_text=prompt_text, prompt_ids=prompt_ids, full_ids=full_ids,
+                              labels=labels, logits=logits, greedy=greedy[0, len(prompt_ids):].tolist()))
+    return {"cases": cases, "eos": tokenizer.eos_token_id}
+
+
+def check_file(path: Path, ref: dict) -> dict:
+    cases = ref["cases"]
+    n_ctx = max(len(c["full_ids"]) for c in cases) + max(len(c["prompt_ids"]) + len(c["greedy"]) for c in cases) + 64
+    tok_same, max_abs, abs_sum, n_pos, top1, nll_hf, nll_gguf, n_tok, greedy_same = True, 0.0, 0.0, 0, 0, 0, 0, 0, 0
+    with infer.load(path, n_ctx=max(n_ctx, 512), logits_all=True) as llm:
+        for c in cases:
+            tok_same &= llm.tokenize(c["prompt_text"].encode(), add_bos=False, special=True) == c["prompt_ids"]
+            llm.reset()
+            llm.eval(c["full_ids"])
+            got = np.array(llm.scores[: len(c["full_ids"])])
+            diff = np.abs(got - c["logits"])
+            max_abs, abs_sum, n_pos = max(max_abs, float(diff.max())), abs_sum + float(diff.mean(-1).sum()), \
+                n_pos + len(diff)
+            top1 += int((got.argmax(-1) == c["logits"].argmax(-1)).sum())
+            a, n = _answer_nll(c["logits"], c["labels"])
+            b, _ = _answer_nll(got, c["labels"])
+            nll_hf, nll_gguf, n_tok = nll_hf + a, nll_gguf + b, n_tok + n
+            out = []
+            for tok in llm.generate(c["prompt_ids"], temp=0.0, reset=True):
+                out.append(tok)
+                if tok == ref["eos"] or len(out) >= len(c["greedy"]):
+                    break
+            greedy_same += out == c["greedy"]
+        reply = infer.chat(llm, cases[0]["messages"], max_tokens=256)
+    ppl_hf, ppl_gguf = float(np.exp(nll_hf / max(n_tok, 1))), float(np.exp(nll_gguf / max(n_tok, 1)))
+    return {
+        "file": path.name,
+        "size_mb": round(path.stat().st_size / 1e6, 1),
+        "tokenization_identical": tok_same,
+        "logits_max_abs_diff": round(max_abs, 4),
+        "logits_mean_abs_diff": round(abs_sum / n_pos, 4),
+        "top1_agreement": round(top1 / n_pos, 4),
+        "perplexity_merged": round(ppl_hf, 4),
+        "perplexity_gguf": round(ppl_gguf, 4),
+        "perplexity_ratio": round(ppl_gguf / ppl_hf, 4),
+        "greedy_identical": f"{greedy_same}/{len(cases)}",
+        "chat_finish_reason": reply["choices"][0]["finish_reason"],
+    }
+
+
+def line(row: dict) -> str:
+    return (f"{row['file']}: {row['size_mb']} MB, tokenization {'identical' if row['tokenization_identical'] else 'DIFFERS'}"
+            f", logits max|d| {row['logits_max_abs_diff']:.3g} mean {row['logits_mean_abs_diff']:.3g}, top-1 "
+            f"{100 * row['top1_agreement']:.1f}%, perplexity x{row['perplexity_ratio']:.3f}, greedy "
+            f"{row['greedy_identical']} identical, chat {row['chat_finish_reason']}")
+
+
+def verify(merged_dir: Path, files: list[Path], conversations: list[list[dict]], report_path: Path,
+           max_new_tokens: int = 32) -> list[dict]:
+    """Compare every file with the merged model on `conversations`; write report_path (JSON)."""
+    if not files:
+        return []
+    ref = reference(merged_dir, conversations, max_new_tokens)
+    rows = [check_file(path, ref) for path in files]
+    # keep the rows of files checked earlier (export/gguf.py adds one type to a run)
+    earlier = json.loads(report_path.read_text())["files"] if report_path.is_file() else []
+    names = {row["file"] for row in rows}
+    all_rows = [row for row in earlier if row["file"] not in names and (report_path.parent / row["file"]).is_file()]
+    report_path.write_text(json.dumps({"conversations": len(conversations), "files": all_rows + rows}, indent=2))
+    return rows
+
+
+def verify_run(run_dir: Path, files: list[Path], n: int = 8) -> list[dict]:
+    """verify() on a run directory, with up to n conversations from its eval data (else training data)."""
+    from fasttune import config, data
+
+    cfg = config.load_run(run_dir)
+    if not cfg.export.verify or not files:
+        return []
+    d = cfg.data
+    templates = data.Templates(d.user_template, d.assistant_template, d.system_prompt)
+    loaded = data.load(d.eval_data or d.data, templates, d.format, on_bad_record="skip", split=d.split)
+    conversations = [ex.messages for ex in loaded.examples[:n]]
+    return verify(Path(run_dir) / "merged", files, conversations, Path(run_dir) / "gguf" / "report.json")

@@ -1,0 +1,22 @@
+"""The fidelity report written next to every export (gguf/report.json)."""
+
+import json
+
+
+def test_report_next_to_the_export(trained_run):
+    run_dir, proc = trained_run
+    report = json.loads((run_dir / "gguf" / "report.json").read_text())
+    rows = {row["file"]: row for row in report["files"]}
+    # (export/gguf.py in the e2e tests may have added a q8_0 row by now)
+    assert report["conversations"] == 4 and {"memorize-bf16.gguf", "memorize-q4_k_m.gguf"} <= set(rows)
+    bf16, q4 = rows["memorize-bf16.gguf"], rows["memorize-q4_k_m.gguf"]
+    for row in (bf16, q4):
+        assert row["tokenization_identical"] and row["chat_finish_reason"] == "stop"
+    # bf16: the same model up to llama.cpp's bf16 arithmetic
+    assert bf16["greedy_identical"] == "4/4"
+    assert bf16["logits_mean_abs_diff"] < 0.03 and bf16["top1_agreement"] > 0.95
+    assert abs(bf16["perplexity_ratio"] - 1) < 0.01
+    # q4_k_m on a 256-wide model: visibly lossy, still the same model (sane bounds, measured ~1.02, ~70 %)
+    assert 0.9 < q4["perplexity_ratio"] < 1.5 and q4["top1_agreement"] > 0.5
+    assert q4["logits_mean_abs_diff"] > bf16["logits_mean_abs_diff"]
+    assert "fidelity against the merged model" in proc.stdout and "memorize-q4_k_m.gguf: 38.6 MB" in proc.stdout
