@@ -115,14 +115,15 @@ def test_metadata(trained_run):
     assert len(field("tokenizer.ggml.tokens")) == 151936
 
 
-def test_same_bytes_as_llama_cpp_converter(tmp_path, merged):
+@pytest.mark.parametrize("outtype", ["bf16", "f16", "q8_0"])
+def test_same_bytes_as_llama_cpp_converter(tmp_path, merged, outtype):
     """llama.cpp's convert_hf_to_gguf.py (from the llama-cpp-python sdist; test-only) is the oracle."""
-    ours = export.convert(merged, tmp_path / "ours.gguf", "bf16")
+    ours = export.convert(merged, tmp_path / "ours.gguf", outtype)
     ref = tmp_path / "ref.gguf"
     root = llama_cpp_file("convert_hf_to_gguf.py").parent
     llama_cpp_file("conversion"), llama_cpp_file("gguf-py")
     env = dict(os.environ, PYTHONPATH=str(root / "gguf-py"))
-    subprocess.run([sys.executable, str(root / "convert_hf_to_gguf.py"), str(merged), "--outtype", "bf16",
+    subprocess.run([sys.executable, str(root / "convert_hf_to_gguf.py"), str(merged), "--outtype", outtype,
                     "--outfile", str(ref)], check=True, env=env, capture_output=True)
     a, b = gguf_py.GGUFReader(ours), gguf_py.GGUFReader(ref)
     ta, tb = {t.name: t for t in a.tensors}, {t.name: t for t in b.tensors}
