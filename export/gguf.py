@@ -34,7 +34,8 @@ def main(argv=None):
     quants = args.quant or cfg.export.quants
     if not quants:
         raise UserError("no types to export: pass --quant bf16 q4_k_m (the run's config lists none)")
-    files = gguf.export(merged, args.run_dir / "gguf", quants, name=args.run_dir.name, base_model=cfg.model.model)
+    files = gguf.export(merged, args.run_dir / "gguf", quants, name=args.run_dir.name, base_model=cfg.model.model,
+                        system_prompt=cfg.data.system_prompt)
     rows = verify.verify_run(args.run_dir, files)
     for path in files:
         print(f"{path}  ({path.stat().st_size / 1e6:.1f} MB)")

@@ -317,9 +317,41 @@ def quantize(src: str | Path, out_path: str | Path, qtype: str, threads: int | N
     return out_path
 
 
+# Ollama's Go template equivalent to the Qwen2.5 Jinja template for system/user/assistant turns
+# (tests render both with Go and Jinja and compare). Ollama leaves the last assistant turn open.
+OLLAMA_QWEN2_5_TEMPLATE = """{{- if .System }}<|im_start|>system
+{{ .System }}<|im_end|>
+{{ else }}<|im_start|>system
+You are Qwen, created by Alibaba Cloud. You are a helpful assistant.<|im_end|>
+{{ end }}
+{{- range $i, $_ := .Messages }}
+{{- $last := eq (len (slice $.Messages $i)) 1 }}
+{{- if eq .Role "user" }}<|im_start|>user
+{{ .Content }}<|im_end|>
+{{ else if eq .Role "assistant" }}<|im_start|>assistant
+{{ .Content }}{{ if not $last }}<|im_end|>
+{{ end }}
+{{- end }}
+{{- if and (ne .Role "assistant") $last }}<|im_start|>assistant
+{{ end }}
+{{- end }}"""
+
+
+def write_modelfile(gguf_path: Path, system_prompt: str | None = None) -> Path:
+    """An Ollama Modelfile beside the GGUF: `ollama create NAME -f <this file>`."""
+    lines = [f"FROM ./{gguf_path.name}", f'TEMPLATE """{OLLAMA_QWEN2_5_TEMPLATE}"""',
+             'PARAMETER stop "<|im_end|>"', 'PARAMETER stop "<|endoftext|>"', "PARAMETER temperature 0"]
+    if system_prompt:
+        lines.append(f'SYSTEM """{system_prompt}"""')
+    path = gguf_path.with_name(f"Modelfile.{gguf_path.stem}")
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
 def export(merged_dir: str | Path, out_dir: str | Path, quants: list[str], name: str,
-           base_model: str | None = None) -> list[Path]:
-    """Write every requested type into out_dir as <name>-<type>.gguf; k-quants start from bf16."""
+           base_model: str | None = None, system_prompt: str | None = None) -> list[Path]:
+    """Write every requested type into out_dir as <name>-<type>.gguf (k-quants start from bf16), each
+    with an Ollama Modelfile.<name>-<type> beside it."""
     merged_dir, out_dir = Path(merged_dir), Path(out_dir)
     if not quants:
         return []
@@ -337,6 +369,7 @@ def export(merged_dir: str | Path, out_dir: str | Path, quants: list[str], name:
             if base16 is None:  # quantizing needs a 16-bit source; make one and keep it out of the list
                 base16 = convert(merged_dir, out_dir / f"{name}-bf16.gguf.src", "bf16", name=name, base_model=base_model)
             quantize(base16, path, q)
+        write_modelfile(path, system_prompt)
         written.append(path)
     for leftover in out_dir.glob("*.gguf.src"):
         leftover.unlink()

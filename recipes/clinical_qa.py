@@ -46,7 +46,7 @@ def main(argv=None):
     tokenizer.save_pretrained(run_dir / "adapter")
     merge.merge(run_dir / "adapter", run_dir / "merged", base=model_lib.resolve(cfg.model.model))
     files = gguf.export(run_dir / "merged", run_dir / "gguf", cfg.export.quants, name=run_dir.name,
-                        base_model=cfg.model.model)
+                        base_model=cfg.model.model, system_prompt=cfg.data.system_prompt)
     report = verify.verify_run(run_dir, files)  # each file against the merged model: gguf/report.json
     cli.report_run(run_dir, files, td, report)
 

@@ -1,8 +1,11 @@
 """GGUF export: faithful to the merged HF model, byte-identical to llama.cpp's own converter."""
 
+import json
 import os
+import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import gguf as gguf_py
 import numpy as np
@@ -184,3 +187,35 @@ def test_validate_catches_a_truncated_file(tmp_path, tiny_dir):
         f.truncate(size - 1000)
     with pytest.raises(RuntimeError, match="incomplete GGUF"):
         export._validate(path, 26, size)
+
+
+CONVERSATIONS = [
+    [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Capital of France?"}],
+    [{"role": "user", "content": "Hi"}],  # no system message: both fall back to Qwen's default
+    [{"role": "system", "content": "You are a clinical assistant."}, {"role": "user", "content": "Dose?"},
+     {"role": "assistant", "content": "300 mg."}, {"role": "user", "content": "Then?"}],
+]
+
+
+@pytest.mark.skipif(shutil.which("go") is None, reason="needs Go to render Ollama's template as Ollama does")
+@pytest.mark.parametrize("messages", CONVERSATIONS)
+def test_modelfile_template_renders_like_the_jinja_template(tmp_path, tokenizer, messages):
+    from fasttune.chat import QWEN2_5_TEMPLATE
+
+    want = tokenizer.apply_chat_template(messages, chat_template=QWEN2_5_TEMPLATE, add_generation_prompt=True,
+                                         tokenize=False)
+    system = "\n\n".join(m["content"] for m in messages if m["role"] == "system")  # as Ollama collates it
+    payload = json.dumps({"template": export.OLLAMA_QWEN2_5_TEMPLATE, "system": system, "messages": messages})
+    render = Path(__file__).parent / "ollama" / "render.go"
+    env = dict(os.environ, GOCACHE=str(tmp_path / "gocache"), GOFLAGS="-mod=mod", GO111MODULE="off")
+    got = subprocess.run(["go", "run", str(render)], input=payload, capture_output=True, text=True, env=env,
+                         check=True).stdout
+    assert got == want
+
+
+def test_modelfile_beside_every_export(trained_run):
+    run_dir, _ = trained_run
+    text = (run_dir / "gguf" / "Modelfile.memorize-q4_k_m").read_text()
+    assert text.startswith("FROM ./memorize-q4_k_m.gguf\n")
+    assert 'PARAMETER stop "<|im_end|>"' in text and export.OLLAMA_QWEN2_5_TEMPLATE in text
+    assert 'SYSTEM """You are a clinical assistant.' in text
