@@ -219,3 +219,16 @@ def test_modelfile_beside_every_export(trained_run):
     assert text.startswith("FROM ./memorize-q4_k_m.gguf\n")
     assert 'PARAMETER stop "<|im_end|>"' in text and export.OLLAMA_QWEN2_5_TEMPLATE in text
     assert 'SYSTEM """You are a clinical assistant.' in text
+
+
+def test_sharded_checkpoint_streams_to_the_same_file(tmp_path, tiny_dir):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    sharded = tmp_path / "sharded"
+    AutoModelForCausalLM.from_pretrained(tiny_dir).save_pretrained(sharded, max_shard_size="30MB")
+    AutoTokenizer.from_pretrained(tiny_dir).save_pretrained(sharded)
+    assert len(list(sharded.glob("model-*.safetensors"))) > 1
+    a = gguf_py.GGUFReader(export.convert(sharded, tmp_path / "sharded.gguf", "bf16"))
+    b = gguf_py.GGUFReader(export.convert(tiny_dir, tmp_path / "single.gguf", "bf16"))
+    ta, tb = {t.name: t for t in a.tensors}, {t.name: t for t in b.tensors}
+    assert set(ta) == set(tb) and all(ta[n].data.tobytes() == tb[n].data.tobytes() for n in ta)
