@@ -15,6 +15,7 @@ import ctypes
 import json
 import logging
 import os
+from functools import partial
 import struct
 import sys
 import tempfile
@@ -37,13 +38,44 @@ FT = gguf.LlamaFileType
 @dataclass(frozen=True)
 class Arch:
     gguf_arch: gguf.MODEL_ARCH
-    tokenizer_pre: str  # llama.cpp's pre-tokenizer name for this family
+    # llama.cpp's rotary layout for Llama checkpoints interleaves what HF keeps in two halves
+    permute_qk: bool = False
+    # Llama writes these two hyper-parameters; Qwen2 files do without
+    write_vocab_and_rope_dims: bool = False
 
 
 # Hugging Face architectures we convert. Table, not if-chain: add a row to support one.
 ARCHITECTURES = {
-    "Qwen2ForCausalLM": Arch(gguf.MODEL_ARCH.QWEN2, tokenizer_pre="qwen2"),
+    "Qwen2ForCausalLM": Arch(gguf.MODEL_ARCH.QWEN2),
+    "LlamaForCausalLM": Arch(gguf.MODEL_ARCH.LLAMA, permute_qk=True, write_vocab_and_rope_dims=True),
 }
+
+# llama.cpp names a BPE pre-tokenizer by the hash of how the tokenizer splits this text (the same
+# text and hashes as llama.cpp's convert_hf_to_gguf.py; add a row for another tokenizer family).
+PRE_TOKENIZER_PROBE = '\n \n\n \n\n\n \t \t\t \t\n  \n   \n    \n     \n🚀 (normal) 😶\u200d🌫️ (multiple emojis concatenated) ✅ 🦙🦙 3 33 333 3333 33333 333333 3333333 33333333 3.3 3..3 3...3 កាន់តែពិសេសអាច😁 ?我想在apple工作1314151天～ ------======= нещо на Български \'\'\'\'\'\'```````""""......!!!!!!?????? I\'ve been \'told he\'s there, \'RE you sure? \'M not sure I\'ll make it, \'D you like some tea? We\'Ve a\'lL'
+PRE_TOKENIZERS = {
+    "e636dc30a262dcc0d8c323492e32ae2b70728f4df7dfe9737d9f920a282b8aea": "qwen2",
+    "d4540891389ea895b53b399da6ac824becc30f2fba0e9ddbb98f92e55ca0e97c": "qwen2",
+    "0ef9807a4087ebef797fc749390439009c3b9eda9ad1a097abbe738f486c01e5": "llama-bpe",
+    "855059429035d75a914d1eda9f10a876752e281a054a7a3d421ef0533e5b6249": "smollm",
+}
+
+
+def tokenizer_pre(tokenizer) -> str:
+    import hashlib
+
+    digest = hashlib.sha256(str(tokenizer.encode(PRE_TOKENIZER_PROBE)).encode()).hexdigest()
+    if digest not in PRE_TOKENIZERS:
+        raise UserError(f"this tokenizer's pre-tokenizer is not one fasttune knows (hash {digest[:12]}...); "
+                        f"known: {', '.join(sorted(set(PRE_TOKENIZERS.values())))}")
+    return PRE_TOKENIZERS[digest]
+
+
+def _permute_qk(weights, n_head: int):
+    """HF's rotate-half layout -> llama.cpp's interleaved one, per head (rows of q/k proj)."""
+    return (weights.reshape(n_head, 2, weights.shape[0] // n_head // 2, *weights.shape[1:])
+            .swapaxes(1, 2).reshape(weights.shape))
+
 
 # Types written directly by this module: name -> (file type, tensor type for 2-D weights).
 DIRECT_TYPES = {
@@ -178,12 +210,24 @@ def convert(model_dir: str | Path, out_path: str | Path, outtype: str = "bf16", 
     tmp = out_path.with_name(out_path.name + ".partial")
     writer = gguf.GGUFWriter(tmp, gguf.MODEL_ARCH_NAMES[arch.gguf_arch])
     try:
-        _add_metadata(writer, config, file_type, name or model_dir.name, base_model)
+        _add_metadata(writer, config, file_type, name or model_dir.name, base_model, arch)
         _add_tokenizer(writer, model_dir, tokenizer, arch, config.vocab_size)
 
         # Pass 1: names, shapes and types, so the header can be written before any data.
-        plan = []  # (safetensors file, HF tensor name, stored type), in header order
+        plan = []  # (load() -> torch tensor as llama.cpp wants it, stored type), in header order
         data_bytes = 0
+
+        def add(gguf_name: str, shape: tuple[int, ...], load) -> None:
+            nonlocal data_bytes
+            qtype = _tensor_type(gguf_name, shape, file_qtype)
+            stored_shape, dtype, nbytes = _nbytes(shape, qtype)
+            writer.add_tensor_info(gguf_name, stored_shape, dtype, nbytes, raw_dtype=qtype)
+            plan.append((load, qtype))
+            data_bytes += _aligned(nbytes)
+
+        if (factors := _llama3_rope_factors(config)) is not None:
+            add(gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.ROPE_FREQS] + ".weight", tuple(factors.shape), lambda: factors)
+        heads = {"q_proj": config.num_attention_heads, "k_proj": config.num_key_value_heads}
         for st_file in _safetensors_files(model_dir):
             with safe_open(st_file, framework="pt") as f:
                 for hf_name in f.keys():
@@ -192,21 +236,17 @@ def convert(model_dir: str | Path, out_path: str | Path, outtype: str = "bf16", 
                     gguf_name = names.get_name(hf_name, try_suffixes=(".weight", ".bias"))
                     if gguf_name is None:
                         raise UserError(f"{st_file.name}: tensor {hf_name} has no GGUF name for {hf_arch}")
-                    shape = tuple(f.get_slice(hf_name).get_shape())
-                    qtype = _tensor_type(gguf_name, shape, file_qtype)
-                    stored_shape, dtype, nbytes = _nbytes(shape, qtype)
-                    writer.add_tensor_info(gguf_name, stored_shape, dtype, nbytes, raw_dtype=qtype)
-                    plan.append((st_file, hf_name, qtype))
-                    data_bytes += _aligned(nbytes)
+                    proj = hf_name.rsplit(".", 2)[-2]
+                    n_head = heads.get(proj) if arch.permute_qk else None
+                    add(gguf_name, tuple(f.get_slice(hf_name).get_shape()), partial(_load, st_file, hf_name, n_head))
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
         writer.write_ti_data_to_file()  # flushed: the file now holds the whole header
         expected_size = _aligned(tmp.stat().st_size) + data_bytes
 
         # Pass 2: data, one tensor in memory at a time.
-        for st_file, hf_name, qtype in tqdm(plan, desc=f"writing {out_path.name}", unit="tensor"):
-            with safe_open(st_file, framework="pt") as f:
-                writer.write_tensor_data(_convert(f.get_tensor(hf_name), qtype))
+        for load, qtype in tqdm(plan, desc=f"writing {out_path.name}", unit="tensor"):
+            writer.write_tensor_data(_convert(load(), qtype))
         writer.close()
         _validate(tmp, len(plan), expected_size)
         os.replace(tmp, out_path)
@@ -217,7 +257,40 @@ def convert(model_dir: str | Path, out_path: str | Path, outtype: str = "bf16", 
     return out_path
 
 
-def _add_metadata(writer: gguf.GGUFWriter, config, file_type: FT, name: str, base_model: str | None) -> None:
+def _load(st_file: Path, hf_name: str, permute_heads: int | None):
+    with safe_open(st_file, framework="pt") as f:
+        tensor = f.get_tensor(hf_name)
+    return _permute_qk(tensor, permute_heads) if permute_heads else tensor
+
+
+def _llama3_rope_factors(config):
+    """Llama 3.1's long-context rope scaling as llama.cpp wants it: a per-frequency factor tensor."""
+    import math
+
+    import torch
+
+    rope = config.rope_parameters or {}
+    if rope.get("rope_type") != "llama3":
+        return None
+    dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    freqs = 1.0 / (rope["rope_theta"] ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
+    factor, low, high = rope["factor"], rope["low_freq_factor"], rope["high_freq_factor"]
+    old_ctx = rope["original_max_position_embeddings"]
+    out = []
+    for freq in freqs:  # 0-d float32 tensors: the same arithmetic, so the same bits, as llama.cpp's converter
+        wavelen = 2 * math.pi / freq
+        if wavelen < old_ctx / high:
+            out.append(1.0)
+        elif wavelen > old_ctx / low:
+            out.append(factor)
+        else:
+            smooth = (old_ctx / wavelen - low) / (high - low)
+            out.append(1 / ((1 - smooth) / factor + smooth))
+    return torch.tensor([float(x) for x in out], dtype=torch.float32)
+
+
+def _add_metadata(writer: gguf.GGUFWriter, config, file_type: FT, name: str, base_model: str | None,
+                  arch: Arch) -> None:
     writer.add_type(gguf.GGUFType.MODEL)
     writer.add_name(name)
     if base_model:  # what it was fine-tuned from, as llama.cpp's converter records it
@@ -231,6 +304,12 @@ def _add_metadata(writer: gguf.GGUFWriter, config, file_type: FT, name: str, bas
     writer.add_head_count_kv(config.num_key_value_heads)
     writer.add_rope_freq_base(config.rope_parameters["rope_theta"])  # transformers 5 keeps rope here
     writer.add_layer_norm_rms_eps(config.rms_norm_eps)
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads  # not every config has it
+    writer.add_key_length(head_dim)
+    writer.add_value_length(head_dim)
+    if arch.write_vocab_and_rope_dims:
+        writer.add_vocab_size(config.vocab_size)
+        writer.add_rope_dimension_count(head_dim)
     writer.add_file_type(file_type)
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
 
@@ -238,7 +317,7 @@ def _add_metadata(writer: gguf.GGUFWriter, config, file_type: FT, name: str, bas
 def _add_tokenizer(writer: gguf.GGUFWriter, model_dir: Path, tokenizer, arch: Arch, vocab_size: int) -> None:
     tokens, types = vocab(tokenizer, vocab_size)
     writer.add_tokenizer_model("gpt2")  # byte-level BPE
-    writer.add_tokenizer_pre(arch.tokenizer_pre)
+    writer.add_tokenizer_pre(tokenizer_pre(tokenizer))
     writer.add_token_list(tokens)
     writer.add_token_types(types)
     # merges, bos/eos/pad ids and the chat template, read from the tokenizer files

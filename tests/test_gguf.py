@@ -232,3 +232,58 @@ def test_sharded_checkpoint_streams_to_the_same_file(tmp_path, tiny_dir):
     b = gguf_py.GGUFReader(export.convert(tiny_dir, tmp_path / "single.gguf", "bf16"))
     ta, tb = {t.name: t for t in a.tensors}, {t.name: t for t in b.tensors}
     assert set(ta) == set(tb) and all(ta[n].data.tobytes() == tb[n].data.tobytes() for n in ta)
+
+
+@pytest.fixture(scope="module")
+def tiny_llama(tmp_path_factory, tiny_dir):
+    """A 2-layer Llama-3-style checkpoint (llama3 rope scaling, GQA) with the Qwen2 tokenizer."""
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, vocab_size=151936, tie_word_embeddings=True, initializer_range=0.1,
+                         max_position_embeddings=4096, bos_token_id=151643, eos_token_id=151645,
+                         rope_parameters={"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0,
+                                          "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                                          "original_max_position_embeddings": 1024})
+    path = tmp_path_factory.mktemp("llama") / "tiny-llama"
+    LlamaForCausalLM(config).to(torch.bfloat16).save_pretrained(path)
+    AutoTokenizer.from_pretrained(tiny_dir).save_pretrained(path)
+    return path
+
+
+def test_llama_architecture_matches_hf_logits(tmp_path, tiny_llama, tokenizer):
+    path = export.convert(tiny_llama, tmp_path / "llama-f32.gguf", "f32")
+    names = {t.name for t in gguf_py.GGUFReader(path).tensors}
+    assert "rope_freqs.weight" in names and "blk.1.attn_k.weight" in names
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32).eval()
+    ids = tokenizer.encode("The patient presents with chest pain and shortness of breath.", add_special_tokens=False)
+    with torch.no_grad():
+        want = model(torch.tensor([ids])).logits[0].numpy()
+    got = gguf_logits(path, ids)
+    assert np.abs(got - want).max() < 0.05  # q/k permuted into llama.cpp's rotary layout, rope factors applied
+    assert (got.argmax(-1) == want.argmax(-1)).all()
+
+
+def test_llama_same_bytes_as_llama_cpp_converter(tmp_path, tiny_llama):
+    ours = gguf_py.GGUFReader(export.convert(tiny_llama, tmp_path / "ours.gguf", "bf16"))
+    root = llama_cpp_file("convert_hf_to_gguf.py").parent
+    llama_cpp_file("conversion"), llama_cpp_file("gguf-py")
+    subprocess.run([sys.executable, str(root / "convert_hf_to_gguf.py"), str(tiny_llama), "--outtype", "bf16",
+                    "--outfile", str(tmp_path / "ref.gguf")], check=True, capture_output=True,
+                   env=dict(os.environ, PYTHONPATH=str(root / "gguf-py")))
+    ref = gguf_py.GGUFReader(tmp_path / "ref.gguf")
+    ta, tb = {t.name: t for t in ours.tensors}, {t.name: t for t in ref.tensors}
+    assert set(ta) == set(tb)
+    assert all(ta[n].data.tobytes() == tb[n].data.tobytes() for n in ta), [
+        n for n in ta if ta[n].data.tobytes() != tb[n].data.tobytes()]
+    for key in [k for k in ref.fields if k.startswith(("llama.", "tokenizer.ggml.pre"))]:
+        assert ours.fields[key].contents() == ref.fields[key].contents(), key
+
+
+def test_unknown_architecture_lists_the_supported_ones(tmp_path, tiny_dir):
+    config = json.loads((tiny_dir / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps(dict(config, architectures=["MysteryForCausalLM"])))
+    with pytest.raises(UserError, match="MysteryForCausalLM is not supported; supported: Qwen2ForCausalLM, "
+                                        "LlamaForCausalLM"):
+        export.convert(tmp_path, tmp_path / "x.gguf", "bf16")
