@@ -1,4 +1,4 @@
-"""What every script shares: logging setup and the exit-code contract.
+"""What every script shares: logging setup, the exit-code contract, and what a recipe prints.
 
 Exit codes: 0 success, 2 bad input or usage (one line per problem on stderr, no traceback),
 1 anything else (with its traceback, because that is a bug to report).
@@ -12,7 +12,6 @@ import sys
 import warnings
 
 from fasttune import UserError
-
 
 
 def setup_logging(verbose: bool = False) -> None:

@@ -4,8 +4,9 @@ Why our own writer: Unsloth's `save_pretrained_gguf` downloads and builds llama.
 offline. The rules below are GGUF facts, checked against llama.cpp's `convert_hf_to_gguf.py`
 (tests compare tensor bytes and metadata with it): 1-D tensors and norms are stored as F32, the
 rest in the file's type; every tensor is read from safetensors, converted and written one at a
-time, so memory stays near one tensor. The file is written under a temporary name, re-read, then
-renamed: an interrupted export never leaves a file under the final name.
+time, so memory stays near one tensor (a bf16 checkpoint becomes bf16 GGUF by copying bits). The
+file is written under a temporary name, its header and size checked, then renamed: an interrupted
+export never leaves a file under the final name.
 """
 
 from __future__ import annotations
@@ -15,11 +16,11 @@ import ctypes
 import json
 import logging
 import os
-from functools import partial
 import struct
 import sys
 import tempfile
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import gguf
