@@ -48,9 +48,7 @@ def load_merged(adapter_dir: Path, base: str | None = None, dtype=torch.float32)
 def merge(adapter_dir: Path, out_dir: Path, base: str | None = None) -> Path:
     """Write base+adapter as safetensors (in the base's dtype) + tokenizer to out_dir, atomically."""
     base = base or base_model_of(adapter_dir)
-    saved_dtype = AutoConfig.from_pretrained(base).dtype or torch.bfloat16
-    if isinstance(saved_dtype, str):
-        saved_dtype = getattr(torch, saved_dtype)
+    saved_dtype = AutoConfig.from_pretrained(base).dtype or torch.bfloat16  # a torch.dtype in transformers 5
     model, tokenizer = load_merged(adapter_dir, base)
     model.to(saved_dtype)
     tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=out_dir.name + ".tmp"))
