@@ -15,7 +15,6 @@ from pathlib import Path
 import yaml
 
 from fasttune import UserError
-from fasttune.data import FORMATS
 
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -142,13 +141,6 @@ class Config:
         path.write_text(yaml.safe_dump(self.flat(), sort_keys=False, allow_unicode=True))
 
 
-CHOICES = [  # (section, field, allowed values), checked after parsing (YAML values skip argparse's checks)
-    ("data", "format", ("auto", *FORMATS)),
-    ("data", "on_bad_record", ("error", "skip")),
-    ("data", "truncation", ("drop", "keep")),
-    ("data", "train_on", ("all", "last")),
-]
-
 # Short spellings users expect that HfArgumentParser cannot express (its boolean complement is
 # always --no_<field>); rewritten before parsing.
 FLAG_ALIASES = {"--no-4bit": ["--load_in_4bit", "false"], "--4bit": ["--load_in_4bit", "true"]}
@@ -180,10 +172,6 @@ def parse(argv: list[str] | None = None, defaults: dict | None = None, prog: str
         raise UserError(f"--config: unknown keys: {keys} (--help lists every field)")
     if cli_extra:
         raise UserError(f"unknown arguments: {' '.join(cli_extra)} (--help lists every flag)")
-    for part, name, allowed in CHOICES:
-        value = getattr({"data": data}[part], name)
-        if value not in allowed:
-            raise UserError(f"--{name} {value}: choose one of {', '.join(allowed)}")
     if not 0 <= data.eval_fraction < 1:
         raise UserError(f"--eval_fraction {data.eval_fraction}: must be 0 <= f < 1")
     if not 0 <= train.warmup_ratio < 1:

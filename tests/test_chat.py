@@ -121,3 +121,11 @@ def test_prepare_statistics(tokenizer):
 def test_nothing_left_is_an_error(tokenizer):
     with pytest.raises(UserError, match="no example is left to train on: d.jsonl:2"):
         prepare([chat_example("d.jsonl:2", "word " * 300, "ok")], tokenizer, max_length=64)
+
+
+def test_unknown_policies_name_the_flag(tokenizer):
+    examples = [chat_example("d:1", "q", "a")]
+    with pytest.raises(UserError, match="--truncation cut: choose drop or keep"):
+        prepare(examples, tokenizer, 64, truncation="cut")
+    with pytest.raises(UserError, match="--train_on first: choose all or last"):
+        prepare(examples, tokenizer, 64, train_on="first")

@@ -182,3 +182,12 @@ def test_hub_name_offline_is_a_clear_error(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(UserError, match=r"someone/nonexistent-data: cannot load this hub dataset \(split 'train'\)"):
         load("someone/nonexistent-data")
+
+
+def test_unknown_choices_name_the_flag(tmp_path):
+    path = tmp_path / "d.jsonl"
+    path.write_text(json.dumps({"prompt": "Q", "completion": "A"}) + "\n")
+    with pytest.raises(UserError, match="--format yaml: unknown; choose auto or one of messages, sharegpt"):
+        load(path, fmt="yaml")
+    with pytest.raises(UserError, match="--on_bad_record ignore: choose error or skip"):
+        load(path, on_bad_record="ignore")
