@@ -26,6 +26,8 @@ def main(argv=None):
     parser.add_argument("run_dir", type=Path, help="run directory written by a recipe")
     parser.add_argument("--quant", nargs="+", metavar="TYPE",
                         help="types to write (default: the recipe config's `quants`), e.g. bf16 q8_0 q4_k_m")
+    parser.add_argument("--lora", action="store_true",
+                        help="also write gguf/lora/: the adapter as a GGUF LoRA and the base model in the first type")
     args = parser.parse_args(argv)
     cfg = config.load_run(args.run_dir)
     merged = args.run_dir / "merged"
@@ -34,10 +36,16 @@ def main(argv=None):
     quants = args.quant or cfg.export.quants
     if not quants:
         raise UserError("no types to export: pass --quant bf16 q4_k_m (the run's config lists none)")
+    lora = None
+    if args.lora or cfg.export.lora_gguf:
+        # imports unsloth (slow): only when the base model is needed
+        from fasttune.model import resolve
+
+        lora = (args.run_dir / "adapter", resolve(cfg.model.model))
     files = gguf.export(merged, args.run_dir / "gguf", quants, name=args.run_dir.name, base_model=cfg.model.model,
-                        system_prompt=cfg.data.system_prompt)
+                        recipe=cfg.recipe, system_prompt=cfg.data.system_prompt, lora=lora)
     rows = verify.verify_run(args.run_dir, files)
-    for path in files:
+    for path in files + list(gguf.lora_pair(args.run_dir / "gguf") or []):
         print(f"{path}  ({path.stat().st_size / 1e6:.1f} MB)")
     for row in rows:
         print(f"  {verify.line(row)}")

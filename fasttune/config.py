@@ -116,6 +116,12 @@ class ExportConfig:
         metadata={"help": "GGUF files to write after training: bf16, f16, f32, q8_0 directly; q4_k_m, q5_k_m, "
                           "q6_k, ... via llama.cpp's quantizer. Empty list (--quants none) skips export."},
     )
+    lora_gguf: bool = field(
+        default=False,
+        metadata={"help": "Also write the LoRA adapter as a GGUF adapter (gguf/<run>-lora.gguf) and the base model "
+                          "as gguf/base-<first type>.gguf: llama.cpp applies the adapter at load time (--lora, "
+                          "lora_path=), so one base file serves many small adapters."},
+    )
     verify: bool = field(
         default=True,
         metadata={"help": "After export, compare every GGUF with the merged model on a few of the run's own "
@@ -124,17 +130,40 @@ class ExportConfig:
 
 
 @dataclass
+class EvalConfig:
+    metric: str = field(
+        default="exact",
+        metadata={"help": "How an answer is judged against the reference (set by the task recipe): exact "
+                          "(normalized text), numeric (number within --tolerance, unit checked), choice (option "
+                          "letter), json (valid JSON, per-field match), rouge (ROUGE-L F1), cot (the final "
+                          "'Answer:' line of a worked solution, compared as exact or numeric)."},
+    )
+    tolerance: float = field(default=0.02, metadata={"help": "metric numeric/cot: relative tolerance on numbers."})
+    max_new_tokens: int = field(default=256, metadata={"help": "Longest answer generated during evaluation "
+                                                                "(greedy, the same for every model variant)."})
+    evaluate: bool = field(default=True, metadata={"help": "At the end of a recipe, answer the eval data with the "
+                                                           "base model, the fine-tuned one and each GGUF, and "
+                                                           "write RUN_DIR/eval/ (report.md, report.json, chart)."})
+
+
+PARTS = (ModelConfig, DataConfig, TrainConfig, ExportConfig, EvalConfig)
+
+
+@dataclass
 class Config:
     model: ModelConfig
     data: DataConfig
     train: TrainConfig
     export: ExportConfig
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    recipe: str = "sft"  # the script that made the run (GGUF general.finetune); not a flag
 
     def flat(self) -> dict:
-        """One flat mapping, the shape `--config` reads back."""
+        """One flat mapping, the shape `--config` reads back (it ignores `recipe`)."""
         out = {}
-        for part in (self.model, self.data, self.train, self.export):
+        for part in (self.model, self.data, self.train, self.export, self.eval):
             out.update(dataclasses.asdict(part))
+        out["recipe"] = self.recipe
         return out
 
     def save(self, path: Path) -> None:
@@ -154,31 +183,42 @@ def parse(argv: list[str] | None = None, defaults: dict | None = None, prog: str
 
     argv = list(sys.argv[1:] if argv is None else argv)
     argv = [part for arg in argv for part in FLAG_ALIASES.get(arg, [arg])]
-    parser = TrlParser((ModelConfig, DataConfig, TrainConfig, ExportConfig), prog=prog)
+    parser = TrlParser(PARTS, prog=prog)
     if defaults:
         unknown = set(defaults) - {a.dest for a in parser._actions}
         if unknown:
             raise ValueError(f"recipe defaults name unknown fields: {sorted(unknown)}")
         parser.set_defaults(**defaults)
     try:
-        model, data, train, export, yaml_extra, cli_extra = parser.parse_args_and_config(
+        *parts, yaml_extra, cli_extra = parser.parse_args_and_config(
             argv, return_remaining_strings=True, separate_remaining_strings=True)
     except FileNotFoundError as e:
         raise UserError(f"--config: no such file: {e.filename}") from None
     except ValueError as e:  # a YAML file that is not a mapping
         raise UserError(f"--config: {e}") from None
+    yaml_extra = _drop_pair(yaml_extra, "--recipe")  # a run's own config.yaml, passed back as --config
     if yaml_extra:
         keys = ", ".join(k.removeprefix("--") for k in yaml_extra[::2])
         raise UserError(f"--config: unknown keys: {keys} (--help lists every field)")
     if cli_extra:
         raise UserError(f"unknown arguments: {' '.join(cli_extra)} (--help lists every flag)")
+    model, data, train, export, eval_ = parts
     if not 0 <= data.eval_fraction < 1:
         raise UserError(f"--eval_fraction {data.eval_fraction}: must be 0 <= f < 1")
     if not 0 <= train.warmup_ratio < 1:
         raise UserError(f"--warmup_ratio {train.warmup_ratio}: must be a fraction of the steps, 0 <= r < 1")
     if export.quants == ["none"]:
         export.quants = []
-    return Config(model, data, train, export)
+    recipe = Path(prog).stem if prog else "sft"
+    return Config(model, data, train, export, eval_, recipe)
+
+
+def _drop_pair(args: list[str], flag: str) -> list[str]:
+    out = list(args)
+    if flag in out[::2]:
+        i = out[::2].index(flag) * 2
+        del out[i:i + 2]
+    return out
 
 
 def create_run_dir(cfg: Config) -> Path:
@@ -199,7 +239,7 @@ def load_run(run_dir: str | Path) -> Config:
         raise UserError(f"{run_dir}: no config.yaml; pass a run directory written by a recipe")
     flat = yaml.safe_load(path.read_text())
     parts = []
-    for cls in (ModelConfig, DataConfig, TrainConfig, ExportConfig):
+    for cls in PARTS:
         names = {f.name for f in dataclasses.fields(cls)}
         parts.append(cls(**{k: v for k, v in flat.items() if k in names}))
-    return Config(*parts)
+    return Config(*parts, recipe=flat.get("recipe", "sft"))

@@ -190,7 +190,7 @@ def _nbytes(shape: tuple[int, ...], qtype: Q) -> tuple[tuple[int, ...], np.dtype
 # --- writing ----------------------------------------------------------------------------------------
 
 def convert(model_dir: str | Path, out_path: str | Path, outtype: str = "bf16", name: str | None = None,
-            base_model: str | None = None) -> Path:
+            base_model: str | None = None, recipe: str | None = None) -> Path:
     """Write `model_dir` (a merged HF checkpoint) as a GGUF of type `outtype` (f32/f16/bf16/q8_0)."""
     from transformers import AutoConfig, AutoTokenizer
 
@@ -203,6 +203,7 @@ def convert(model_dir: str | Path, out_path: str | Path, outtype: str = "bf16", 
         raise UserError(f"{model_dir}: architecture {hf_arch} is not supported; supported: "
                         f"{', '.join(ARCHITECTURES)}")
     arch = ARCHITECTURES[hf_arch]
+    _check_sliding_window(config, model_dir)
     file_type, file_qtype = DIRECT_TYPES[outtype]
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     n_layers = config.num_hidden_layers
@@ -211,7 +212,7 @@ def convert(model_dir: str | Path, out_path: str | Path, outtype: str = "bf16", 
     tmp = out_path.with_name(out_path.name + ".partial")
     writer = gguf.GGUFWriter(tmp, gguf.MODEL_ARCH_NAMES[arch.gguf_arch])
     try:
-        _add_metadata(writer, config, file_type, name or model_dir.name, base_model, arch)
+        _add_metadata(writer, config, file_type, name or model_dir.name, base_model, recipe, arch)
         _add_tokenizer(writer, model_dir, tokenizer, arch, config.vocab_size)
 
         # Pass 1: names, shapes and types, so the header can be written before any data.
@@ -258,6 +259,73 @@ def convert(model_dir: str | Path, out_path: str | Path, outtype: str = "bf16", 
     return out_path
 
 
+def convert_lora(adapter_dir: str | Path, out_path: str | Path, base_dir: str | Path, name: str | None = None) -> Path:
+    """Write a PEFT LoRA adapter as a GGUF adapter (F32) that llama.cpp applies over a GGUF of the base
+    model at load time: `llama-cli -m base.gguf --lora this.gguf`, `Llama(..., lora_path=this)`.
+
+    llama.cpp computes W + (alpha / r) * B @ A from `adapter.lora.alpha` and A's rank; tensors are
+    named after the base weight plus `.lora_a` / `.lora_b` (the layout of llama.cpp's
+    convert_lora_to_gguf.py). Llama's q/k permutation permutes B's rows, as it does W's.
+    """
+    import torch
+    from transformers import AutoConfig
+
+    adapter_dir, out_path = Path(adapter_dir), Path(out_path)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    peft = json.loads((adapter_dir / "adapter_config.json").read_text())
+    if peft.get("use_dora") or peft.get("rank_pattern") or peft.get("alpha_pattern") or peft.get("modules_to_save"):
+        raise UserError(f"{adapter_dir}: DoRA, per-module ranks/alphas and modules_to_save have no GGUF adapter "
+                        "form; export the merged model instead")
+    config = AutoConfig.from_pretrained(base_dir)
+    arch = ARCHITECTURES.get((config.architectures or ["?"])[0])
+    if arch is None:
+        raise UserError(f"{base_dir}: architecture {config.architectures} is not supported; supported: "
+                        f"{', '.join(ARCHITECTURES)}")
+    alpha = float(peft["lora_alpha"])
+    if peft.get("use_rslora"):  # rsLoRA scales by alpha/sqrt(r); llama.cpp by alpha/r
+        alpha *= peft["r"] ** 0.5
+    names = gguf.get_tensor_name_map(arch.gguf_arch, config.num_hidden_layers)
+    heads = {"q_proj": config.num_attention_heads, "k_proj": config.num_key_value_heads}
+
+    pairs: dict[str, dict[str, torch.Tensor]] = {}  # base tensor name -> {"a": A (r, in), "b": B (out, r)}
+    with safe_open(adapter_dir / "adapter_model.safetensors", framework="pt") as f:
+        for key in f.keys():
+            base_name = key.removeprefix("base_model.model.")
+            for part in ("a", "b"):
+                suffix = f".lora_{part.upper()}.weight"
+                if base_name.endswith(suffix):
+                    pairs.setdefault(base_name.removesuffix(suffix) + ".weight", {})[part] = f.get_tensor(key).float()
+                    break
+            else:
+                raise UserError(f"{adapter_dir}: tensor {key} is not a LoRA A/B matrix; export the merged model instead")
+
+    tmp = out_path.with_name(out_path.name + ".partial")
+    writer = gguf.GGUFWriter(tmp, gguf.MODEL_ARCH_NAMES[arch.gguf_arch])
+    try:
+        writer.add_type(gguf.GGUFType.ADAPTER)
+        writer.add_name(name or adapter_dir.name)
+        writer.add_string(gguf.Keys.Adapter.TYPE, "lora")
+        writer.add_float32(gguf.Keys.Adapter.LORA_ALPHA, alpha)
+        for hf_name, ab in pairs.items():
+            gguf_name = names.get_name(hf_name, try_suffixes=(".weight",))
+            if gguf_name is None or set(ab) != {"a", "b"}:
+                raise UserError(f"{adapter_dir}: cannot place the LoRA pair for {hf_name} in a GGUF adapter")
+            n_head = heads.get(hf_name.rsplit(".", 2)[-2]) if arch.permute_qk else None
+            lora_b = _permute_qk(ab["b"], n_head) if n_head else ab["b"]
+            writer.add_tensor(gguf_name + ".lora_a", ab["a"].numpy())
+            writer.add_tensor(gguf_name + ".lora_b", lora_b.contiguous().numpy())
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+        writer.close()
+        os.replace(tmp, out_path)
+    finally:
+        writer.close()
+        tmp.unlink(missing_ok=True)
+    logger.info("wrote %s (%.1f MB, %d LoRA pairs)", out_path, out_path.stat().st_size / 1e6, len(pairs))
+    return out_path
+
+
 def _load(st_file: Path, hf_name: str, permute_heads: int | None):
     with safe_open(st_file, framework="pt") as f:
         tensor = f.get_tensor(hf_name)
@@ -290,10 +358,23 @@ def _llama3_rope_factors(config):
     return torch.tensor([float(x) for x in out], dtype=torch.float32)
 
 
+def _check_sliding_window(config, model_dir: Path) -> None:
+    """llama.cpp's qwen2 and llama graphs attend to the whole context: a checkpoint that really uses a
+    sliding window would answer differently past the window, so it is refused rather than written.
+    (Every Qwen2.5 config carries `sliding_window` with `use_sliding_window: false`: nothing to write,
+    as llama.cpp's converter does.)"""
+    if getattr(config, "use_sliding_window", False) and getattr(config, "sliding_window", None):
+        raise UserError(f"{model_dir}: use_sliding_window is true (window {config.sliding_window}); llama.cpp runs "
+                        "this architecture with full attention, so the GGUF would differ past the window. "
+                        "Set use_sliding_window to false in config.json if the model was trained without it")
+
+
 def _add_metadata(writer: gguf.GGUFWriter, config, file_type: FT, name: str, base_model: str | None,
-                  arch: Arch) -> None:
+                  recipe: str | None, arch: Arch) -> None:
     writer.add_type(gguf.GGUFType.MODEL)
     writer.add_name(name)
+    if recipe:  # which fasttune recipe produced the weights (general.finetune)
+        writer.add_finetune(recipe)
     if base_model:  # what it was fine-tuned from, as llama.cpp's converter records it
         writer.add_base_model_count(1)
         writer.add_base_model_name(0, base_model)
@@ -417,21 +498,31 @@ You are Qwen, created by Alibaba Cloud. You are a helpful assistant.<|im_end|>
 {{- end }}"""
 
 
-def write_modelfile(gguf_path: Path, system_prompt: str | None = None) -> Path:
-    """An Ollama Modelfile beside the GGUF: `ollama create NAME -f <this file>`."""
-    lines = [f"FROM ./{gguf_path.name}", f'TEMPLATE """{OLLAMA_QWEN2_5_TEMPLATE}"""',
-             'PARAMETER stop "<|im_end|>"', 'PARAMETER stop "<|endoftext|>"', "PARAMETER temperature 0"]
+def write_modelfile(gguf_path: Path, system_prompt: str | None = None, adapter: Path | None = None) -> Path:
+    """An Ollama Modelfile beside the GGUF: `ollama create NAME -f <this file>`. With `adapter`, the
+    file is the base model and the adapter a GGUF LoRA on top (Ollama's ADAPTER line)."""
+    lines = [f"FROM ./{gguf_path.name}"]
+    if adapter:
+        lines.append(f"ADAPTER ./{adapter.name}")
+    lines += [f'TEMPLATE """{OLLAMA_QWEN2_5_TEMPLATE}"""', 'PARAMETER stop "<|im_end|>"',
+              'PARAMETER stop "<|endoftext|>"', "PARAMETER temperature 0"]
     if system_prompt:
         lines.append(f'SYSTEM """{system_prompt}"""')
-    path = gguf_path.with_name(f"Modelfile.{gguf_path.stem}")
+    path = gguf_path.with_name(f"Modelfile.{(adapter or gguf_path).stem}")
     path.write_text("\n".join(lines) + "\n")
     return path
 
 
 def export(merged_dir: str | Path, out_dir: str | Path, quants: list[str], name: str,
-           base_model: str | None = None, system_prompt: str | None = None) -> list[Path]:
+           base_model: str | None = None, recipe: str | None = None, system_prompt: str | None = None,
+           lora: tuple[Path, Path] | None = None) -> list[Path]:
     """Write every requested type into out_dir as <name>-<type>.gguf (k-quants start from bf16), each
-    with an Ollama Modelfile.<name>-<type> beside it."""
+    with an Ollama Modelfile.<name>-<type> beside it.
+
+    lora=(adapter_dir, base_dir) also writes out_dir/lora/: the adapter as <name>-lora.gguf, the base
+    model as base-<first type>.gguf (one base file serves any number of adapters) and their Modelfile.
+    Only the merged files are returned; lora_pair(out_dir) finds the other two.
+    """
     merged_dir, out_dir = Path(merged_dir), Path(out_dir)
     if not quants:
         return []
@@ -442,15 +533,27 @@ def export(merged_dir: str | Path, out_dir: str | Path, quants: list[str], name:
     for q in [q for q in quants if q in DIRECT_TYPES] + [q for q in quants if q not in DIRECT_TYPES]:
         path = out_dir / f"{name}-{q}.gguf"
         if q in DIRECT_TYPES:
-            convert(merged_dir, path, q, name=name, base_model=base_model)
+            convert(merged_dir, path, q, name=name, base_model=base_model, recipe=recipe)
             if q in ("bf16", "f16", "f32"):
                 base16 = path
         else:
             if base16 is None:  # quantizing needs a 16-bit source; make one and keep it out of the list
-                base16 = convert(merged_dir, out_dir / f"{name}-bf16.gguf.src", "bf16", name=name, base_model=base_model)
+                base16 = convert(merged_dir, out_dir / f"{name}-bf16.gguf.src", "bf16", name=name,
+                                 base_model=base_model, recipe=recipe)
             quantize(base16, path, q)
         write_modelfile(path, system_prompt)
         written.append(path)
     for leftover in out_dir.glob("*.gguf.src"):
         leftover.unlink()
+    if lora:
+        adapter_dir, base_dir = map(Path, lora)
+        adapter = convert_lora(adapter_dir, out_dir / "lora" / f"{name}-lora.gguf", base_dir, name=name)
+        base = export(base_dir, out_dir / "lora", quants[:1], name="base", base_model=base_model)[0]
+        write_modelfile(base, system_prompt, adapter=adapter)
     return written
+
+
+def lora_pair(out_dir: Path) -> tuple[Path, Path] | None:
+    """(adapter, base) GGUF files that export(lora=...) wrote into out_dir/lora, if any."""
+    adapters, bases = sorted((out_dir / "lora").glob("*-lora.gguf")), sorted((out_dir / "lora").glob("base-*.gguf"))
+    return (adapters[0], bases[0]) if adapters and bases else None

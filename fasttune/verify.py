@@ -17,6 +17,7 @@ import torch
 
 from fasttune import infer
 from fasttune.chat import IGNORE, tokenize_chat
+from fasttune.gguf import lora_pair
 
 
 def _log_softmax(x: np.ndarray) -> np.ndarray:
@@ -58,13 +59,15 @@ def reference(merged_dir: Path, conversations: list[list[dict]], max_new_tokens:
     return {"cases": cases, "eos": tokenizer.eos_token_id}
 
 
-def check_file(path: Path, ref: dict) -> dict:
+def check_file(path: Path, ref: dict, adapter: Path | None = None) -> dict:
+    """One GGUF (or a base GGUF with a GGUF LoRA `adapter` applied) against the merged model."""
     cases = ref["cases"]
     n_ctx = max(len(c["full_ids"]) + len(c["greedy"]) for c in cases) + 64
     tokenization_same, greedy_same, max_abs = True, 0, 0.0
     mean_abs, agree = [], []  # per answer position
     nll_merged = nll_file = 0.0
-    with infer.load(path, n_ctx=max(n_ctx, 512), logits_all=True) as llm:
+    lora = {"lora_path": str(adapter)} if adapter else {}
+    with infer.load(path, n_ctx=max(n_ctx, 512), logits_all=True, **lora) as llm:
         for c in cases:
             tokenization_same &= llm.tokenize(c["prompt_text"].encode(), add_bos=False, special=True) == c["prompt_ids"]
             llm.reset()
@@ -85,8 +88,8 @@ def check_file(path: Path, ref: dict) -> dict:
         reply = infer.chat(llm, cases[0]["messages"], max_tokens=256)
     ppl_merged, ppl_file = float(np.exp(nll_merged / len(agree))), float(np.exp(nll_file / len(agree)))
     return {
-        "file": path.name,
-        "size_mb": round(path.stat().st_size / 1e6, 1),
+        "file": f"lora/{adapter.name} on {path.name}" if adapter else path.name,
+        "size_mb": round((adapter or path).stat().st_size / 1e6, 1),
         "tokenization_identical": tokenization_same,
         "answer_positions": len(agree),
         "logits_max_abs_diff": round(max_abs, 4),
@@ -108,16 +111,20 @@ def line(row: dict) -> str:
 
 
 def verify(merged_dir: Path, files: list[Path], conversations: list[list[dict]], report_path: Path,
-           max_new_tokens: int = 32) -> list[dict]:
-    """Compare every file with the merged model on `conversations`; write report_path (JSON)."""
-    if not files:
+           max_new_tokens: int = 32, lora: tuple[Path, Path] | None = None) -> list[dict]:
+    """Compare every file (and the (adapter, base) pair) with the merged model on `conversations`;
+    write report_path (JSON)."""
+    if not files and not lora:
         return []
     ref = reference(merged_dir, conversations, max_new_tokens)
     rows = [check_file(path, ref) for path in files]
+    if lora:
+        rows.append(check_file(lora[1], ref, adapter=lora[0]))
     # keep the rows of files checked earlier (export/gguf.py adds one type to a run)
     earlier = json.loads(report_path.read_text())["files"] if report_path.is_file() else []
     names = {row["file"] for row in rows}
-    all_rows = [row for row in earlier if row["file"] not in names and (report_path.parent / row["file"]).is_file()]
+    all_rows = [row for row in earlier if row["file"] not in names
+                and (report_path.parent / row["file"].split(" on ")[0]).is_file()]
     report_path.write_text(json.dumps({"conversations": len(conversations), "files": all_rows + rows}, indent=2))
     return rows
 
@@ -133,4 +140,5 @@ def verify_run(run_dir: Path, files: list[Path], n: int = 4) -> list[dict]:
     templates = data.Templates(d.user_template, d.assistant_template, d.system_prompt)
     loaded = data.load(d.eval_data or d.data, templates, d.format, on_bad_record="skip", split=d.split)
     conversations = [ex.messages for ex in loaded.examples[:n]]
-    return verify(Path(run_dir) / "merged", files, conversations, Path(run_dir) / "gguf" / "report.json")
+    gguf_dir = Path(run_dir) / "gguf"
+    return verify(Path(run_dir) / "merged", files, conversations, gguf_dir / "report.json", lora=lora_pair(gguf_dir))

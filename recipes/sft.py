@@ -35,9 +35,11 @@ def main(argv=None):
     # Save: adapter, merged 16-bit model, GGUF files.
     model.save_pretrained(run_dir / "adapter")
     tokenizer.save_pretrained(run_dir / "adapter")
-    merge.merge(run_dir / "adapter", run_dir / "merged", base=model_lib.resolve(cfg.model.model))
+    base = model_lib.resolve(cfg.model.model)
+    merge.merge(run_dir / "adapter", run_dir / "merged", base=base)
     files = gguf.export(run_dir / "merged", run_dir / "gguf", cfg.export.quants, name=run_dir.name,
-                        base_model=cfg.model.model, system_prompt=cfg.data.system_prompt)
+                        base_model=cfg.model.model, recipe=cfg.recipe, system_prompt=cfg.data.system_prompt,
+                        lora=(run_dir / "adapter", base) if cfg.export.lora_gguf else None)
     report = verify.verify_run(run_dir, files)  # each file against the merged model: gguf/report.json
     cli.report_run(run_dir, files, td, report)
 

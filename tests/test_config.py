@@ -51,8 +51,12 @@ def test_unknown_flag_is_a_usage_error():
 
 
 def test_run_dir_round_trip(tmp_path):
-    cfg = parse(["--data", "d.jsonl", "--out", str(tmp_path / "run"), "--lora_r", "8"])
+    cfg = parse(["--data", "d.jsonl", "--out", str(tmp_path / "run"), "--lora_r", "8", "--metric", "numeric"],
+                prog="recipes/clinical_calculator.py")
     run = create_run_dir(cfg)
-    assert load_run(run) == cfg
+    assert load_run(run) == cfg and cfg.recipe == "clinical_calculator" and cfg.eval.metric == "numeric"
+    # a run's own config.yaml is a valid --config (its `recipe` key is not a flag)
+    again = parse(["--config", str(run / "config.yaml")], prog="recipes/clinical_calculator.py")
+    assert again.flat() == cfg.flat()
     with pytest.raises(UserError, match="--overwrite"):
         create_run_dir(cfg)

@@ -13,7 +13,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from fasttune import UserError, infer
+from fasttune import UserError, infer, verify
 from fasttune import gguf as export
 from fasttune.tiny import llama_cpp_file
 
@@ -109,6 +109,7 @@ def test_metadata(trained_run):
 
     assert field("general.architecture") == "qwen2"
     assert field("general.name") == "memorize" and field("general.base_model.0.name") == "tiny"
+    assert field("general.finetune") == "clinical_qa"  # the recipe that trained it
     assert field("tokenizer.ggml.pre") == "qwen2"
     assert field("tokenizer.ggml.eos_token_id") == 151645
     assert field("tokenizer.ggml.eot_token_id") == 151645
@@ -287,3 +288,102 @@ def test_unknown_architecture_lists_the_supported_ones(tmp_path, tiny_dir):
     with pytest.raises(UserError, match="MysteryForCausalLM is not supported; supported: Qwen2ForCausalLM, "
                                         "LlamaForCausalLM"):
         export.convert(tmp_path, tmp_path / "x.gguf", "bf16")
+
+
+def test_a_used_sliding_window_is_refused(tmp_path, tiny_dir):
+    # Qwen2.5 configs say use_sliding_window: false (converted as full attention, like the tiny one)
+    config = json.loads((tiny_dir / "config.json").read_text())
+    assert config["use_sliding_window"] is False
+    (tmp_path / "config.json").write_text(json.dumps(dict(config, use_sliding_window=True, sliding_window=4096)))
+    with pytest.raises(UserError, match="use_sliding_window is true .window 4096.; llama.cpp runs"):
+        export.convert(tmp_path, tmp_path / "x.gguf", "bf16")
+
+
+def test_lora_adapter_on_the_base_equals_the_merged_model(tmp_path, trained_run, tiny_dir, tokenizer, memorized_chats):
+    run_dir, _ = trained_run
+    adapter = export.convert_lora(run_dir / "adapter", tmp_path / "a-lora.gguf", tiny_dir)
+    assert adapter.stat().st_size < 0.2 * (run_dir / "gguf" / "memorize-bf16.gguf").stat().st_size
+    base = export.convert(tiny_dir, tmp_path / "base-f32.gguf", "f32")
+    merged = export.convert(run_dir / "merged", tmp_path / "merged-f32.gguf", "f32")
+    _, ids = prompt(tokenizer, memorized_chats[0])
+    want = gguf_logits(merged, ids)
+    with infer.load(base, n_ctx=512, logits_all=True, lora_path=str(adapter)) as llm:
+        llm.eval(ids)
+        got = np.array(llm.scores[: len(ids)])
+    assert np.abs(got - want).max() < 0.3  # the merged checkpoint is rounded to bf16; the adapter is f32
+    assert np.abs(gguf_logits(base, ids) - want).max() > 3  # without the adapter: the untrained model
+    with infer.load(base, lora_path=str(adapter)) as llm:
+        reply = infer.chat(llm, memorized_chats[0].messages[:-1], max_tokens=64)["choices"][0]
+    assert reply["finish_reason"] == "stop"
+    assert reply["message"]["content"].strip() == memorized_chats[0].messages[-1]["content"]
+
+
+def test_export_with_lora_writes_the_pair_and_verifies_it(tmp_path, trained_run, tiny_dir, memorized_chats):
+    run_dir, _ = trained_run
+    out = tmp_path / "gguf"
+    files = export.export(run_dir / "merged", out, ["q8_0"], name="m", lora=(run_dir / "adapter", tiny_dir),
+                          system_prompt="Be brief.")
+    assert [f.name for f in files] == ["m-q8_0.gguf"]
+    adapter, base = export.lora_pair(out)
+    assert (adapter.name, base.name) == ("m-lora.gguf", "base-q8_0.gguf")
+    modelfile = (out / "lora" / "Modelfile.m-lora").read_text()
+    assert "FROM ./base-q8_0.gguf\nADAPTER ./m-lora.gguf\n" in modelfile and 'SYSTEM """Be brief."""' in modelfile
+    rows = verify.verify(run_dir / "merged", files, [c.messages for c in memorized_chats[:2]], out / "report.json",
+                         lora=(adapter, base))
+    assert rows[-1]["file"] == "lora/m-lora.gguf on base-q8_0.gguf"
+    assert rows[-1]["chat_finish_reason"] == "stop" and rows[-1]["top1_agreement"] > 0.9
+
+
+def test_llama_lora_adapter_is_permuted_like_its_base(tmp_path, tiny_llama, tokenizer):
+    """A random LoRA on every projection of the Llama checkpoint: base GGUF + adapter GGUF equals HF with
+    the adapter (q/k's B rows permuted into llama.cpp's rotary layout, as the base weights are)."""
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(1)
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32)
+    peft_model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "k_proj", "v_proj",
+                                                                                        "o_proj", "up_proj"]))
+    for name, param in peft_model.named_parameters():
+        if "lora_B" in name:  # B starts at zero; make the update visible
+            torch.nn.init.normal_(param, std=0.05)
+    peft_model.save_pretrained(tmp_path / "adapter")
+    ids = tokenizer.encode("The patient presents with chest pain and shortness of breath.", add_special_tokens=False)
+    with torch.no_grad():
+        want = peft_model.eval()(torch.tensor([ids])).logits[0].numpy()
+    base = export.convert(tiny_llama, tmp_path / "base-f32.gguf", "f32")
+    adapter = export.convert_lora(tmp_path / "adapter", tmp_path / "lora.gguf", tiny_llama)
+    with infer.load(base, n_ctx=512, logits_all=True, lora_path=str(adapter)) as llm:
+        llm.eval(ids)
+        got = np.array(llm.scores[: len(ids)])
+    assert np.abs(got - want).max() < 0.05
+    assert np.abs(gguf_logits(base, ids) - want).max() > 0.5  # the adapter changes the answer
+
+
+@pytest.mark.slow
+def test_real_smollm2_weights_answer_the_same_after_conversion(tmp_path):
+    """Real pretrained Llama-architecture weights (SmolLM2-135M-Instruct): the bf16 GGUF answers what
+    the HF model answers, greedy, word for word, and stops."""
+    from transformers import AutoTokenizer
+
+    from fasttune.tiny import smollm2_dir
+
+    try:
+        model_dir = smollm2_dir()
+    except UserError as e:
+        pytest.skip(str(e))
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    path = export.convert(model_dir, tmp_path / "smollm2-bf16.gguf", "bf16")
+    assert gguf_py.GGUFReader(path).fields["tokenizer.ggml.pre"].contents() == "smollm"
+    answers = []
+    for question in ["What is the capital of France?", "Name three primary colors."]:
+        messages = [{"role": "user", "content": question}]
+        ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt",
+                                            return_dict=True)["input_ids"]
+        out = model.generate(ids, max_new_tokens=60, do_sample=False)
+        want = tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip()
+        with infer.load(path) as llm:
+            reply = infer.chat(llm, messages, max_tokens=60)["choices"][0]
+        assert reply["message"]["content"].strip() == want, question
+        answers.append(reply)
+    assert "Paris" in answers[0]["message"]["content"] and answers[0]["finish_reason"] == "stop"
