@@ -44,10 +44,10 @@ def run(main) -> None:
         sys.exit(130)
 
 
-def report_run(run_dir, files, td, report) -> None:
+def report_run(run_dir, files, td, report, scores=None) -> None:
     """What a recipe prints at the end: loss change, files and their fidelity, one held-out answer,
-    how to chat."""
-    from fasttune import train, verify
+    the evaluation table, how to chat and serve."""
+    from fasttune import evaluate, train, verify
 
     losses = train.read_metrics(run_dir / "metrics.jsonl")
     line = f"\ntraining loss {losses['loss'][0]:.3f} -> {losses['loss'][-1]:.3f}"
@@ -63,8 +63,12 @@ def report_run(run_dir, files, td, report) -> None:
             print(f"  {verify.line(row)}")
     if files and td.eval:
         answer_held_out(files[-1], td.eval.prepared.kept[0])
+    if scores:
+        print(f"\nevaluation on {scores['examples']} held-out examples ({run_dir / 'eval' / 'report.md'}):")
+        print(evaluate.table(scores))
     if files:
         print(f"\nchat with it:  python export/chat.py {files[-1]}")
+        print(f"serve it:      python export/serve.py {files[-1]}   (OpenAI-compatible, http://127.0.0.1:8000/v1)")
 
 
 def answer_held_out(gguf_file, example) -> None:

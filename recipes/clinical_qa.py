@@ -16,7 +16,7 @@ and may come from a YAML file (--config my.yaml); the flag wins.
 
 import fasttune.model as model_lib  # first: imports unsloth, which patches transformers/trl/peft
 
-from fasttune import cli, config, dataset, gguf, merge, train, verify
+from fasttune import cli, config, dataset, evaluate, gguf, merge, train, verify
 
 SYSTEM_PROMPT = ("You are a clinical assistant. Summarize the case in one or two sentences, "
                  "then answer each question concisely.")
@@ -50,7 +50,10 @@ def main(argv=None):
                         base_model=cfg.model.model, recipe=cfg.recipe, system_prompt=cfg.data.system_prompt,
                         lora=(run_dir / "adapter", base) if cfg.export.lora_gguf else None)
     report = verify.verify_run(run_dir, files)  # each file against the merged model: gguf/report.json
-    cli.report_run(run_dir, files, td, report)
+
+    # Evaluate: base vs fine-tuned vs each GGUF on the held-out data, with the task's metric: eval/
+    scores = evaluate.evaluate_run(run_dir, cfg, td.eval.prepared.kept if td.eval else [], files, base)
+    cli.report_run(run_dir, files, td, report, scores)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,52 @@
+#!/usr/bin/env python
+"""Evaluate a run's models on held-out data with its task's metric, offline.
+
+    python export/eval.py RUN_DIR                          # base, merged, every GGUF; the run's eval data
+    python export/eval.py RUN_DIR --data more_eval.jsonl   # another eval file, same format as training
+    python export/eval.py RUN_DIR --variants adapter runs/mine/gguf/mine-q4_k_m.gguf
+
+Variants: `base` (the model before fine-tuning), `adapter` (base + LoRA, unmerged), `merged`, or
+GGUF file paths (run through llama-cpp-python). Same prompts, greedy, same token budget for all.
+Writes RUN_DIR/eval/report.md, report.json and scores.png, and prints the table.
+"""
+
+import argparse
+from pathlib import Path
+
+from fasttune import UserError, cli, config, evaluate
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(prog="export/eval.py", description=__doc__.split("\n\n")[0])
+    parser.add_argument("run_dir", type=Path, help="run directory written by a recipe")
+    parser.add_argument("--data", help="eval file (default: the run's --eval_data, else its held-out split)")
+    parser.add_argument("--variants", nargs="+", metavar="V",
+                        help="base, adapter, merged and/or GGUF paths (default: base, merged, every GGUF of the run)")
+    parser.add_argument("--metric", choices=sorted(evaluate.METRICS), help="default: the one the recipe recorded")
+    parser.add_argument("--max_new_tokens", type=int, help="default: the run's eval max_new_tokens")
+    parser.add_argument("--limit", type=int, help="evaluate only the first N examples")
+    parser.add_argument("--out", type=Path, help="report folder (default: RUN_DIR/eval)")
+    args = parser.parse_args(argv)
+
+    cfg = config.load_run(args.run_dir)
+    examples = evaluate.eval_examples(args.run_dir, cfg, args.data)[: args.limit]
+    variants = args.variants or evaluate.run_variants(args.run_dir)
+    for v in variants:
+        if v not in ("base", "adapter", "merged") and not (str(v).endswith(".gguf") and Path(v).is_file()):
+            raise UserError(f"--variants {v}: not base, adapter, merged or an existing .gguf file")
+    needs_base = any(v in ("base", "adapter") for v in variants)
+    base = cfg.model.model
+    if needs_base:
+        # imports unsloth (slow): only to resolve the base model's path
+        from fasttune.model import resolve
+
+        base = resolve(cfg.model.model)
+    report = evaluate.evaluate(args.run_dir, examples, args.metric or cfg.eval.metric, variants, base,
+                               args.max_new_tokens or cfg.eval.max_new_tokens, cfg.eval.tolerance, args.out)
+    out = args.out or args.run_dir / "eval"
+    print(evaluate.table(report))
+    print(f"\n{out / 'report.md'}  (answers side by side; chart: {out / 'scores.png'})")
+
+
+if __name__ == "__main__":
+    cli.run(main)

@@ -1,0 +1,99 @@
+"""Metrics: each scores what its task's answer must get right, and says when it cannot parse one."""
+
+import json
+
+import pytest
+
+from fasttune import UserError
+from fasttune.evaluate import METRICS, evaluate, final_answer, table
+from fasttune.tiny import tiny_model_dir
+
+
+def score(metric, pred, ref, tolerance=0.02):
+    return METRICS[metric](pred, ref, tolerance)
+
+
+@pytest.mark.parametrize("pred, right, parsed", [
+    ("CrCl = (140 - 60) x 70 / (72 x 1.1) = 70.7 mL/min\nAnswer: 70.7 mL/min", 1.0, True),
+    ("Answer: 71 mL/min", 1.0, True),          # within 2 %
+    ("Answer: 75 mL/min", 0.0, True),          # 6 % off
+    ("Answer: 70.7 mg/dL", 0.0, True),         # right number, wrong unit
+    ("Answer: 70.7", 0.0, True),               # unit missing
+    ("I cannot compute that.", 0.0, False),
+])
+def test_numeric(pred, right, parsed):
+    s = score("numeric", pred, "CrCl = ...\nAnswer: 70.7 mL/min")
+    assert (s.score, s.parsed) == (right, parsed)
+
+
+def test_numeric_units_spelled_alike():
+    assert score("numeric", "Answer: 24.2 kg/m2", "Answer: 24.2 kg/m²").score == 1.0
+    assert score("numeric", "Answer: 1,250 mL", "Answer: 1250 mL").score == 1.0
+
+
+@pytest.mark.parametrize("pred, right, label", [
+    ("B) Metformin", 1.0, True), ("B", 1.0, False), ("(b) metformin.", 1.0, True), ("Answer: B) Insulin", 1.0, False),
+    ("C) Insulin", 0.0, False),
+])
+def test_choice_letter_and_label(pred, right, label):
+    s = score("choice", pred, "B) Metformin")
+    assert s.score == right and s.parsed and s.detail["letter_and_label"] == label
+
+
+def test_choice_unparseable():
+    assert not score("choice", "The best drug is metformin", "B) Metformin").parsed
+
+
+def test_exact_is_normalized():
+    assert score("exact", "The left ventricle.", "left ventricle").score == 1.0
+    assert score("exact", "right ventricle", "left ventricle").score == 0.0
+
+
+def test_json_fields_and_lists():
+    ref = json.dumps({"drug": "Amoxicillin", "dose_mg": 500, "allergies": ["penicillin", "latex"]})
+    perfect = score("json", '```json\n{"drug": "amoxicillin", "dose_mg": 500, "allergies": ["latex", "Penicillin"]}\n```', ref)
+    assert perfect.score == 1.0 and perfect.detail["keys_present"]
+    partial = score("json", '{"drug": "Amoxicillin", "dose_mg": 250, "allergies": ["penicillin"], "x": 1}', ref)
+    assert partial.detail["fields"] == {"drug": 1.0, "dose_mg": 0.0, "allergies": pytest.approx(2 / 3)}
+    assert partial.detail["extra_keys"] == ["x"] and partial.score == pytest.approx((1 + 0 + 2 / 3) / 3)
+    broken = score("json", '{"drug": "Amoxicillin",', ref)
+    assert (broken.score, broken.parsed) == (0.0, False)
+
+
+def test_rouge_l():
+    ref = "Elderly man with pneumonia treated with antibiotics."
+    assert score("rouge", ref, ref).score == pytest.approx(1.0)
+    assert 0.2 < score("rouge", "Elderly man treated for pneumonia.", ref).score < 0.9
+    assert score("rouge", "Unrelated words entirely here.", ref).score == 0.0
+
+
+def test_cot_final_answer():
+    ref = "Step 1: 3 tablets x 2 = 6.\nStep 2: 6 x 7 = 42.\nAnswer: 42 tablets"
+    assert final_answer(ref) == "42 tablets"
+    assert score("cot", "6 a day, for 7 days.\nAnswer: 42 tablets", ref).score == 1.0
+    assert score("cot", "Answer: 40 tablets", ref).score == 0.0
+    assert not score("cot", "42 tablets", ref).parsed
+    assert score("cot", "Answer: yes", "so...\nAnswer: Yes").score == 1.0
+
+
+def test_reference_the_metric_cannot_read_is_a_user_error():
+    with pytest.raises(UserError, match="numeric metric: the reference has no number"):
+        score("numeric", "Answer: 3", "Answer: none")
+    with pytest.raises(UserError, match="json metric"):
+        score("json", "{}", "not json")
+
+
+def test_report_files(tmp_path, trained_run, memorized_chats):
+    """A real evaluation of the memorising run: merged and bf16 GGUF answer the training prompts word
+    for word (exact = 1), the untrained base does not; report.md, report.json and the chart are written."""
+    run_dir, _ = trained_run
+    report = evaluate(run_dir, memorized_chats, "exact", ["base", "merged", run_dir / "gguf" / "memorize-bf16.gguf"],
+                      base=str(tiny_model_dir()),
+                      max_new_tokens=64, out_dir=tmp_path)
+    rows = {r["variant"]: r for r in report["variants"]}
+    assert rows["merged"]["score"] == 1.0 and rows["memorize-bf16.gguf"]["score"] == 1.0
+    assert rows["memorize-bf16.gguf"]["stopped"] == 1.0 and rows["base"]["score"] == 0.0
+    assert json.loads((tmp_path / "report.json").read_text())["examples"] == len(memorized_chats)
+    assert "| merged | 1.000 | 100% |" in (tmp_path / "report.md").read_text()
+    assert (tmp_path / "scores.png").stat().st_size > 5000
+    assert "memorize-bf16.gguf" in table(report)
