@@ -4,51 +4,91 @@
     python export/chat.py runs/demo/gguf/demo-q4_k_m.gguf
     python export/chat.py FILE.gguf --system "You are ..." --prompt "one question"   # one shot
 
-Interactive mode streams the answer token by token and keeps the conversation; an empty line or
-Ctrl-D ends it.
+Interactive mode streams the answer token by token, keeps the conversation, and shows tokens/s
+after each answer. Commands: /reset (forget the conversation), /save [FILE] (write it as JSON),
+/exit (or Ctrl-D). When the conversation outgrows the context window, the oldest turns are dropped
+and a notice says so. Without --system, the system prompt of the Modelfile beside the GGUF (the
+recipe's) is used.
 """
 
 import argparse
+import json
+import re
 import sys
+import time
+from pathlib import Path
 
-from fasttune import cli, infer
+from fasttune import UserError, cli, infer
+
+
+def recipe_system_prompt(gguf_path: Path) -> str | None:
+    """The SYSTEM line of the Ollama Modelfile fasttune wrote beside the GGUF, if any."""
+    modelfile = gguf_path.with_name(f"Modelfile.{gguf_path.stem}")
+    found = re.search(r'^SYSTEM """(.*?)"""', modelfile.read_text(), re.S | re.M) if modelfile.is_file() else None
+    return found.group(1) if found else None
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="export/chat.py", description=__doc__.split("\n\n")[0])
-    parser.add_argument("gguf", help="GGUF file to chat with")
-    parser.add_argument("--system", help="system message (default: none, or the run's own if you pass it)")
+    parser.add_argument("gguf", type=Path, help="GGUF file to chat with")
+    parser.add_argument("--system", help="system message (default: the recipe's, from the Modelfile beside the file)")
     parser.add_argument("--prompt", help="ask one question, print the answer and exit")
     parser.add_argument("--max-tokens", type=int, default=512, help="longest answer in tokens")
     parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    parser.add_argument("--ctx", type=int, default=4096, help="context window in tokens (conversation + answer)")
     args = parser.parse_args(argv)
 
-    history = [{"role": "system", "content": args.system}] if args.system else []
-    with infer.load(args.gguf) as llm:
+    system = args.system if args.system is not None else recipe_system_prompt(args.gguf)
+    start = [{"role": "system", "content": system}] if system else []
+    history = list(start)
+    with infer.load(args.gguf, n_ctx=args.ctx) as llm:
         if args.prompt is not None:
-            history.append({"role": "user", "content": args.prompt})
+            history, _ = infer.fit_context(llm, history + [{"role": "user", "content": args.prompt}], args.max_tokens)
             reply = infer.chat(llm, history, max_tokens=args.max_tokens, temperature=args.temperature)
-            print(reply["choices"][0]["message"]["content"])
+            print(reply["choices"][0]["message"]["content"].strip())
             return
-        print(f"chatting with {args.gguf} (empty line or Ctrl-D to quit)")
+        print(f"chatting with {args.gguf.name} ({args.ctx}-token context). /reset, /save [FILE], /exit")
+        if system:
+            print(f"system: {system}")
         while True:
             try:
                 question = input("\nyou> ").strip()
             except EOFError:
                 break
-            if not question:
+            if question in ("/exit", "/quit"):
                 break
-            history.append({"role": "user", "content": question})
+            if question == "/reset":
+                history = list(start)
+                print("(conversation cleared)")
+                continue
+            if question.startswith("/save"):
+                path = Path(question[5:].strip() or f"chat-{time.strftime('%Y%m%d-%H%M%S')}.json")
+                path.write_text(json.dumps(history, indent=2, ensure_ascii=False))
+                print(f"(saved {len(history)} messages to {path})")
+                continue
+            if not question:
+                continue
+            try:
+                history, dropped = infer.fit_context(llm, history + [{"role": "user", "content": question}],
+                                                     args.max_tokens)
+            except UserError as e:
+                print(f"({e})")
+                continue
+            if dropped:
+                print(f"(context full: dropped the {dropped} oldest turn{'s' * (dropped > 1)})")
             print("model> ", end="", flush=True)
-            answer = []
+            answer, tokens, began = [], 0, time.perf_counter()
             for chunk in infer.chat(llm, history, max_tokens=args.max_tokens, stream=True,
                                     temperature=args.temperature):
-                piece = chunk["choices"][0]["delta"].get("content") or ""
-                answer.append(piece)
-                sys.stdout.write(piece)
-                sys.stdout.flush()
-            print()
-            history.append({"role": "assistant", "content": "".join(answer)})
+                piece = chunk["choices"][0]["delta"].get("content")
+                if piece:
+                    tokens += 1  # llama-cpp-python streams one chunk per generated token
+                    answer.append(piece)
+                    sys.stdout.write(piece)
+                    sys.stdout.flush()
+            elapsed = time.perf_counter() - began
+            print(f"\n[{tokens} tokens, {tokens / elapsed:.1f} tokens/s]")
+            history.append({"role": "assistant", "content": "".join(answer).strip()})
 
 
 if __name__ == "__main__":

@@ -25,6 +25,9 @@ def load(path: str | Path, n_ctx: int = 4096, **kwargs):
     if not path.is_file():
         raise UserError(f"{path}: no such GGUF file")
     kwargs.setdefault("n_threads", os.cpu_count())
+    # llama.cpp pads the context to a multiple of 256 but llama-cpp-python 0.3.36 sizes its token
+    # buffer to the number asked for, and overflows it past that: ask for the padded size.
+    n_ctx = -(-n_ctx // 256) * 256
     try:
         llm = Llama(model_path=str(path), n_ctx=n_ctx, verbose=False, **kwargs)
     except ValueError as e:  # llama-cpp-python's "Failed to load model from file"
@@ -40,3 +43,30 @@ def chat(llm, messages: list[dict], max_tokens: int = 256, stream: bool = False,
     (or the chunk iterator when stream=True)."""
     sampling.setdefault("temperature", 0.0)
     return llm.create_chat_completion(messages=messages, max_tokens=max_tokens, stream=stream, **sampling)
+
+
+def prompt_tokens(llm, messages: list[dict]) -> int:
+    """How many tokens `messages` take once the file's chat template has rendered them (with the
+    assistant cue): what must fit in the context window together with the answer."""
+    from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+
+    token_text = lambda t: llm.detokenize([t], special=True).decode(errors="replace")  # noqa: E731
+    formatter = Jinja2ChatFormatter(template=llm.metadata["tokenizer.chat_template"],
+                                    eos_token=token_text(llm.token_eos()), bos_token=token_text(llm.token_bos()))
+    prompt = formatter(messages=messages).prompt
+    return len(llm.tokenize(prompt.encode(), add_bos=False, special=True))
+
+
+def fit_context(llm, messages: list[dict], reserve: int) -> tuple[list[dict], int]:
+    """Drop the oldest turns (never the system message or the last question) until the prompt plus
+    `reserve` answer tokens fits in the context window. Returns (messages, how many turns dropped)."""
+    system = [m for m in messages[:1] if m["role"] == "system"]
+    turns = messages[len(system):]
+    dropped = 0
+    while len(turns) > 1 and prompt_tokens(llm, system + turns) + reserve > llm.n_ctx():
+        turns = turns[2:] if turns[0]["role"] == "user" and len(turns) > 2 else turns[1:]
+        dropped += 1
+    if prompt_tokens(llm, system + turns) + reserve > llm.n_ctx():
+        raise UserError(f"the question alone does not fit the {llm.n_ctx()}-token context with room for "
+                        f"{reserve} answer tokens; shorten it, or raise --ctx / lower --max-tokens")
+    return system + turns, dropped

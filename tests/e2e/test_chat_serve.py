@@ -1,0 +1,119 @@
+"""export/chat.py in a real pseudo-terminal, and export/serve.py through the real `openai` client."""
+
+import io
+import json
+import socket
+import subprocess
+import sys
+import time
+
+import openai
+import pexpect
+import pytest
+
+from tests.conftest import REPO
+
+
+@pytest.fixture(scope="module")
+def bf16(trained_run):
+    return trained_run[0] / "gguf" / "memorize-bf16.gguf"
+
+
+def spawn_chat(*args):
+    child = pexpect.spawn(sys.executable, ["export/chat.py", *map(str, args)], cwd=str(REPO), encoding="utf-8",
+                          timeout=120, dimensions=(50, 400))
+    child.expect_exact("you> ")
+    return child
+
+
+def test_chat_repl_streams_saves_resets_and_exits(tmp_path, bf16, memorized_chats):
+    chat = memorized_chats[0].messages
+    child = spawn_chat(bf16)  # no --system: the recipe's, read from the Modelfile beside the file
+    assert f"system: {chat[0]['content']}" in child.before
+    child.sendline(chat[1]["content"].replace("\n", " "))
+    child.expect_exact("model> ")
+    child.expect(r"\[(\d+) tokens, ([\d.]+) tokens/s\]")
+    answer = child.before.replace("\r\n", "\n").strip()  # the terminal writes \r\n
+    # the question arrives as one line (input() reads one), so the answer is the learned shape, not verbatim
+    assert answer.startswith(chat[2]["content"].split("\n")[0]) and "Answers: 1." in answer
+    assert int(child.match.group(1)) > 5 and float(child.match.group(2)) > 0
+    saved = tmp_path / "conv.json"
+    child.expect_exact("you> ")
+    child.sendline(f"/save {saved}")
+    child.expect_exact("(saved 3 messages")
+    messages = json.loads(saved.read_text())
+    assert [m["role"] for m in messages] == ["system", "user", "assistant"] and messages[2]["content"] == answer
+    child.sendline("/reset")
+    child.expect_exact("(conversation cleared)")
+    child.sendline(f"/save {saved}")
+    child.expect_exact("(saved 1 messages")
+    child.sendline("/exit")
+    child.expect(pexpect.EOF)
+    child.close()
+    assert child.exitstatus == 0
+
+
+def test_chat_drops_the_oldest_turns_when_the_context_is_full(bf16, memorized_chats):
+    child = spawn_chat(bf16, "--ctx", "256", "--max-tokens", "180")
+    child.logfile_read = transcript = io.StringIO()
+    for chat in memorized_chats[:3]:  # ~60 tokens for the first question, 180 kept for the answer: no room for a second turn
+        child.sendline(chat.messages[1]["content"].replace("\n", " "))
+        child.expect(r"tokens/s\]")
+        child.expect_exact("you> ")
+    assert "(context full: dropped the" in transcript.getvalue()
+    assert transcript.getvalue().count("tokens/s]") == 3  # every question still answered
+    child.sendline("/exit")
+    child.expect(pexpect.EOF)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(bf16):
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "export/serve.py", str(bf16), "--port", str(port), "--api-key", "sesame",
+                             "--name", "mine"], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="sesame", max_retries=0)
+    deadline = time.time() + 120
+    while True:
+        try:
+            client.models.list()
+            break
+        except openai.APIConnectionError:
+            if proc.poll() is not None or time.time() > deadline:
+                proc.kill()
+                pytest.fail(f"server did not start: {proc.stdout.read()}")
+            time.sleep(0.5)
+    yield client, port
+    proc.terminate()
+    proc.wait(timeout=30)
+
+
+def test_serve_chat_completion_and_streaming(server, memorized_chats):
+    client, _ = server
+    messages = memorized_chats[1].messages
+    assert [m.id for m in client.models.list().data] == ["mine"]
+    reply = client.chat.completions.create(model="mine", messages=messages[:-1], temperature=0, max_tokens=64)
+    assert reply.choices[0].message.content.strip() == messages[-1]["content"]
+    assert reply.choices[0].finish_reason == "stop"
+    stream = client.chat.completions.create(model="mine", messages=messages[:-1], temperature=0, max_tokens=64,
+                                            stream=True)
+    chunks = [c.choices[0].delta.content or "" for c in stream if c.choices]
+    assert len([c for c in chunks if c]) > 3 and "".join(chunks).strip() == messages[-1]["content"]
+
+
+def test_serve_rejects_a_wrong_key(server):
+    _, port = server
+    intruder = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="guess", max_retries=0)
+    with pytest.raises(openai.AuthenticationError):
+        intruder.chat.completions.create(model="mine", messages=[{"role": "user", "content": "hi"}], max_tokens=4)
+
+
+def test_serve_missing_file_is_a_usage_error(tmp_path):
+    proc = subprocess.run([sys.executable, "export/serve.py", str(tmp_path / "nope.gguf")], cwd=REPO,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and proc.stderr.strip() == f"error: {tmp_path / 'nope.gguf'}: no such GGUF file"
