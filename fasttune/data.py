@@ -10,7 +10,8 @@ Formats (detected from the first record, or named):
   sharegpt           {"conversations": [{"from", "value"}, ...]}
   alpaca             {"instruction", "input"?, "output", "system"?}
   prompt_completion  {"prompt", "completion"}: strings, or message lists (TRL's convention)
-  fields             any columns, turned into the user and assistant turns by two format strings
+  fields             any columns, turned into the user and assistant turns by two format strings;
+                     {name} takes a string column, {name:json} any JSON value written as compact JSON
 Sources: .jsonl, .json (an array), .csv, .parquet, a `datasets.save_to_disk` directory, or a hub
 dataset name (online only).
 """
@@ -351,11 +352,28 @@ def from_fields(record: dict, t: Templates) -> list[dict]:
     if not (t.user and t.assistant):
         raise UserError("format 'fields' needs --user_template and --assistant_template "
                         "(format strings such as 'Context: {context}')")
-    for name in dict.fromkeys(template_fields(t.user) + template_fields(t.assistant)):
-        _string(_require(record, name), name)
-    messages = [{"role": "user", "content": t.user.format_map(record)},
-                {"role": "assistant", "content": t.assistant.format_map(record)}]
+    for name, spec in dict.fromkeys(_placeholders(t.user) + _placeholders(t.assistant)):
+        value = _require(record, name)
+        if spec != "json":
+            _string(value, name)
+    messages = [{"role": "user", "content": TEMPLATE_FORMATTER.vformat(t.user, (), record)},
+                {"role": "assistant", "content": TEMPLATE_FORMATTER.vformat(t.assistant, (), record)}]
     return _with_system(messages, t.system)
+
+
+class _TemplateFormatter(string.Formatter):
+    """str.format plus one spec, {name:json}: the value as compact JSON (for structured answers).
+
+    Written by hand because str.format has no JSON conversion and a JSON column must not become
+    Python's repr (single quotes, True/None)."""
+
+    def format_field(self, value, format_spec):
+        if format_spec == "json":
+            return json.dumps(value, ensure_ascii=False)
+        return super().format_field(value, format_spec)
+
+
+TEMPLATE_FORMATTER = _TemplateFormatter()
 
 
 CONVERTERS = {
@@ -369,7 +387,11 @@ CONVERTERS = {
 
 def template_fields(template: str) -> list[str]:
     """The {placeholders} a format string uses, in order."""
-    return [name for _, name, _, _ in string.Formatter().parse(template) if name]
+    return [name for name, _ in _placeholders(template)]
+
+
+def _placeholders(template: str) -> list[tuple[str, str]]:
+    return [(name, spec) for _, name, spec, _ in string.Formatter().parse(template) if name]
 
 
 # --- loading -----------------------------------------------------------------------------------------

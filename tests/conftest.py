@@ -52,7 +52,7 @@ def trained_run(tmp_path_factory):
     proc = run_script(
         "recipes/clinical_qa.py", "--model", "tiny", "--data", MEMORIZE, "--eval-data", MEMORIZE,
         "--out", run_dir, "--epochs", "40", "--lora_r", "16", "--learning_rate", "3e-3",
-        "--quants", "bf16", "q4_k_m",
+        "--quants", "bf16", "q4_k_m", "--max_new_tokens", "64",
     )
     return run_dir, proc
 

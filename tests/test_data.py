@@ -162,6 +162,17 @@ def test_fields_format(tmp_path):
     assert template_fields(t.user) == ["context"]
 
 
+def test_fields_json_spec_writes_structured_values_as_json(tmp_path):
+    path = tmp_path / "x.jsonl"
+    path.write_text(json.dumps({"note": "Amoxicillin 500 mg.", "out": {"drug": "amoxicillin", "dose_mg": 500,
+                                                                      "flags": ["ß", None]}}) + "\n")
+    t = Templates("Note: {note}", "{out:json}")
+    [ex] = load(path, t, fmt="fields").examples
+    assert ex.messages[-1]["content"] == '{"drug": "amoxicillin", "dose_mg": 500, "flags": ["ß", null]}'
+    with pytest.raises(UserError, match="field 'out': expected a string, got object"):
+        load(path, Templates("Note: {note}", "{out}"), fmt="fields")
+
+
 def test_sources_json_csv_parquet_and_saved_dataset(tmp_path):
     from datasets import Dataset, DatasetDict
 
