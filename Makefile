@@ -55,6 +55,7 @@ test-gpu: install
 bench: install
 	$(PY) bench/data.py
 	$(PY) bench/export.py
+	$(PY) bench/eval.py
 
 clean:
 	rm -rf runs .pytest_cache

@@ -1,0 +1,101 @@
+#!/usr/bin/env python
+"""Evaluation generation speed: fasttune's eval loops vs answering one example at a time, same run.
+
+    python bench/eval.py [--examples 12] [--max-new-tokens 32]
+
+On a Qwen2.5-0.5B-shaped model (random weights, real tokenizer; cached), greedy answers to the
+clinical QA eval prompts (they share the recipe's system prompt):
+  GGUF (q8_0, llama-cpp-python): fasttune's loop keeps one model loaded and lets llama-cpp-python
+    reuse the KV cache of the prompt prefix the examples share; one-by-one resets the cache first.
+  HF (transformers, float32 on CPU): fasttune generates in left-padded batches of 8; one-by-one is
+    batch size 1.
+Prints seconds per example and per generated token, with the ratio to one-by-one (goal: <= 1.0),
+and appends the table to bench/RESULTS.md.
+"""
+
+import argparse
+import os
+import platform
+import tempfile
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import fasttune.model  # noqa: F401  (unsloth first, as in every entry point)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--examples", type=int, default=12)
+    parser.add_argument("--max-new-tokens", type=int, default=32)
+    args = parser.parse_args()
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from fasttune import data, gguf, infer
+    from fasttune.evaluate import answer_gguf, answer_hf
+    from fasttune.tiny import QWEN2_5_0_5B_CONFIG, build_model, cache_dir
+
+    repo = Path(__file__).resolve().parents[1]
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("clinical_qa", repo / "recipes" / "clinical_qa.py")
+    recipe = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(recipe)
+    d = recipe.DEFAULTS
+    examples = data.load(repo / "recipes" / "data" / "clinical_qa_eval.jsonl",
+                         data.Templates(d["user_template"], d["assistant_template"], d["system_prompt"]),
+                         fmt="fields").examples
+    prompts = [ex.messages[:-1] for ex in (examples * 4)[: args.examples]]
+
+    model_dir = build_model(cache_dir() / "qwen2.5-0.5b-shaped", QWEN2_5_0_5B_CONFIG)
+    path = gguf.convert(model_dir, Path(tempfile.mkdtemp(prefix="fasttune-bench-eval-")) / "m-q8_0.gguf", "q8_0")
+    n = len(prompts)
+
+    def one_by_one_gguf():
+        answers = []
+        with infer.load(path) as llm:
+            for p in prompts:
+                llm.reset()  # no prefix reuse: each example from an empty cache
+                r = infer.chat(llm, p, max_tokens=args.max_new_tokens)
+                answers.append(r["usage"]["completion_tokens"])
+        return answers
+
+    rows = []
+    t0 = time.perf_counter()
+    ours = answer_gguf(path, prompts, args.max_new_tokens)
+    t_ours = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    single = one_by_one_gguf()
+    t_single = time.perf_counter() - t0
+    rows.append(("GGUF q8_0, llama-cpp-python", t_ours, sum(a.tokens for a in ours), t_single, sum(single)))
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    t0 = time.perf_counter()
+    ours = answer_hf(model, tokenizer, prompts, args.max_new_tokens, batch_size=8)
+    t_ours = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    single = answer_hf(model, tokenizer, prompts, args.max_new_tokens, batch_size=1)
+    t_single = time.perf_counter() - t0
+    rows.append(("HF float32, transformers generate", t_ours, sum(a.tokens for a in ours), t_single,
+                 sum(a.tokens for a in single)))
+
+    lines = [f"| {n} examples, <= {args.max_new_tokens} new tokens, greedy | fasttune s/example | one-by-one "
+             "s/example | fasttune ms/token | one-by-one ms/token | per-example ratio |", "|---|---|---|---|---|---|"]
+    for name, t_a, tok_a, t_b, tok_b in rows:
+        lines.append(f"| {name} | {t_a / n:.2f} | {t_b / n:.2f} | {1000 * t_a / max(tok_a, 1):.0f} | "
+                     f"{1000 * t_b / max(tok_b, 1):.0f} | {t_a / t_b:.2f} |")
+    table = "\n".join(lines)
+    print(table)
+    stamp = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    machine = f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}"
+    with open(Path(__file__).parent / "RESULTS.md", "a") as f:
+        f.write(f"\n### bench/eval.py: {stamp} ({machine})\n\n`python bench/eval.py --examples {n} "
+                f"--max-new-tokens {args.max_new_tokens}`\n\n{table}\n")
+
+
+if __name__ == "__main__":
+    main()
