@@ -38,10 +38,12 @@ demo: install
 		--out runs/demo --epochs 6 --lora_r 16 --learning_rate 3e-3 --quants bf16 q4_k_m
 	@echo
 	@echo "The tiny model has random weights and 2 layers: its words carry no meaning. It proves the"
-	@echo "pipeline (train -> merge -> GGUF -> llama.cpp chat) works on this machine. With a GPU, the same"
-	@echo "recipe on a real model:"
+	@echo "pipeline (train -> merge -> GGUF -> evaluate -> llama.cpp chat) works on this machine. With a"
+	@echo "GPU, the same recipe on a real model:"
 	@echo "  python recipes/clinical_qa.py --model Qwen/Qwen2.5-0.5B-Instruct --data my.jsonl --out runs/mine"
-	@echo "Chat with the demo file:  $(PY) export/chat.py runs/demo/gguf/demo-q4_k_m.gguf"
+	@echo "Chat with the demo file:   $(PY) export/chat.py runs/demo/gguf/demo-q4_k_m.gguf"
+	@echo "Serve it (OpenAI API):     $(PY) export/serve.py runs/demo/gguf/demo-q4_k_m.gguf"
+	@echo "Evaluation table above; the answers side by side: runs/demo/eval/report.md"
 
 test: install
 	$(PY) -m pytest -q

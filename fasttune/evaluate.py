@@ -76,7 +76,8 @@ def score_numeric(pred: str, ref: str, tolerance: float) -> Score:
     return Score(float(close and unit_ok), True, {"value": got[0], "unit": got[1], "value_ok": close, "unit_ok": unit_ok})
 
 
-CHOICE = re.compile(r"^\W*(?:answer\s*:?\s*)?\(?([A-E])\b\)?[.):]?\s*(.*)", re.IGNORECASE | re.DOTALL)
+# "B", "B) text", "(b) text", "B. text", "Answer: B: text"; not "A patient ..." (a word, not a letter)
+CHOICE = re.compile(r"^\W*(?:answer\s*:?\s*)?\(?([A-E])(?:[).:]|\s*$|\s*\n)\s*(.*)", re.IGNORECASE | re.DOTALL)
 
 
 def score_choice(pred: str, ref: str, tolerance: float) -> Score:

@@ -42,6 +42,7 @@ def test_choice_letter_and_label(pred, right, label):
 
 def test_choice_unparseable():
     assert not score("choice", "The best drug is metformin", "B) Metformin").parsed
+    assert not score("choice", "A patient with diabetes needs metformin", "A) Metformin").parsed
 
 
 def test_exact_is_normalized():

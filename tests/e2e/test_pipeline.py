@@ -14,13 +14,19 @@ def test_recipe_leaves_a_complete_run_directory(trained_run):
     for path in ["config.yaml", "metrics.jsonl", "loss.png", "data_stats.json", "adapter/adapter_config.json",
                  "adapter/adapter_model.safetensors", "adapter/tokenizer.json", "merged/model.safetensors",
                  "merged/config.json", "merged/chat_template.jinja", "gguf/memorize-bf16.gguf",
-                 "gguf/memorize-q4_k_m.gguf"]:
+                 "gguf/memorize-q4_k_m.gguf", "eval/report.json", "eval/report.md", "eval/scores.png"]:
         assert (run_dir / path).is_file(), path
     assert not list(run_dir.rglob("*.partial")) and not list(run_dir.glob("merged.tmp*"))
     # the recipe answered a held-out case with the exported file, and the model stopped by itself
     assert "answered by memorize-q4_k_m.gguf" in proc.stdout
     assert "[finish: stop]" in proc.stdout
-    assert "python export/chat.py" in proc.stdout
+    assert "python export/chat.py" in proc.stdout and "python export/serve.py" in proc.stdout
+    # base vs fine-tuned vs each GGUF on the eval data, with the recipe's metric (ROUGE-L)
+    assert "evaluation on 4 held-out examples" in proc.stdout
+    scores = {r["variant"]: r for r in json.loads((run_dir / "eval" / "report.json").read_text())["variants"]}
+    assert list(scores) == ["base", "merged", "memorize-bf16.gguf", "memorize-q4_k_m.gguf"]
+    assert scores["merged"]["score"] > 0.9 and scores["memorize-bf16.gguf"]["score"] > 0.9  # memorised
+    assert scores["base"]["score"] < 0.3 and scores["base"]["stopped"] < scores["merged"]["stopped"] == 1.0
     stats = json.loads((run_dir / "data_stats.json").read_text())
     assert stats["train"]["kept"] == 4 and stats["train"]["answers_cut"] == 0 and stats["train"]["format"] == "fields"
     assert not (run_dir / "rejects.jsonl").exists()
