@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Evaluate a run's models on held-out data with its task's metric, offline.
 
-    python export/eval.py RUN_DIR                          # base, merged, every GGUF; the run's eval data
+    python export/eval.py RUN_DIR                          # base, adapter, merged, every GGUF; the run's eval data
     python export/eval.py RUN_DIR --data more_eval.jsonl   # another eval file, same format as training
     python export/eval.py RUN_DIR --variants adapter runs/mine/gguf/mine-q4_k_m.gguf
 
@@ -21,7 +21,7 @@ def main(argv=None):
     parser.add_argument("run_dir", type=Path, help="run directory written by a recipe")
     parser.add_argument("--data", help="eval file (default: the run's --eval_data, else its held-out split)")
     parser.add_argument("--variants", nargs="+", metavar="V",
-                        help="base, adapter, merged and/or GGUF paths (default: base, merged, every GGUF of the run)")
+                        help="base, adapter, merged and/or GGUF paths (default: all the run has)")
     parser.add_argument("--metric", choices=sorted(evaluate.METRICS), help="default: the one the recipe recorded")
     parser.add_argument("--max_new_tokens", type=int, help="default: the run's eval max_new_tokens")
     parser.add_argument("--limit", type=int, help="evaluate only the first N examples")

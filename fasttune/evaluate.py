@@ -345,8 +345,11 @@ def eval_examples(run_dir: Path, cfg, data_path: str | None = None) -> list:
 
 
 def run_variants(run_dir: Path) -> list:
-    """What export/eval.py evaluates by default: base, merged, and every GGUF in RUN_DIR/gguf."""
-    return ["base", "merged", *sorted(Path(run_dir, "gguf").glob("*.gguf"))]
+    """What export/eval.py evaluates by default: every variant the run has (base, adapter, merged,
+    each GGUF in RUN_DIR/gguf)."""
+    have = [v for v, path in (("adapter", "adapter/adapter_config.json"), ("merged", "merged/config.json"))
+            if (Path(run_dir) / path).is_file()]
+    return ["base", *have, *sorted(Path(run_dir, "gguf").glob("*.gguf"))]
 
 
 def evaluate_run(run_dir: Path, cfg, examples: list, files: list[Path], base: str) -> dict | None:

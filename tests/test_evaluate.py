@@ -5,7 +5,7 @@ import json
 import pytest
 
 from fasttune import UserError
-from fasttune.evaluate import METRICS, evaluate, final_answer, table
+from fasttune.evaluate import METRICS, evaluate, final_answer, run_variants, table
 from fasttune.tiny import tiny_model_dir
 
 
@@ -88,11 +88,15 @@ def test_report_files(tmp_path, trained_run, memorized_chats):
     """A real evaluation of the memorising run: merged and bf16 GGUF answer the training prompts word
     for word (exact = 1), the untrained base does not; report.md, report.json and the chart are written."""
     run_dir, _ = trained_run
-    report = evaluate(run_dir, memorized_chats, "exact", ["base", "merged", run_dir / "gguf" / "memorize-bf16.gguf"],
+    variants = run_variants(run_dir)
+    assert variants[:3] == ["base", "adapter", "merged"] and run_dir / "gguf" / "memorize-bf16.gguf" in variants
+    report = evaluate(run_dir, memorized_chats, "exact", ["base", "adapter", "merged",
+                                                          run_dir / "gguf" / "memorize-bf16.gguf"],
                       base=str(tiny_model_dir()),
                       max_new_tokens=64, out_dir=tmp_path)
     rows = {r["variant"]: r for r in report["variants"]}
     assert rows["merged"]["score"] == 1.0 and rows["memorize-bf16.gguf"]["score"] == 1.0
+    assert rows["adapter"]["score"] == 1.0  # base + LoRA, unmerged (PEFT)
     assert rows["memorize-bf16.gguf"]["stopped"] == 1.0 and rows["base"]["score"] == 0.0
     assert json.loads((tmp_path / "report.json").read_text())["examples"] == len(memorized_chats)
     assert "| merged | 1.000 | 100% |" in (tmp_path / "report.md").read_text()
