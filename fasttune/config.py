@@ -9,6 +9,7 @@ field is a flag under both spellings, `--eval_data` and `--eval-data`.
 from __future__ import annotations
 
 import dataclasses
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -107,6 +108,12 @@ class TrainConfig:
                                                            "padding; each still attends only to itself."})
     seed: int = field(default=42, metadata={"help": "Seed for LoRA init, shuffling, the eval split and dropout."})
     overwrite: bool = field(default=False, metadata={"help": "Replace an existing run in --out."})
+    save_steps: int = field(default=50, metadata={"help": "Checkpoint every N optimizer steps into "
+                                                          "OUT/checkpoints (adapter, optimizer, scheduler, RNG, "
+                                                          "step); the last two are kept. 0: no checkpoints."})
+    resume: bool = field(default=False, metadata={"help": "Continue the run in --out from its latest complete "
+                                                          "checkpoint (after a crash or a kill); the other "
+                                                          "settings must be the run's own."})
 
 
 @dataclass
@@ -221,13 +228,28 @@ def _drop_pair(args: list[str], flag: str) -> list[str]:
     return out
 
 
+# Flags that say how to start, not what to train: they may differ when a run is resumed.
+HOW_TO_START = ("resume", "overwrite")
+
+
 def create_run_dir(cfg: Config) -> Path:
-    """Make the run directory and write the resolved config.yaml into it."""
+    """Make the run directory and write the resolved config.yaml into it (--resume: check it instead)."""
     run_dir = Path(cfg.train.out)
+    if cfg.train.resume:
+        if not (run_dir / "config.yaml").is_file():
+            raise UserError(f"--resume: {run_dir} holds no run (no config.yaml); start it without --resume")
+        saved = {k: v for k, v in load_run(run_dir).flat().items() if k not in HOW_TO_START}
+        differ = [k for k, v in cfg.flat().items() if k not in HOW_TO_START and saved.get(k) != v]
+        if differ:
+            raise UserError(f"--resume: these settings differ from the run's config.yaml: {', '.join(differ)}; "
+                            f"resume with the same ones (--config {run_dir / 'config.yaml'} --resume)")
+        return run_dir
     if (run_dir / "config.yaml").exists() and not cfg.train.overwrite:
-        raise UserError(f"--out {run_dir}: a run already lives there; pass --overwrite or choose another --out")
+        raise UserError(f"--out {run_dir}: a run already lives there; pass --resume to continue it, --overwrite "
+                        "to replace it, or choose another --out")
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "metrics.jsonl").unlink(missing_ok=True)
+    shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
     cfg.save(run_dir / "config.yaml")
     return run_dir
 

@@ -15,6 +15,7 @@ from datasets import Dataset
 from transformers import TrainerCallback
 from trl import SFTConfig, SFTTrainer
 
+from fasttune import UserError
 from fasttune.config import Config
 from fasttune.dataset import TrainingData
 
@@ -33,6 +34,29 @@ class MetricsLog(TrainerCallback):
         if logs:
             with self.path.open("a") as f:
                 f.write(json.dumps({"step": state.global_step, "epoch": state.epoch, **logs}) + "\n")
+
+
+class KeepAdapterDtype(TrainerCallback):
+    """After a resume, put the trainable (LoRA) weights and their optimizer state back in the dtype
+    training used.
+
+    TRL keeps QLoRA adapters in bf16 (the QLoRA paper's setting), but resuming loads them through
+    PEFT's load_adapter, which upcasts to float32: the resumed run would train at another precision
+    and end elsewhere than an uninterrupted one. Written by hand: no library option covers it.
+    """
+
+    def __init__(self, model):
+        self.dtypes = {name: p.dtype for name, p in model.named_parameters() if p.requires_grad}
+
+    def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
+        for name, param in model.named_parameters():
+            want = self.dtypes.get(name)
+            if want is None or param.dtype == want:
+                continue
+            param.data = param.data.to(want)
+            for key, value in (optimizer.state.get(param) or {}).items() if optimizer else ():
+                if torch.is_tensor(value) and value.is_floating_point() and key != "step":
+                    optimizer.state[param][key] = value.to(want)
 
 
 def sft_config(cfg: Config, output_dir: Path, has_eval: bool) -> SFTConfig:
@@ -63,7 +87,11 @@ def sft_config(cfg: Config, output_dir: Path, has_eval: bool) -> SFTConfig:
         max_length=cfg.model.max_seq_length,
         packing=cfg.train.packing,  # best-fit packing, padding-free: per-example position ids
         eval_strategy="epoch" if has_eval else "no",
-        save_strategy="no",
+        # Checkpoints hold adapter, optimizer, scheduler, RNG and step (Trainer's own format); two are
+        # kept because a kill during a save leaves the newest one incomplete.
+        save_strategy="steps" if t.save_steps else "no",
+        save_steps=t.save_steps or 500,
+        save_total_limit=2,
         report_to="none",
         disable_tqdm=False,
     )
@@ -87,9 +115,33 @@ def train(model, tokenizer, td: TrainingData, cfg: Config, run_dir: Path):
         eval_dataset=Dataset.from_list(eval_rows) if eval_rows else None,
         callbacks=[MetricsLog(run_dir / "metrics.jsonl")],
     )
-    trainer.train()
+    trainer.add_callback(KeepAdapterDtype(trainer.model))  # after TRL has set the adapter dtype
+    checkpoint = latest_checkpoint(run_dir / "checkpoints") if cfg.train.resume else None
+    if cfg.train.resume:
+        if checkpoint is None:
+            raise UserError(f"--resume: no complete checkpoint in {run_dir / 'checkpoints'} (the run stopped before "
+                            f"its first save at step {cfg.train.save_steps}); start it again with --overwrite")
+        step = json.loads((checkpoint / "trainer_state.json").read_text())["global_step"]
+        logger.info("resuming from %s (step %d)", checkpoint, step)
+        _forget_metrics_after(run_dir / "metrics.jsonl", step)
+    trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
     plot_loss(run_dir / "metrics.jsonl", run_dir / "loss.png")
     return trainer
+
+
+def latest_checkpoint(folder: Path) -> Path | None:
+    """The newest checkpoint-N in folder that was written to the end (trainer_state.json is saved last)."""
+    done = [c for c in folder.glob("checkpoint-*") if (c / "trainer_state.json").is_file()]
+    for c in set(folder.glob("checkpoint-*")) - set(done):
+        logger.warning("%s is incomplete (interrupted while saving); skipped", c)
+    return max(done, key=lambda c: int(c.name.split("-")[1]), default=None)
+
+
+def _forget_metrics_after(metrics_path: Path, step: int) -> None:
+    """Drop log lines written after the checkpoint: training repeats those steps."""
+    if metrics_path.is_file():
+        kept = [line for line in metrics_path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
+        metrics_path.write_text("".join(line + "\n" for line in kept))
 
 
 def _rows(metrics_path: Path) -> list[dict]:

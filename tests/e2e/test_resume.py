@@ -1,0 +1,56 @@
+"""A run killed mid-way (SIGKILL) and resumed with --resume ends where an uninterrupted run ends."""
+
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+from safetensors.torch import load_file
+
+from tests.conftest import MEMORIZE, REPO, run_script
+
+# 4 examples, batch 1, 3 epochs: 12 optimizer steps, a checkpoint every 3; dropout on (RNG matters)
+ARGS = ["--model", "tiny", "--data", MEMORIZE, "--batch_size", "1", "--epochs", "3", "--lora_r", "8",
+        "--learning_rate", "1e-3", "--save_steps", "3", "--quants", "none", "--evaluate", "false"]
+
+
+def adapter(run_dir):
+    return load_file(run_dir / "adapter" / "adapter_model.safetensors")
+
+
+def test_killed_run_resumes_to_the_same_adapter(tmp_path):
+    whole, killed = tmp_path / "whole", tmp_path / "killed"
+    run_script("recipes/clinical_qa.py", *ARGS, "--out", whole)
+
+    proc = subprocess.Popen([sys.executable, "recipes/clinical_qa.py", *map(str, ARGS), "--out", str(killed)],
+                            cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    first = killed / "checkpoints" / "checkpoint-3" / "trainer_state.json"
+    deadline = time.time() + 600
+    while not first.is_file() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL and not (killed / "adapter").exists()  # killed mid-training
+
+    done = run_script("recipes/clinical_qa.py", *ARGS, "--out", killed, "--resume")
+    assert "resuming from" in done.stdout + done.stderr
+    a, b = adapter(whole), adapter(killed)
+    assert a.keys() == b.keys()
+    worst = max((a[k].float() - b[k].float()).abs().max().item() for k in a)
+    assert worst < 1e-6, worst
+    steps = [line for line in (killed / "metrics.jsonl").read_text().splitlines() if '"loss"' in line]
+    assert len(steps) == 12  # the log repeats no step and misses none
+
+
+def test_resume_refuses_changed_settings_and_a_missing_run(tmp_path):
+    proc = run_script("recipes/clinical_qa.py", *ARGS, "--out", tmp_path / "none", "--resume", check=False)
+    assert proc.returncode == 2 and "holds no run" in proc.stderr
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "config.yaml").write_text("")
+    from fasttune.config import create_run_dir, parse
+
+    create_run_dir(parse(["--data", str(MEMORIZE), "--out", str(tmp_path / "r2")]))
+    with pytest.raises(Exception, match="differ from the run's config.yaml: lora_r"):
+        create_run_dir(parse(["--data", str(MEMORIZE), "--out", str(tmp_path / "r2"), "--lora_r", "4", "--resume"]))
