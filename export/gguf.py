@@ -30,9 +30,15 @@ def main(argv=None):
                         help="also write gguf/lora/: the adapter as a GGUF LoRA and the base model in the first type")
     args = parser.parse_args(argv)
     cfg = config.load_run(args.run_dir)
-    merged = args.run_dir / "merged"
+    merged, adapter = args.run_dir / "merged", args.run_dir / "adapter"
     if not (merged / "config.json").is_file():
-        raise UserError(f"{merged}: no merged model; the recipe did not finish (re-run it)")
+        if not (adapter / "adapter_config.json").is_file():
+            raise UserError(f"{args.run_dir}: no merged model and no adapter; the run did not finish training "
+                            "(continue it with the recipe's --resume)")
+        from fasttune import merge
+        from fasttune.model import resolve  # imports unsloth (slow): only when the base model is needed
+
+        merge.merge(adapter, merged, base=resolve(cfg.model.model))  # a lost or deleted merge, made again
     quants = args.quant or cfg.export.quants
     if not quants:
         raise UserError("no types to export: pass --quant bf16 q4_k_m (the run's config lists none)")

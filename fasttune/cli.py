@@ -1,11 +1,13 @@
 """What every script shares: logging setup, the exit-code contract, and what a recipe prints.
 
-Exit codes: 0 success, 2 bad input or usage (one line per problem on stderr, no traceback),
-1 anything else (with its traceback, because that is a bug to report).
+Exit codes: 0 success, 2 bad input, usage, or a machine limit the user must lift (disk full, GPU
+memory): one line per problem on stderr, no traceback; 1 anything else (with its traceback,
+because that is a bug to report).
 """
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import sys
@@ -30,6 +32,9 @@ def setup_logging(verbose: bool = False) -> None:
     warnings.filterwarnings("ignore", category=FutureWarning)
 
 
+DISK_FULL = (errno.ENOSPC, errno.EFBIG, errno.EDQUOT)  # no space, over the file-size limit, over quota
+
+
 def run(main) -> None:
     """Call main(); turn a UserError into `error: ...` and exit 2."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -38,6 +43,14 @@ def run(main) -> None:
         main()
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except OSError as e:
+        if e.errno not in DISK_FULL:
+            raise
+        where = f" writing {e.filename}" if e.filename else ""
+        print(f"error: the disk is full{where} ({os.strerror(e.errno)}). Free space and run the same command "
+              "again: files are written under temporary names, so nothing broken is left under a final name "
+              "(training continues with --resume, export with python export/gguf.py RUN_DIR)", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

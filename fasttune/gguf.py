@@ -13,9 +13,11 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import errno
 import json
 import logging
 import os
+import re
 import struct
 import sys
 import tempfile
@@ -25,7 +27,7 @@ from pathlib import Path
 
 import gguf
 import numpy as np
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from tqdm import tqdm
 
 from fasttune import UserError
@@ -231,7 +233,7 @@ def convert(model_dir: str | Path, out_path: str | Path, outtype: str = "bf16", 
             add(gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.ROPE_FREQS] + ".weight", tuple(factors.shape), lambda: factors)
         heads = {"q_proj": config.num_attention_heads, "k_proj": config.num_key_value_heads}
         for st_file in _safetensors_files(model_dir):
-            with safe_open(st_file, framework="pt") as f:
+            with _open_safetensors(st_file) as f:
                 for hf_name in f.keys():
                     if hf_name == "lm_head.weight" and config.tie_word_embeddings:
                         continue  # tied: llama.cpp reuses token_embd
@@ -248,12 +250,18 @@ def convert(model_dir: str | Path, out_path: str | Path, outtype: str = "bf16", 
 
         # Pass 2: data, one tensor in memory at a time.
         for load, qtype in tqdm(plan, desc=f"writing {out_path.name}", unit="tensor"):
-            writer.write_tensor_data(_convert(load(), qtype))
+            try:
+                writer.write_tensor_data(_convert(load(), qtype))
+            except OSError as e:
+                if e.errno is None:  # numpy's tofile reports a short write without errno: the storage is full
+                    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(out_path)) from e
+                raise
         writer.close()
         _validate(tmp, len(plan), expected_size)
         os.replace(tmp, out_path)
     finally:
-        writer.close()
+        with contextlib.suppress(OSError):  # a full disk fails the close too; the partial file goes either way
+            writer.close()
         tmp.unlink(missing_ok=True)
     logger.info("wrote %s (%.1f MB)", out_path, out_path.stat().st_size / 1e6)
     return out_path
@@ -324,6 +332,14 @@ def convert_lora(adapter_dir: str | Path, out_path: str | Path, base_dir: str | 
         tmp.unlink(missing_ok=True)
     logger.info("wrote %s (%.1f MB, %d LoRA pairs)", out_path, out_path.stat().st_size / 1e6, len(pairs))
     return out_path
+
+
+def _open_safetensors(st_file: Path):
+    try:
+        return safe_open(st_file, framework="pt")
+    except SafetensorError as e:
+        raise UserError(f"{st_file} is damaged ({e}); delete {st_file.parent} and run `python export/gguf.py "
+                        "RUN_DIR`, which merges the adapter again") from None
 
 
 def _load(st_file: Path, hf_name: str, permute_heads: int | None):
@@ -468,6 +484,8 @@ def quantize(src: str | Path, out_path: str | Path, qtype: str, threads: int | N
         with _native_output_captured() as captured:
             rc = llama_cpp.llama_model_quantize(str(src).encode(), str(tmp).encode(), ctypes.byref(params))
             native_log = captured()
+        if rc != 0 and re.search(r"no space left|file too large|disk quota", native_log, re.IGNORECASE):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(out_path))
         if rc != 0:
             tail = "\n".join(native_log.splitlines()[-5:])
             raise RuntimeError(f"llama_model_quantize({src.name} -> {qtype}) failed with code {rc}:\n{tail}")

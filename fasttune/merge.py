@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 from peft import PeftModel
+from safetensors import SafetensorError
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from fasttune import UserError
@@ -39,6 +40,9 @@ def load_merged(adapter_dir: Path, base: str | None = None, dtype=torch.float32)
     model = AutoModelForCausalLM.from_pretrained(base, dtype=dtype)
     try:
         model = PeftModel.from_pretrained(model, str(adapter_dir)).merge_and_unload()
+    except SafetensorError as e:  # truncated or overwritten file
+        raise UserError(f"{adapter_dir / 'adapter_model.safetensors'} is damaged ({e}); restore it, or train again "
+                        "(RUN_DIR/checkpoints/checkpoint-*/ holds the adapter of the last checkpoints)") from None
     except RuntimeError as e:  # PEFT: "Error(s) in loading state_dict ... size mismatch for ..."
         first = next((ln.strip() for ln in str(e).splitlines() if "size mismatch" in ln), str(e).splitlines()[0])
         raise UserError(f"{adapter_dir} does not fit {base} (it was trained on {recorded}): {first}") from None

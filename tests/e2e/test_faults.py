@@ -1,0 +1,71 @@
+"""What happens on a home machine: the disk fills, a file is truncated or damaged. Each ends in a
+one-line error (exit 2, no traceback), no broken file under a final name, and a way to carry on."""
+
+import resource
+import shutil
+import signal
+import subprocess
+import sys
+
+import pytest
+
+from fasttune import UserError, merge
+from tests.conftest import REPO, run_script
+
+
+@pytest.fixture
+def run_copy(tmp_path, trained_run):
+    """The trained run's config, adapter and merged model, without its GGUF files."""
+    src, _ = trained_run
+    dst = tmp_path / "run"
+    dst.mkdir()
+    shutil.copy(src / "config.yaml", dst)
+    for part in ("adapter", "merged"):
+        shutil.copytree(src / part, dst / part)
+    return dst
+
+
+def limit_file_size(mb):
+    def apply():  # in the child: files may not grow past `mb`, and that is an error, not a kill
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (mb * 2**20, mb * 2**20))
+    return apply
+
+
+def test_disk_full_during_export_leaves_no_broken_file_and_a_rerun_finishes(run_copy):
+    cmd = [sys.executable, "export/gguf.py", str(run_copy), "--quant", "bf16", "q4_k_m"]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600,
+                          preexec_fn=limit_file_size(30))  # the bf16 file is 86 MB
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert proc.stderr.strip().splitlines()[-1].startswith("error: the disk is full")
+    assert "Traceback" not in proc.stderr
+    assert not list((run_copy / "gguf").glob("*.gguf")) and not list(run_copy.rglob("*.partial"))
+    done = run_script("export/gguf.py", run_copy, "--quant", "bf16", "q4_k_m")  # space again
+    assert (run_copy / "gguf" / "run-q4_k_m.gguf").is_file() and "chat stop" in done.stdout
+
+
+def test_truncated_gguf_is_a_clear_error(tmp_path, trained_run):
+    good = trained_run[0] / "gguf" / "memorize-q4_k_m.gguf"
+    bad = tmp_path / "cut.gguf"
+    bad.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
+    proc = run_script("export/chat.py", bad, "--prompt", "hi", check=False)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip() .endswith("re-export it") and "llama.cpp cannot load this file" in proc.stderr
+
+
+def test_damaged_adapter_is_a_clear_error(tmp_path, run_copy, tiny_dir):
+    weights = run_copy / "adapter" / "adapter_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    with pytest.raises(UserError, match="adapter_model.safetensors is damaged .*checkpoint"):
+        merge.merge(run_copy / "adapter", tmp_path / "merged", base=str(tiny_dir))
+    assert not (tmp_path / "merged").exists()
+
+
+def test_damaged_merge_is_reported_and_a_deleted_one_is_made_again(run_copy):
+    weights = run_copy / "merged" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:5000])
+    proc = run_script("export/gguf.py", run_copy, "--quant", "q8_0", check=False)
+    assert proc.returncode == 2 and "model.safetensors is damaged" in proc.stderr and "Traceback" not in proc.stderr
+    shutil.rmtree(run_copy / "merged")
+    proc = run_script("export/gguf.py", run_copy, "--quant", "q8_0")
+    assert (run_copy / "merged" / "model.safetensors").is_file() and "greedy 4/4 identical" in proc.stdout
