@@ -58,6 +58,7 @@ bench: install
 	$(PY) bench/data.py
 	$(PY) bench/export.py
 	$(PY) bench/eval.py
+	$(PY) bench/decode.py
 
 clean:
 	rm -rf runs .pytest_cache
