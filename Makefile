@@ -59,6 +59,7 @@ bench: install
 	$(PY) bench/export.py
 	$(PY) bench/eval.py
 	$(PY) bench/decode.py
+	$(PY) bench/train.py
 
 clean:
 	rm -rf runs .pytest_cache
