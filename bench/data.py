@@ -14,12 +14,12 @@ one-record dataset and subtracted. Prints records/s and the ratio; appends to be
 import argparse
 import json
 import os
-import platform
 import random
 import tempfile
 import time
-from datetime import datetime, timezone
 from pathlib import Path
+
+import results  # bench/results.py: this script's folder is on sys.path
 
 WORDS = ("patient presents with acute chest pain dyspnoea fever cough history of hypertension diabetes "
          "examination shows tenderness blood pressure heart rate saturation creatinine sodium potassium "
@@ -105,11 +105,7 @@ def main():
               "|---|---|---|---|").format(n=args.records)
     table = "\n".join([header, *lines])
     print(table)
-    stamp = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    machine = f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}"
-    with open(Path(__file__).parent / "RESULTS.md", "a") as f:
-        f.write(f"\n### bench/data.py: {stamp} ({machine})\n\n`python bench/data.py --records {args.records}`\n\n"
-                f"{table}\n")
+    results.append("bench/data.py", f"python bench/data.py --records {args.records}", table)
 
 
 def trl_prepare_seconds(model_dir, tokenizer, conversations, max_length, nproc):

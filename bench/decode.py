@@ -14,13 +14,12 @@ large numpy copy. Prints the table and appends it to bench/RESULTS.md.
 
 import argparse
 import os
-import platform
 import tempfile
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
+import results  # bench/results.py: this script's folder is on sys.path
 
 
 def copy_bandwidth_gbs(mb: int = 512, repeats: int = 5) -> float:
@@ -105,11 +104,7 @@ def main():
                      f"{q4_tps / tps:.2f}x |")
     table = "\n".join(lines)
     print(table)
-    stamp = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    machine = f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}"
-    with open(Path(__file__).parent / "RESULTS.md", "a") as f:
-        f.write(f"\n### bench/decode.py: {stamp} ({machine})\n\n`python bench/decode.py --tokens {args.tokens}`\n\n"
-                f"{table}\n")
+    results.append("bench/decode.py", f"python bench/decode.py --tokens {args.tokens}", table)
 
 
 if __name__ == "__main__":

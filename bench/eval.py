@@ -16,11 +16,11 @@ bench/RESULTS.md. Run it on an otherwise idle machine.
 
 import argparse
 import os
-import platform
 import tempfile
 import time
-from datetime import datetime, timezone
 from pathlib import Path
+
+import results  # bench/results.py: this script's folder is on sys.path
 
 import fasttune.model  # noqa: F401  (unsloth first, as in every entry point)
 
@@ -96,11 +96,8 @@ def main():
                      f"{1000 * t_b / max(tok_b, 1):.0f} | {t_a / t_b:.2f} |")
     table = "\n".join(lines)
     print(table)
-    stamp = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    machine = f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}"
-    with open(Path(__file__).parent / "RESULTS.md", "a") as f:
-        f.write(f"\n### bench/eval.py: {stamp} ({machine})\n\n`python bench/eval.py --examples {n} "
-                f"--max-new-tokens {args.max_new_tokens}`\n\n{table}\n")
+    results.append("bench/eval.py", f"python bench/eval.py --examples {n} --max-new-tokens {args.max_new_tokens}",
+                   table)
 
 
 if __name__ == "__main__":

@@ -11,13 +11,13 @@ use only).
 """
 
 import os
-import platform
 import subprocess
 import sys
 import tempfile
 import time
-from datetime import datetime, timezone
 from pathlib import Path
+
+import results  # bench/results.py: this script's folder is on sys.path
 
 
 def run_measured(cmd, env=None) -> tuple[float, float]:
@@ -35,7 +35,12 @@ def run_measured(cmd, env=None) -> tuple[float, float]:
 
 def main():
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    from fasttune.tiny import QWEN2_5_0_5B_CONFIG, build_model, cache_dir, llama_cpp_file
+    from fasttune.tiny import (
+        QWEN2_5_0_5B_CONFIG,
+        build_model,
+        cache_dir,
+        llama_cpp_file,
+    )
 
     model_dir = build_model(cache_dir() / "qwen2.5-0.5b-shaped", QWEN2_5_0_5B_CONFIG)
     root = llama_cpp_file("convert_hf_to_gguf.py").parent
@@ -70,10 +75,7 @@ def main():
     ])
     print(table)
     print(f"file sizes, ours vs reference: {same_size[0]} vs {same_size[1]} bytes")
-    stamp = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    machine = f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}"
-    with open(Path(__file__).parent / "RESULTS.md", "a") as f:
-        f.write(f"\n### bench/export.py: {stamp} ({machine})\n\n`python bench/export.py`\n\n{table}\n")
+    results.append("bench/export.py", "python bench/export.py", table)
 
 
 if __name__ == "__main__":

@@ -26,14 +26,14 @@ bench/RESULTS.md.
 import argparse
 import json
 import os
-import platform
 import random
 import subprocess
 import sys
 import tempfile
 import time
-from datetime import datetime, timezone
 from pathlib import Path
+
+import results  # bench/results.py: this script's folder is on sys.path
 
 MODES = ("recipe", "unsloth", "trl")
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -126,7 +126,11 @@ def worker(mode: str, a) -> dict:
             timer = StepTimer.make()
         else:
             from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
-            from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
+            from transformers import (
+                AutoModelForCausalLM,
+                AutoTokenizer,
+                BitsAndBytesConfig,
+            )
 
             quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
                                        bnb_4bit_compute_dtype=torch.bfloat16)
@@ -189,29 +193,31 @@ def main():
         Path(a.result).write_text(json.dumps(worker(a.worker, a)))
         return
 
-    from fasttune.tiny import QWEN2_5_0_5B_CONFIG, build_model, cache_dir, tiny_model_dir
+    from fasttune.tiny import (
+        QWEN2_5_0_5B_CONFIG,
+        build_model,
+        cache_dir,
+        tiny_model_dir,
+    )
 
     a.model_path = str(tiny_model_dir() if a.model == "tiny" else
                        build_model(cache_dir() / "qwen2.5-0.5b-shaped", QWEN2_5_0_5B_CONFIG))
-    results = {mode: run_mode(mode, a) for mode in MODES}
-    base = results["trl"]
+    by_mode = {mode: run_mode(mode, a) for mode in MODES}
+    base = by_mode["trl"]
     memory = "peak_gpu_mb" if base["peak_gpu_mb"] is not None else "peak_rss_mb"
     lines = [f"| {a.model}, 4-bit LoRA r=16, batch {a.batch}, rows 64-{a.seq} tokens, "
              f"{'packed' if a.packing else 'padded'}, {a.steps} timed steps | "
              f"tokens/s | s/step | {'peak CUDA allocated' if memory == 'peak_gpu_mb' else 'peak RSS'} | "
              "speed vs plain TRL | memory vs plain TRL |", "|---|---|---|---|---|---|"]
     names = {"recipe": "fasttune recipe path", "unsloth": "raw Unsloth API", "trl": "plain TRL + PEFT + bitsandbytes"}
-    for mode, r in results.items():
+    for mode, r in by_mode.items():
         lines.append(f"| {names[mode]} | {r['tokens_per_s']:.0f} | {r['step_s']:.2f} | {r[memory]:.0f} MB | "
                      f"{r['tokens_per_s'] / base['tokens_per_s']:.2f}x | {r[memory] / base[memory]:.2f}x |")
     table = "\n".join(lines)
     print(table)
-    stamp = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    machine = f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}"
     cmd = (f"python bench/train.py --model {a.model} --steps {a.steps} --batch {a.batch} --seq {a.seq}"
            + (" --packing" if a.packing else ""))
-    with open(Path(__file__).parent / "RESULTS.md", "a") as f:
-        f.write(f"\n### bench/train.py: {stamp} ({machine})\n\n`{cmd}`\n\n{table}\n")
+    results.append("bench/train.py", cmd, table)
 
 
 if __name__ == "__main__":
