@@ -124,9 +124,31 @@ def train(model, tokenizer, td: TrainingData, cfg: Config, run_dir: Path):
         step = json.loads((checkpoint / "trainer_state.json").read_text())["global_step"]
         logger.info("resuming from %s (step %d)", checkpoint, step)
         _forget_metrics_after(run_dir / "metrics.jsonl", step)
-    trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+    try:
+        trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+    except torch.OutOfMemoryError:
+        raise UserError(out_of_memory_advice(cfg)) from None
     plot_loss(run_dir / "metrics.jsonl", run_dir / "loss.png")
     return trainer
+
+
+def out_of_memory_advice(cfg: Config) -> str:
+    """What to lower when the GPU runs out of memory, with this run's numbers: each suggestion keeps
+    the effective batch or the model and costs something else (time, context, capacity)."""
+    m, t = cfg.model, cfg.train
+    tips = []
+    if t.batch_size > 1:
+        tips.append(f"--batch_size {t.batch_size // 2} --grad_accum {t.grad_accum * 2} (same effective batch, slower)")
+    tips.append(f"--max_seq_length {max(m.max_seq_length // 2, 128)} (longer answers are left out and counted)")
+    if not m.gradient_checkpointing:
+        tips.append("--gradient_checkpointing true (about 20-30 % slower)")
+    if not m.load_in_4bit:
+        tips.append("--load_in_4bit true (QLoRA: base weights in 4 bits)")
+    if m.lora_r > 8:
+        tips.append(f"--lora_r {m.lora_r // 2}")
+    return (f"the GPU ran out of memory training with batch {t.batch_size} x {m.max_seq_length} tokens, LoRA r "
+            f"{m.lora_r}, {'4-bit' if m.load_in_4bit else '16-bit'} base; lower one of: " + "; ".join(tips)
+            + " and run again with --overwrite (--resume needs the settings unchanged)")
 
 
 def latest_checkpoint(folder: Path) -> Path | None:

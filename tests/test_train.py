@@ -101,3 +101,18 @@ def test_packed_batch_loss_equals_token_weighted_mean_of_single_losses(tokenizer
             n = sum(lab != -100 for lab in r["labels"][1:])  # labels shift by one inside the loss
             total, count = total + loss * n, count + n
     assert abs(packed - total / count) < 1e-4, (packed, total / count)
+
+
+def test_out_of_memory_advice_names_what_to_lower_with_this_runs_numbers():
+    from fasttune.config import parse
+    from fasttune.train import out_of_memory_advice
+
+    cfg = parse(["--data", "d.jsonl", "--out", "o", "--batch_size", "8", "--max_seq_length", "2048", "--no-4bit",
+                 "--lora_r", "64"])
+    advice = out_of_memory_advice(cfg)
+    assert advice.startswith("the GPU ran out of memory training with batch 8 x 2048 tokens, LoRA r 64, 16-bit base")
+    for tip in ["--batch_size 4 --grad_accum 2", "--max_seq_length 1024", "--load_in_4bit true", "--lora_r 32",
+                "--overwrite"]:
+        assert tip in advice, tip
+    small = parse(["--data", "d.jsonl", "--out", "o", "--batch_size", "1", "--lora_r", "8"])
+    assert "--batch_size" not in out_of_memory_advice(small) and "--lora_r" not in out_of_memory_advice(small)
