@@ -45,6 +45,14 @@ def chat(llm, messages: list[dict], max_tokens: int = 256, stream: bool = False,
     return llm.create_chat_completion(messages=messages, max_tokens=max_tokens, stream=stream, **sampling)
 
 
+def bits_per_weight(llm) -> float:
+    """Tensor bytes x 8 / parameters of the loaded file: what a quant really costs (k-quants fall back
+    to larger types for rows that are not a multiple of 256 wide, e.g. Qwen2.5-0.5B's 896)."""
+    import llama_cpp
+
+    return 8 * llama_cpp.llama_model_size(llm.model) / llama_cpp.llama_model_n_params(llm.model)
+
+
 def prompt_tokens(llm, messages: list[dict]) -> int:
     """How many tokens `messages` take once the file's chat template has rendered them (with the
     assistant cue): what must fit in the context window together with the answer."""

@@ -86,10 +86,12 @@ def check_file(path: Path, ref: dict, adapter: Path | None = None) -> dict:
                     break
             greedy_same += out == c["greedy"]
         reply = infer.chat(llm, cases[0]["messages"], max_tokens=256)
+        bits_per_weight = infer.bits_per_weight(llm)
     ppl_merged, ppl_file = float(np.exp(nll_merged / len(agree))), float(np.exp(nll_file / len(agree)))
     return {
         "file": f"lora/{adapter.name} on {path.name}" if adapter else path.name,
         "size_mb": round((adapter or path).stat().st_size / 1e6, 1),
+        "bits_per_weight": round(bits_per_weight, 2),  # of the model loaded (base + adapter for a LoRA)
         "tokenization_identical": tokenization_same,
         "answer_positions": len(agree),
         "logits_max_abs_diff": round(max_abs, 4),
@@ -104,7 +106,7 @@ def check_file(path: Path, ref: dict, adapter: Path | None = None) -> dict:
 
 
 def line(row: dict) -> str:
-    return (f"{row['file']}: {row['size_mb']} MB, tokenization {'identical' if row['tokenization_identical'] else 'DIFFERS'}"
+    return (f"{row['file']}: {row['size_mb']} MB ({row['bits_per_weight']} bits/weight), tokenization {'identical' if row['tokenization_identical'] else 'DIFFERS'}"
             f", logits max|d| {row['logits_max_abs_diff']:.3g} mean {row['logits_mean_abs_diff']:.3g}, top-1 "
             f"{100 * row['top1_agreement']:.1f}%, perplexity x{row['perplexity_ratio']:.3f}, greedy "
             f"{row['greedy_identical']} identical, chat {row['chat_finish_reason']}")
