@@ -19,8 +19,10 @@ compute. Unsloth's CPU backend trains unpacked whatever --packing says (it packs
 kernels only), so on CPU --packing changes the plain TRL row alone. The first optimizer step is
 warm-up and not timed; tokens are the trainer's own count of non-padding tokens seen.
 Reported: trained-row tokens/s, seconds per step, peak memory (ru_maxrss of the process on CPU;
-torch.cuda.max_memory_allocated on a GPU), and ratios to the plain TRL path. Appends to
-bench/RESULTS.md.
+torch.cuda.max_memory_allocated on a GPU), and ratios to the plain TRL path; then the memory
+planner's prediction for the recipe path against its own measurement (live heap + mapped weights on
+CPU, CUDA allocations on a GPU; the planner assumes every row is --seq long, these rows are not, so
+it should read high). Appends to bench/RESULTS.md.
 """
 
 import argparse
@@ -87,7 +89,7 @@ def worker(mode: str, a) -> dict:
     if mode in ("recipe", "unsloth"):
         import fasttune.model  # noqa: F401  (imports unsloth first, in both Unsloth modes)
     if mode == "recipe":
-        from fasttune import config, train
+        from fasttune import config, plan, train
         from fasttune.chat import Prepared
         from fasttune.dataset import Split, TrainingData
 
@@ -96,7 +98,10 @@ def worker(mode: str, a) -> dict:
                             "--learning_rate", "2e-4", "--max_seq_length", str(a.seq), "--epochs", "1",
                             "--save_steps", "0", "--optim", "adamw_torch", "--warmup_ratio", "0", "--seed", "0"]
                            + (["--packing"] if a.packing else []))
+        # The planner's prediction, checked against this run: live heap bytes on CPU, CUDA allocations on GPU.
+        memory = plan.PeakMemory().__enter__()
         model, tokenizer = fasttune.model.load_for_training(cfg.model, seed=0)
+        memory.mapped = plan.file_mapped_bytes(model)
         td = TrainingData(Split(None, Prepared(data, [], [], {})), None)
         timer = StepTimer.make()
         original = train.SFTTrainer
@@ -110,6 +115,15 @@ def worker(mode: str, a) -> dict:
 
         train.SFTTrainer = with_timer
         train.train(model, tokenizer, td, cfg, Path(a.out))
+        memory.__exit__(None, None, None)
+        import torch
+
+        predicted = plan.plan(cfg.model, cfg.train)
+        if torch.cuda.is_available():  # max_memory_allocated leaves out the CUDA context
+            planned = predicted.total(torch.cuda.get_device_properties(0).total_memory) - predicted.overhead
+            measured = torch.cuda.max_memory_allocated()
+        else:
+            planned, measured = predicted.total(), memory.peak
     else:
         import torch
         from datasets import Dataset
@@ -155,8 +169,10 @@ def worker(mode: str, a) -> dict:
     import torch
 
     peak_gpu = torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else None
-    return {"mode": mode, "tokens_per_s": timed_tokens / seconds, "step_s": seconds / a.steps,
-            "peak_gpu_mb": peak_gpu}
+    out = {"mode": mode, "tokens_per_s": timed_tokens / seconds, "step_s": seconds / a.steps, "peak_gpu_mb": peak_gpu}
+    if mode == "recipe":
+        out.update(planned_mb=planned / 2**20, measured_mb=measured / 2**20)
+    return out
 
 
 def run_mode(mode: str, a) -> dict:
@@ -213,6 +229,10 @@ def main():
     for mode, r in by_mode.items():
         lines.append(f"| {names[mode]} | {r['tokens_per_s']:.0f} | {r['step_s']:.2f} | {r[memory]:.0f} MB | "
                      f"{r['tokens_per_s'] / base['tokens_per_s']:.2f}x | {r[memory] / base[memory]:.2f}x |")
+    r = by_mode["recipe"]
+    lines.append(f"\nmemory planner (fasttune.plan) on the recipe path: predicted {r['planned_mb']:.0f} MB, measured "
+                 f"{r['measured_mb']:.0f} MB ({'CUDA allocated' if memory == 'peak_gpu_mb' else 'live heap + mapped weights'}"
+                 f"), ratio {r['planned_mb'] / r['measured_mb']:.2f}")
     table = "\n".join(lines)
     print(table)
     cmd = (f"python bench/train.py --model {a.model} --steps {a.steps} --batch {a.batch} --seq {a.seq}"

@@ -50,9 +50,9 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    data: str = field(default=None, metadata={"help": "Training data: .jsonl, .json (array), .csv, .parquet, a "
-                                                      "datasets.save_to_disk directory, or a hub dataset name.",
-                                              "required": True})
+    data: str = field(default=None, metadata={"help": "Training data (required): .jsonl, .json (array), .csv, "
+                                                      ".parquet, a datasets.save_to_disk directory, or a hub "
+                                                      "dataset name."})
     eval_data: str | None = field(default=None, metadata={"help": "Held-out data, same format; used for eval "
                                                                   "loss and the demo answer."})
     eval_fraction: float = field(default=0.0, metadata={"help": "Without --eval_data: hold out this fraction of "
@@ -87,8 +87,8 @@ class DataConfig:
 
 @dataclass
 class TrainConfig:
-    out: str = field(default=None, metadata={"help": "Run directory to write (adapter, merged model, GGUF, logs).",
-                                             "required": True})
+    out: str = field(default=None, metadata={"help": "Run directory to write (required): adapter, merged model, "
+                                                     "GGUF, logs."})
     epochs: float = field(default=3.0, metadata={"help": "Passes over the training data."})
     batch_size: int = field(default=4, metadata={"help": "Examples per device step."})
     grad_accum: int = field(default=1, metadata={"help": "Steps to accumulate before an optimizer update."})
@@ -114,6 +114,12 @@ class TrainConfig:
     resume: bool = field(default=False, metadata={"help": "Continue the run in --out from its latest complete "
                                                           "checkpoint (after a crash or a kill); the other "
                                                           "settings must be the run's own."})
+    plan: bool = field(default=False, metadata={"help": "Print the predicted peak GPU memory of this training run "
+                                                        "(weights, LoRA + optimizer, activations, logits) and "
+                                                        "whether it fits 8/12/16/24 GB, then exit: reads only the "
+                                                        "model's config, no weights, no data."})
+    gpu_gb: float | None = field(default=None, metadata={"help": "--plan: the GPU's memory in GB (default: show "
+                                                                 "8, 12, 16 and 24)."})
 
 
 @dataclass
@@ -210,6 +216,9 @@ def parse(argv: list[str] | None = None, defaults: dict | None = None, prog: str
     if cli_extra:
         raise UserError(f"unknown arguments: {' '.join(cli_extra)} (--help lists every flag)")
     model, data, train, export, eval_ = parts
+    missing = [flag for flag, value in (("--data", data.data), ("--out", train.out)) if value is None]
+    if missing and not train.plan:
+        raise UserError(f"{' and '.join(missing)} required (--help lists every flag)")
     if not 0 <= data.eval_fraction < 1:
         raise UserError(f"--eval_fraction {data.eval_fraction}: must be 0 <= f < 1")
     if not 0 <= train.warmup_ratio < 1:
@@ -229,7 +238,7 @@ def _drop_pair(args: list[str], flag: str) -> list[str]:
 
 
 # Flags that say how to start, not what to train: they may differ when a run is resumed.
-HOW_TO_START = ("resume", "overwrite")
+HOW_TO_START = ("resume", "overwrite", "plan", "gpu_gb")
 
 
 def create_run_dir(cfg: Config) -> Path:

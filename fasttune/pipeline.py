@@ -11,11 +11,14 @@ from pathlib import Path
 
 import fasttune.model as model_lib  # first: imports unsloth, which patches transformers/trl/peft
 
-from fasttune import cli, config, dataset, evaluate, gguf, merge, train, verify
+from fasttune import cli, config, dataset, evaluate, gguf, merge, plan, train, verify
 
 
 def run(cfg: config.Config) -> Path | None:
-    """Train, merge, export, verify and evaluate; returns the run directory (None for --inspect)."""
+    """Train, merge, export, verify and evaluate; returns the run directory (None for --inspect, --plan)."""
+    if cfg.train.plan:  # memory arithmetic from the model's config alone: nothing is loaded
+        print(plan.describe(cfg.model, cfg.train, cfg.train.gpu_gb))
+        return None
     # Setup: read, validate and tokenize all data before anything is written.
     tokenizer = model_lib.load_tokenizer(cfg.model.model)
     td = dataset.build(cfg, tokenizer)

@@ -85,6 +85,8 @@ def sft_config(cfg: Config, output_dir: Path, has_eval: bool) -> SFTConfig:
         bf16=bf16,
         fp16=torch.cuda.is_available() and not bf16,
         max_length=cfg.model.max_seq_length,
+        # TRL 1.15 turns checkpointing on by default; the model config decides (Unsloth set its variant).
+        gradient_checkpointing=cfg.model.gradient_checkpointing,
         packing=cfg.train.packing,  # best-fit packing, padding-free: per-example position ids
         eval_strategy="epoch" if has_eval else "no",
         # Checkpoints hold adapter, optimizer, scheduler, RNG and step (Trainer's own format); two are
@@ -132,23 +134,21 @@ def train(model, tokenizer, td: TrainingData, cfg: Config, run_dir: Path):
     return trainer
 
 
-def out_of_memory_advice(cfg: Config) -> str:
-    """What to lower when the GPU runs out of memory, with this run's numbers: each suggestion keeps
-    the effective batch or the model and costs something else (time, context, capacity)."""
+def out_of_memory_advice(cfg: Config, gpu_bytes: int | None = None) -> str:
+    """What to lower when the GPU runs out of memory, with this run's numbers and the planner's
+    prediction for each change (fasttune.plan)."""
+    from fasttune import plan
+
     m, t = cfg.model, cfg.train
-    tips = []
-    if t.batch_size > 1:
-        tips.append(f"--batch_size {t.batch_size // 2} --grad_accum {t.grad_accum * 2} (same effective batch, slower)")
-    tips.append(f"--max_seq_length {max(m.max_seq_length // 2, 128)} (longer answers are left out and counted)")
-    if not m.gradient_checkpointing:
-        tips.append("--gradient_checkpointing true (about 20-30 % slower)")
-    if not m.load_in_4bit:
-        tips.append("--load_in_4bit true (QLoRA: base weights in 4 bits)")
-    if m.lora_r > 8:
-        tips.append(f"--lora_r {m.lora_r // 2}")
-    return (f"the GPU ran out of memory training with batch {t.batch_size} x {m.max_seq_length} tokens, LoRA r "
-            f"{m.lora_r}, {'4-bit' if m.load_in_4bit else '16-bit'} base; lower one of: " + "; ".join(tips)
-            + " and run again with --overwrite (--resume needs the settings unchanged)")
+    if gpu_bytes is None:
+        gpu_bytes = torch.cuda.get_device_properties(0).total_memory
+    sizes = plan.shapes(m.model, m.lora_target_modules)
+    needs = plan.plan(m, t, "cuda", sizes).needs()
+    tips = [f"{flags} -> needs {need / plan.GIB:.1f} GB" for flags, need in plan.remedies(m, t, sizes)]
+    return (f"the GPU ({gpu_bytes / plan.GIB:.1f} GB) ran out of memory training with batch {t.batch_size} x "
+            f"{m.max_seq_length} tokens, LoRA r {m.lora_r}, {'4-bit' if m.load_in_4bit else '16-bit'} base (it needs "
+            f"{needs / plan.GIB:.1f} GB by the planner; --plan shows the breakdown); lower one of: " + "; ".join(tips)
+            + "; and run again with --overwrite (--resume needs the settings unchanged)")
 
 
 def latest_checkpoint(folder: Path) -> Path | None:

@@ -31,6 +31,23 @@ def run_script(*args, check: bool = True, timeout: int = 900) -> subprocess.Comp
     return proc
 
 
+# Qwen/Qwen2.5-7B-Instruct's config.json, the fields that matter: the memory planner reads only the config.
+QWEN2_5_7B = {"architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", "hidden_size": 3584,
+              "intermediate_size": 18944, "num_hidden_layers": 28, "num_attention_heads": 28,
+              "num_key_value_heads": 4, "vocab_size": 152064, "max_position_embeddings": 32768,
+              "tie_word_embeddings": False, "rms_norm_eps": 1e-6, "rope_theta": 1000000.0, "torch_dtype": "bfloat16"}
+
+
+@pytest.fixture(scope="session")
+def qwen7b_config(tmp_path_factory) -> Path:
+    """A directory holding only Qwen2.5-7B's config.json (no weights)."""
+    import json
+
+    folder = tmp_path_factory.mktemp("qwen2.5-7b-config")
+    (folder / "config.json").write_text(json.dumps(QWEN2_5_7B))
+    return folder
+
+
 @pytest.fixture(scope="session")
 def tiny_dir() -> Path:
     from fasttune.tiny import tiny_model_dir

@@ -60,3 +60,11 @@ def test_run_dir_round_trip(tmp_path):
     assert again.flat() == cfg.flat()
     with pytest.raises(UserError, match="--overwrite"):
         create_run_dir(cfg)
+
+
+def test_data_and_out_are_required_except_for_plan():
+    with pytest.raises(UserError, match=r"--data and --out required"):
+        parse([])
+    with pytest.raises(UserError, match=r"^--out required"):
+        parse(["--data", "d.jsonl"])
+    assert parse(["--plan"]).train.plan

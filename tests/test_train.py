@@ -1,5 +1,7 @@
 """Training on the tiny model: the loss falls, only the adapter moves, TRL masks as we do."""
 
+import re
+
 import pytest
 import torch
 
@@ -103,16 +105,22 @@ def test_packed_batch_loss_equals_token_weighted_mean_of_single_losses(tokenizer
     assert abs(packed - total / count) < 1e-4, (packed, total / count)
 
 
-def test_out_of_memory_advice_names_what_to_lower_with_this_runs_numbers():
+def test_out_of_memory_advice_names_what_to_lower_with_the_planners_numbers(qwen7b_config):
     from fasttune.config import parse
     from fasttune.train import out_of_memory_advice
 
     cfg = parse(["--data", "d.jsonl", "--out", "o", "--batch_size", "8", "--max_seq_length", "2048", "--no-4bit",
-                 "--lora_r", "64"])
-    advice = out_of_memory_advice(cfg)
-    assert advice.startswith("the GPU ran out of memory training with batch 8 x 2048 tokens, LoRA r 64, 16-bit base")
+                 "--lora_r", "64", "--model", str(qwen7b_config)])
+    advice = out_of_memory_advice(cfg, gpu_bytes=24 * 2**30)
+    assert advice.startswith("the GPU (24.0 GB) ran out of memory training with batch 8 x 2048 tokens, LoRA r 64, "
+                             "16-bit base (it needs "), advice
     for tip in ["--batch_size 4 --grad_accum 2", "--max_seq_length 1024", "--load_in_4bit true", "--lora_r 32",
                 "--overwrite"]:
         assert tip in advice, tip
-    small = parse(["--data", "d.jsonl", "--out", "o", "--batch_size", "1", "--lora_r", "8"])
-    assert "--batch_size" not in out_of_memory_advice(small) and "--lora_r" not in out_of_memory_advice(small)
+    # each tip carries what the run needs after it, by the planner, and each needs less than now
+    needs = float(re.search(r"it needs ([\d.]+) GB", advice)[1])
+    after = [float(x) for x in re.findall(r"-> needs ([\d.]+) GB", advice)]
+    assert len(after) == 4 and all(x < needs for x in after), (needs, after)
+    small = parse(["--data", "d.jsonl", "--out", "o", "--batch_size", "1", "--lora_r", "8", "--model", str(qwen7b_config)])
+    assert "--batch_size" not in out_of_memory_advice(small, 8 * 2**30)
+    assert "--lora_r" not in out_of_memory_advice(small, 8 * 2**30)
