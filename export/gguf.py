@@ -3,9 +3,13 @@
 
     python export/gguf.py RUN_DIR                      # the types the recipe's config lists
     python export/gguf.py RUN_DIR --quant bf16 q8_0 q4_k_m
+    python export/gguf.py RUN_DIR --quant auto [--tolerance 1.0]   # the smallest that keeps the score
 
 bf16/f16/f32/q8_0 are written by fasttune's own converter (the `gguf` package); k-quants and the
-other llama.cpp types are made from the 16-bit file by llama-cpp-python's bundled quantizer.
+other llama.cpp types are made from the 16-bit file by llama-cpp-python's bundled quantizer,
+calibrated by an importance matrix from the run's training conversations (unless the run says
+imatrix: false, or --no-imatrix). auto writes the candidates and keeps the smallest whose eval score
+is within --tolerance points of the 16-bit file (report: RUN_DIR/gguf/auto.md).
 Files land in RUN_DIR/gguf/<run name>-<type>.gguf. No network, no llama.cpp build.
 """
 
@@ -18,7 +22,7 @@ sys.path = [p for p in sys.path if not p.endswith("export")]
 import argparse  # noqa: E402
 from pathlib import Path  # noqa: E402
 
-from fasttune import UserError, cli, config, gguf, verify  # noqa: E402
+from fasttune import UserError, autoquant, cli, config, gguf, verify  # noqa: E402
 
 
 def main(argv=None):
@@ -26,6 +30,11 @@ def main(argv=None):
     parser.add_argument("run_dir", type=Path, help="run directory written by a recipe")
     parser.add_argument("--quant", nargs="+", metavar="TYPE",
                         help="types to write (default: the recipe config's `quants`), e.g. bf16 q8_0 q4_k_m")
+    parser.add_argument("--tolerance", type=float,
+                        help="auto: points of score a quant may lose against the 16-bit file (default: the run's "
+                             "quant_tolerance, 1.0)")
+    parser.add_argument("--imatrix", action=argparse.BooleanOptionalAction, default=None,
+                        help="calibrate quantized types on the run's training texts (default: the run's setting)")
     parser.add_argument("--lora", action="store_true",
                         help="also write gguf/lora/: the adapter as a GGUF LoRA and the base model in the first type")
     args = parser.parse_args(argv)
@@ -42,17 +51,20 @@ def main(argv=None):
     quants = args.quant or cfg.export.quants
     if not quants:
         raise UserError("no types to export: pass --quant bf16 q4_k_m (the run's config lists none)")
+    if args.imatrix is not None:
+        cfg.export.imatrix = args.imatrix
+    autoquant.check(quants, cfg.export.imatrix)
     lora = None
     if args.lora or cfg.export.lora_gguf:
         # imports unsloth (slow): only when the base model is needed
         from fasttune.model import resolve
 
         lora = (args.run_dir / "adapter", resolve(cfg.model.model))
-    files = gguf.export(merged, args.run_dir / "gguf", quants, name=args.run_dir.name, base_model=cfg.model.model,
-                        recipe=cfg.recipe, system_prompt=cfg.data.system_prompt, lora=lora)
+    files = autoquant.export_run(args.run_dir, cfg, quants, lora=lora, tolerance=args.tolerance)
     rows = verify.verify_run(args.run_dir, files)
     for path in files + list(gguf.lora_pair(args.run_dir / "gguf") or []):
         print(f"{path}  ({path.stat().st_size / 1e6:.1f} MB)")
+    cli.print_auto(args.run_dir, files)
     for row in rows:
         print(f"  {verify.line(row)}")
 

@@ -27,7 +27,8 @@ def setup_logging(verbose: bool = False) -> None:
     )
     # Quiet the libraries' own chatter; our modules log what a user needs.
     # llama-cpp-python routes llama.cpp's own log (per-tensor quantize lines, model dumps) here.
-    for name in ("httpx", "urllib3", "filelock", "datasets", "gguf", "llama-cpp-python"):
+    # absl: rouge-score logs "Using default tokenizer." on every scorer it builds.
+    for name in ("httpx", "urllib3", "filelock", "datasets", "gguf", "llama-cpp-python", "absl"):
         logging.getLogger(name).setLevel(logging.WARNING)
     warnings.filterwarnings("ignore", category=FutureWarning)
 
@@ -70,6 +71,7 @@ def report_run(run_dir, files, td, report, scores=None) -> None:
     print(f"run directory: {run_dir}")
     for path in files:
         print(f"  {path}  ({path.stat().st_size / 1e6:.1f} MB)")
+    print_auto(run_dir, files)
     if report:
         print(f"fidelity against the merged model ({run_dir / 'gguf' / 'report.json'}):")
         for row in report:
@@ -82,6 +84,16 @@ def report_run(run_dir, files, td, report, scores=None) -> None:
     if files:
         print(f"\nchat with it:  python export/chat.py {files[-1]}")
         print(f"serve it:      python export/serve.py {files[-1]}   (OpenAI-compatible, http://127.0.0.1:8000/v1)")
+
+
+def print_auto(run_dir, files) -> None:
+    """The --quants auto table, when this export chose one of `files`."""
+    from fasttune import autoquant
+
+    auto = autoquant.load(run_dir)
+    if auto and auto["winner"] in {f.name for f in files}:
+        print(f"quant chosen by measurement ({run_dir / 'gguf' / 'auto.md'}):")
+        print("  " + autoquant.table(auto).replace("\n", "\n  "))
 
 
 def answer_held_out(gguf_file, example) -> None:

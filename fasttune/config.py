@@ -125,9 +125,22 @@ class TrainConfig:
 @dataclass
 class ExportConfig:
     quants: list[str] = field(
-        default_factory=lambda: ["bf16", "q4_k_m"],
+        default_factory=lambda: ["bf16", "auto"],
         metadata={"help": "GGUF files to write after training: bf16, f16, f32, q8_0 directly; q4_k_m, q5_k_m, "
-                          "q6_k, ... via llama.cpp's quantizer. Empty list (--quants none) skips export."},
+                          "q6_k, ... via llama.cpp's quantizer; auto: write q8_0 down to q3_k_m (and iq4_xs, q2_k "
+                          "with --imatrix), score each on the eval data and keep the smallest within "
+                          "--quant_tolerance of the 16-bit file (gguf/auto.md). --quants none skips export."},
+    )
+    quant_tolerance: float = field(
+        default=1.0,
+        metadata={"help": "auto: how many points (task score x 100) a quant may lose against the 16-bit file and "
+                          "still be chosen; without eval data, points of top-1 agreement with it."},
+    )
+    imatrix: bool = field(
+        default=True,
+        metadata={"help": "Calibrate the quantized types on the run's training conversations: an importance matrix "
+                          "(which input channels matter, gguf/imatrix.gguf) guides llama.cpp's rounding, and allows "
+                          "the low-bit types (iq2_*, iq3_*, iq4_xs, q2_k)."},
     )
     lora_gguf: bool = field(
         default=False,

@@ -87,8 +87,10 @@ DIRECT_TYPES = {
     "bf16": (FT.MOSTLY_BF16, Q.BF16),
     "q8_0": (FT.MOSTLY_Q8_0, Q.Q8_0),
 }
-# llama.cpp refuses these without an importance matrix (llama-quantize says the same).
-NEEDS_IMATRIX = {"iq1_s", "iq1_m", "iq2_xxs", "iq2_xs", "iq2_s", "q2_k_s"}
+# Types under ~4 bits per weight, made only with an importance matrix (fasttune.calibrate): llama.cpp
+# refuses iq1_*, iq2_*, iq3_xxs and q2_k_s without one outright, the others lose far more without it.
+NEEDS_IMATRIX = {"iq1_s", "iq1_m", "iq2_xxs", "iq2_xs", "iq2_s", "iq2_m", "iq3_xxs", "iq3_xs", "iq3_s", "iq3_m",
+                 "iq4_nl", "iq4_xs", "q2_k", "q2_k_s"}
 
 
 def llama_ftype(name: str) -> int:
@@ -104,10 +106,11 @@ def llama_ftype(name: str) -> int:
     return value
 
 
-def check_quant_name(name: str) -> None:
-    if name in NEEDS_IMATRIX:
-        raise UserError(f"quant type '{name}' needs an importance matrix, which this export does not compute; "
-                        "choose q3_k_m, q4_k_m or larger")
+def check_quant_name(name: str, calibrated: bool = False) -> None:
+    if name in NEEDS_IMATRIX and not calibrated:
+        raise UserError(f"quant type '{name}' needs an importance matrix: llama.cpp rounds so few bits well only where "
+                        "it knows which weights matter; export with --imatrix true (calibrates on the run's training "
+                        "texts), or choose q3_k_m or larger")
     if name not in DIRECT_TYPES:
         llama_ftype(name)
 
@@ -470,15 +473,27 @@ def _native_output_captured():
                 os.close(fd)
 
 
-def quantize(src: str | Path, out_path: str | Path, qtype: str, threads: int | None = None) -> Path:
-    """k-quants and the rest, in-process through llama-cpp-python's bundled llama.cpp (no build)."""
+def quantize(src: str | Path, out_path: str | Path, qtype: str, threads: int | None = None,
+             imatrix: dict[str, np.ndarray] | None = None) -> Path:
+    """k-quants and the rest, in-process through llama-cpp-python's bundled llama.cpp (no build).
+
+    imatrix: GGUF tensor name -> mean squared input per channel (fasttune.calibrate), handed to
+    llama.cpp as its `llama_model_imatrix_data` array (ended by a NULL name)."""
     import llama_cpp
 
-    check_quant_name(qtype)
+    check_quant_name(qtype, calibrated=imatrix is not None)
     src, out_path = Path(src), Path(out_path)
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = llama_ftype(qtype)
     params.nthread = threads or os.cpu_count() or 1
+    if imatrix is not None:
+        arrays = [np.ascontiguousarray(v, dtype=np.float32) for v in imatrix.values()]  # alive until return
+        entries = (llama_cpp.llama_model_imatrix_data * (len(arrays) + 1))()
+        for entry, name, values in zip(entries, imatrix, arrays):
+            entry.name = name.encode()
+            entry.data = values.ctypes.data_as(ctypes.POINTER(ctypes.c_float))
+            entry.size = values.size
+        params.imatrix = ctypes.cast(entries, ctypes.POINTER(llama_cpp.llama_model_imatrix_data))
     tmp = out_path.with_name(out_path.name + ".partial")
     try:
         with _native_output_captured() as captured:
@@ -533,19 +548,20 @@ def write_modelfile(gguf_path: Path, system_prompt: str | None = None, adapter: 
 
 def export(merged_dir: str | Path, out_dir: str | Path, quants: list[str], name: str,
            base_model: str | None = None, recipe: str | None = None, system_prompt: str | None = None,
-           lora: tuple[Path, Path] | None = None) -> list[Path]:
+           lora: tuple[Path, Path] | None = None, imatrix: dict[str, np.ndarray] | None = None) -> list[Path]:
     """Write every requested type into out_dir as <name>-<type>.gguf (k-quants start from bf16), each
     with an Ollama Modelfile.<name>-<type> beside it.
 
     lora=(adapter_dir, base_dir) also writes out_dir/lora/: the adapter as <name>-lora.gguf, the base
     model as base-<first type>.gguf (one base file serves any number of adapters) and their Modelfile.
-    Only the merged files are returned; lora_pair(out_dir) finds the other two.
+    Only the merged files are returned; lora_pair(out_dir) finds the other two. imatrix (GGUF tensor
+    name -> mean squared input) calibrates every quantized type and allows the low-bit ones.
     """
     merged_dir, out_dir = Path(merged_dir), Path(out_dir)
     if not quants:
         return []
     for q in quants:
-        check_quant_name(q)
+        check_quant_name(q, calibrated=imatrix is not None)
     out_dir.mkdir(parents=True, exist_ok=True)
     written, base16 = [], None
     for q in [q for q in quants if q in DIRECT_TYPES] + [q for q in quants if q not in DIRECT_TYPES]:
@@ -558,7 +574,7 @@ def export(merged_dir: str | Path, out_dir: str | Path, quants: list[str], name:
             if base16 is None:  # quantizing needs a 16-bit source; make one and keep it out of the list
                 base16 = convert(merged_dir, out_dir / f"{name}-bf16.gguf.src", "bf16", name=name,
                                  base_model=base_model, recipe=recipe)
-            quantize(base16, path, q)
+            quantize(base16, path, q, imatrix=imatrix)
         write_modelfile(path, system_prompt)
         written.append(path)
     for leftover in out_dir.glob("*.gguf.src"):

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import fasttune.model as model_lib  # first: imports unsloth, which patches transformers/trl/peft
 
-from fasttune import cli, config, dataset, evaluate, gguf, merge, plan, train, verify
+from fasttune import autoquant, cli, config, dataset, evaluate, merge, plan, train, verify
 
 
 def run(cfg: config.Config) -> Path | None:
@@ -20,6 +20,7 @@ def run(cfg: config.Config) -> Path | None:
         print(plan.describe(cfg.model, cfg.train, cfg.train.gpu_gb))
         return None
     # Setup: read, validate and tokenize all data before anything is written.
+    autoquant.check(cfg.export.quants, cfg.export.imatrix)  # a typo fails now, not after training
     tokenizer = model_lib.load_tokenizer(cfg.model.model)
     td = dataset.build(cfg, tokenizer)
     if cfg.data.inspect:
@@ -37,9 +38,8 @@ def run(cfg: config.Config) -> Path | None:
     tokenizer.save_pretrained(run_dir / "adapter")
     base = model_lib.resolve(cfg.model.model)
     merge.merge(run_dir / "adapter", run_dir / "merged", base=base)
-    files = gguf.export(run_dir / "merged", run_dir / "gguf", cfg.export.quants, name=run_dir.name,
-                        base_model=cfg.model.model, recipe=cfg.recipe, system_prompt=cfg.data.system_prompt,
-                        lora=(run_dir / "adapter", base) if cfg.export.lora_gguf else None)
+    files = autoquant.export_run(run_dir, cfg, cfg.export.quants,  # auto: the smallest quant that keeps the score
+                                 lora=(run_dir / "adapter", base) if cfg.export.lora_gguf else None)
     fidelity = verify.verify_run(run_dir, files)  # gguf/report.json
 
     # Evaluate: base vs fine-tuned vs each GGUF on the held-out data, with the task's metric: eval/

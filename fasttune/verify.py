@@ -105,6 +105,49 @@ def check_file(path: Path, ref: dict, adapter: Path | None = None) -> dict:
     }
 
 
+def answer_spans(tokenizer, conversations: list[list[dict]], max_positions: int = 512) -> list[tuple[list[int], list[int]]]:
+    """(token ids, positions predicting an answer token) per conversation, up to max_positions in all:
+    the positions a quantized file is judged on (each keeps a vocabulary-sized row of logits)."""
+    cases, total = [], 0
+    for conv in conversations:
+        ids, labels = tokenize_chat(tokenizer, conv)
+        span = [i for i in range(len(ids) - 1) if labels[i + 1] != IGNORE][: max_positions - total]
+        if span:
+            cases.append((ids, span))
+            total += len(span)
+        if total >= max_positions:
+            break
+    return cases
+
+
+def _span_logprobs(llm, ids: list[int], span: list[int]) -> np.ndarray:
+    llm.reset()
+    llm.eval(ids)
+    return _log_softmax(np.array(llm.scores[: len(ids)], dtype=np.float64)[span])
+
+
+def divergence(reference: Path, candidates: list[Path], cases: list[tuple[list[int], list[int]]]) -> dict[Path, dict]:
+    """KL(reference || candidate) and top-1 agreement over the answer positions of `cases`, for each
+    candidate: how far quantization moved the next-token distribution where the task is answered.
+
+    The reference's log-probabilities are computed once and kept (positions x vocabulary floats);
+    candidates are loaded one at a time.
+    """
+    n_ctx = max(max(len(ids) for ids, _ in cases) + 16, 512)
+    with infer.load(reference, n_ctx=n_ctx, logits_all=True) as llm:
+        ref = [_span_logprobs(llm, ids, span).astype(np.float32) for ids, span in cases]
+    out = {}
+    for path in candidates:
+        kl, agree = [], []
+        with infer.load(path, n_ctx=n_ctx, logits_all=True) as llm:
+            for (ids, span), p_log in zip(cases, ref):
+                q_log = _span_logprobs(llm, ids, span)
+                kl += (np.exp(p_log) * (p_log - q_log)).sum(-1).tolist()
+                agree += (p_log.argmax(-1) == q_log.argmax(-1)).tolist()
+        out[path] = {"kl": float(np.mean(kl)), "top1": float(np.mean(agree)), "positions": len(kl)}
+    return out
+
+
 def line(row: dict) -> str:
     return (f"{row['file']}: {row['size_mb']} MB ({row['bits_per_weight']} bits/weight), tokenization {'identical' if row['tokenization_identical'] else 'DIFFERS'}"
             f", logits max|d| {row['logits_max_abs_diff']:.3g} mean {row['logits_mean_abs_diff']:.3g}, top-1 "

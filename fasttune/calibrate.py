@@ -1,0 +1,135 @@
+"""Importance matrix: how much each input channel of each linear layer matters, on the user's data.
+
+llama.cpp's quantizers can weight every column's rounding error by the mean squared activation that
+reaches it (what its `llama-imatrix` tool measures by running the model). We measure the same thing
+in-process: forward pre-hooks on the merged 16-bit model's linear layers, run over the run's own
+training conversations, add up x**2 per input channel. Streaming: one running sum per layer
+(in_features floats), no activation is kept. Written by hand because no Python library computes
+llama.cpp's importance matrix; the file it writes is llama.cpp's own imatrix GGUF format, so
+`llama-quantize --imatrix` reads it too.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import gguf
+import numpy as np
+import torch
+from tqdm import tqdm
+
+logger = logging.getLogger(__name__)
+
+# Enough text to rank channels reliably (llama.cpp's own default run is ~100 chunks of 512 tokens);
+# small enough to take seconds on a GPU and a minute or two for a 0.5B model on a laptop CPU.
+MAX_TOKENS = 32_768
+MAX_LENGTH = 1024  # tokens per conversation
+
+
+@dataclass
+class ImportanceMatrix:
+    sums: dict[str, np.ndarray]  # GGUF tensor name -> sum over tokens of x**2, per input channel
+    tokens: int  # tokens the sums are over
+    source: str  # what text it was computed on
+
+    def values(self) -> dict[str, np.ndarray]:
+        """Mean squared activation per input channel: what llama_model_quantize takes."""
+        return {name: (s / self.tokens).astype(np.float32) for name, s in self.sums.items()}
+
+    def save(self, path: Path) -> Path:
+        """llama.cpp's imatrix GGUF: <tensor>.in_sum2 (sums) and <tensor>.counts, datasets, chunks."""
+        tmp = path.with_name(path.name + ".partial")
+        writer = gguf.GGUFWriter(tmp, arch="imatrix")  # general.architecture is ignored by readers
+        writer.add_type("imatrix")
+        writer.add_array(gguf.Keys.IMatrix.DATASETS, [self.source])
+        writer.add_uint32(gguf.Keys.IMatrix.CHUNK_COUNT, 1)
+        writer.add_uint32(gguf.Keys.IMatrix.CHUNK_SIZE, self.tokens)
+        for name, s in self.sums.items():
+            writer.add_tensor(f"{name}.in_sum2", s.astype(np.float32).reshape(1, -1))
+            writer.add_tensor(f"{name}.counts", np.array([[self.tokens]], dtype=np.float32))
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+        writer.close()
+        tmp.replace(path)
+        return path
+
+    @classmethod
+    def load(cls, path: Path) -> ImportanceMatrix:
+        reader = gguf.GGUFReader(path)
+        tensors = {t.name: np.array(t.data, dtype=np.float32) for t in reader.tensors}
+        sums = {name.removesuffix(".in_sum2"): data.reshape(-1) for name, data in tensors.items()
+                if name.endswith(".in_sum2")}
+        tokens = int(next(iter(tensors[f"{name}.counts"] for name in sums)).reshape(-1)[0])
+        field = reader.fields[gguf.Keys.IMatrix.DATASETS]
+        source = bytes(field.parts[field.data[0]]).decode()
+        return cls(sums, tokens, source)
+
+
+def compute(merged_dir: Path, conversations: list[list[dict]], source: str) -> ImportanceMatrix:
+    """Run the merged model over the conversations (chat template applied, up to MAX_TOKENS tokens in
+    all) and collect each linear layer's squared inputs under its GGUF tensor name."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    from fasttune.gguf import ARCHITECTURES
+
+    config = AutoConfig.from_pretrained(merged_dir)
+    names = gguf.get_tensor_name_map(ARCHITECTURES[config.architectures[0]].gguf_arch, config.num_hidden_layers)
+    tokenizer = AutoTokenizer.from_pretrained(merged_dir)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model = AutoModelForCausalLM.from_pretrained(merged_dir, dtype=torch.bfloat16).to(device).eval()
+
+    sums: dict[str, torch.Tensor] = {}
+
+    def hook(gguf_name):
+        def accumulate(module, inputs):
+            x = inputs[0].detach().reshape(-1, module.in_features).float()
+            sums[gguf_name] = sums.get(gguf_name, 0) + (x * x).sum(0)  # (in_features,)
+        return accumulate
+
+    head = model.get_output_embeddings()
+    handles = []
+    for module_name, module in model.named_modules():
+        if not isinstance(module, torch.nn.Linear) or (module is head and config.tie_word_embeddings):
+            continue  # a tied head is the token embedding in GGUF, which llama.cpp quantizes without one
+        gguf_name = names.get_name(f"{module_name}.weight", try_suffixes=(".weight",))
+        if gguf_name is not None:
+            handles.append(module.register_forward_pre_hook(hook(gguf_name)))
+
+    tokens = 0
+    try:
+        with torch.no_grad(), tqdm(total=MAX_TOKENS, desc="importance matrix", unit="tok") as bar:
+            for conv in conversations:
+                ids = tokenizer.apply_chat_template(conv, tokenize=True, return_dict=False)[:MAX_LENGTH]
+                ids = ids[: MAX_TOKENS - tokens]
+                if not ids:
+                    break
+                model(torch.tensor([ids], device=device))  # one conversation at a time: no padding to mask
+                tokens += len(ids)
+                bar.update(len(ids))
+    finally:
+        for h in handles:
+            h.remove()
+    logger.info("importance matrix over %d tokens of %s (%d tensors)", tokens, source, len(sums))
+    return ImportanceMatrix({name: s.double().cpu().numpy() for name, s in sums.items()}, tokens, source)
+
+
+def for_run(run_dir: Path, cfg) -> ImportanceMatrix:
+    """The run's importance matrix: gguf/imatrix.gguf when it is newer than the merged model, else
+    computed on the run's training conversations and saved there."""
+    from fasttune import data
+
+    run_dir = Path(run_dir)
+    path, merged = run_dir / "gguf" / "imatrix.gguf", run_dir / "merged"
+    weights = max(p.stat().st_mtime for p in merged.glob("*.safetensors"))
+    if path.is_file() and path.stat().st_mtime > weights:
+        return ImportanceMatrix.load(path)
+    d = cfg.data
+    templates = data.Templates(d.user_template, d.assistant_template, d.system_prompt)
+    loaded = data.load(d.data, templates, d.format, on_bad_record="skip", split=d.split)
+    matrix = compute(merged, [ex.messages for ex in loaded.examples], source=str(d.data))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    matrix.save(path)
+    return matrix

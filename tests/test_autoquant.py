@@ -1,0 +1,77 @@
+"""--quant auto: the selection rule on hand-made rows, and export/gguf.py RUN_DIR --quant auto end to end."""
+
+import json
+import shutil
+
+import pytest
+import yaml
+
+from tests.conftest import run_script
+from fasttune.autoquant import CALIBRATED_CANDIDATES, CANDIDATES, pick
+
+
+def row(type_, size, score):
+    return {"file": f"x-{type_}.gguf", "type": type_, "size_mb": size, "score": score}
+
+
+def test_pick_keeps_the_smallest_within_tolerance():
+    rows = [row("bf16", 100, 80.0), row("q8_0", 53, 80.0), row("q6_k", 41, 79.5), row("q4_k_m", 30, 60.0)]
+    winner, why = pick(rows, tolerance=1.0)
+    assert winner["type"] == "q6_k"
+    assert "smallest file within 1 points" in why and "q4_k_m 60.0" in why
+    assert pick(rows, tolerance=25)[0]["type"] == "q4_k_m"
+    assert pick(rows, tolerance=0)[0]["type"] == "q8_0"  # equal to the reference is within
+    # a quant that scores above the reference is within any tolerance
+    assert pick([row("bf16", 100, 50.0), row("q4_k_m", 30, 55.0)], tolerance=0)[0]["type"] == "q4_k_m"
+
+
+def test_pick_keeps_the_reference_when_every_quant_loses():
+    winner, why = pick([row("bf16", 100, 80.0), row("q8_0", 53, 70.0)], tolerance=1.0)
+    assert winner["type"] == "bf16" and why.startswith("no quant stayed within 1 points")
+
+
+@pytest.fixture(scope="module")
+def run_copy(trained_run, tmp_path_factory):
+    run_dir, _ = trained_run
+    work = tmp_path_factory.mktemp("auto") / "memorize"
+    shutil.copytree(run_dir, work, ignore=shutil.ignore_patterns("checkpoints", "*q4_k_m*", "imatrix.gguf"))
+    return work
+
+
+def test_export_auto_measures_every_candidate_and_keeps_one(run_copy):
+    proc = run_script("export/gguf.py", run_copy, "--quant", "auto", "--tolerance", "100")
+    gguf_dir = run_copy / "gguf"
+    result = json.loads((gguf_dir / "auto.json").read_text())
+    rows = result["candidates"]
+    assert [r["type"] for r in rows] == ["bf16", *CANDIDATES, *CALIBRATED_CANDIDATES]
+    assert result["measure"].startswith("rouge x 100 on 4 held-out examples")
+    assert rows[0]["score"] == 100.0  # the memorizing run answers its four cases exactly
+    for r in rows:
+        assert r["size_mb"] > 0 and r["bits_per_weight"] > 0 and r["tokens_per_s"] > 0 and r["kl"] >= 0
+    assert rows[0]["bits_per_weight"] == 16.0 and rows[1]["bits_per_weight"] == 8.5  # q8_0: 34 bytes / 32 weights
+    assert all(r["calibrated"] for r in rows[2:])  # every k-quant went through the importance matrix
+    # tolerance 100 lets every candidate through: the smallest wins, is kept, the rest are gone
+    smallest = min(rows[1:], key=lambda r: r["size_mb"])
+    assert result["winner"] == smallest["file"] and (gguf_dir / smallest["file"]).is_file()
+    assert (gguf_dir / f"Modelfile.{smallest['file'].removesuffix('.gguf')}").is_file()
+    assert not (gguf_dir / "candidates").exists()
+    kept = sorted(p.name for p in gguf_dir.glob("*.gguf"))
+    assert kept == sorted(["memorize-bf16.gguf", smallest["file"], "imatrix.gguf"])
+    for name in ("auto.md", "auto.png", "auto-eval/report.md"):
+        assert (gguf_dir / name).is_file(), name
+    assert "quant chosen by measurement" in proc.stdout and "<- chosen" in proc.stdout
+
+
+def test_export_auto_without_eval_data_scores_agreement_with_16_bit(run_copy):
+    config = yaml.safe_load((run_copy / "config.yaml").read_text())
+    config["eval_data"] = None
+    (run_copy / "config.yaml").write_text(yaml.safe_dump(config))
+    run_script("export/gguf.py", run_copy, "--quant", "auto", "--tolerance", "0", "--no-imatrix")
+    result = json.loads((run_copy / "gguf" / "auto.json").read_text())
+    rows = result["candidates"]
+    assert result["measure"].startswith("top-1 agreement with memorize-bf16.gguf")
+    assert result["imatrix"] is None and [r["type"] for r in rows] == ["bf16", *CANDIDATES]
+    assert all(r["score"] == r["top1"] for r in rows)
+    # tolerance 0: only a file that agrees with bf16 everywhere may win
+    winner = next(r for r in rows if r["chosen"])
+    assert winner["score"] == 100.0
