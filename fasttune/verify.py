@@ -106,12 +106,16 @@ def check_file(path: Path, ref: dict, adapter: Path | None = None) -> dict:
 
 
 def answer_spans(tokenizer, conversations: list[list[dict]], max_positions: int = 512) -> list[tuple[list[int], list[int]]]:
-    """(token ids, positions predicting an answer token) per conversation, up to max_positions in all:
-    the positions a quantized file is judged on (each keeps a vocabulary-sized row of logits)."""
+    """(token ids, positions predicting the last answer) per conversation, up to max_positions in all:
+    the positions a quantized file is judged on (each keeps a vocabulary-sized row of logits). Any
+    chat template: the answer is what the full conversation adds to the prompt with its assistant cue."""
     cases, total = [], 0
     for conv in conversations:
-        ids, labels = tokenize_chat(tokenizer, conv)
-        span = [i for i in range(len(ids) - 1) if labels[i + 1] != IGNORE][: max_positions - total]
+        prompt = tokenizer.apply_chat_template(conv[:-1], add_generation_prompt=True, tokenize=True, return_dict=False)
+        ids = tokenizer.apply_chat_template(conv, tokenize=True, return_dict=False)
+        if ids[: len(prompt)] != prompt:
+            continue  # a template that rewrites earlier turns once answered: no clean answer span
+        span = list(range(len(prompt) - 1, len(ids) - 1))[: max_positions - total]
         if span:
             cases.append((ids, span))
             total += len(span)
