@@ -106,7 +106,7 @@ def compute(merged_dir: Path, conversations: list[list[dict]], source: str) -> I
                 ids = ids[: MAX_TOKENS - tokens]
                 if not ids:
                     break
-                model(torch.tensor([ids], device=device))  # one conversation at a time: no padding to mask
+                model(torch.tensor([ids], device=device), use_cache=False)  # one at a time: no padding to mask
                 tokens += len(ids)
                 bar.update(len(ids))
     finally:

@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from fasttune import UserError, merge
+from fasttune import UserError, calibrate, merge
 from tests.conftest import REPO, run_script
 
 
@@ -39,7 +39,9 @@ def test_disk_full_during_export_leaves_no_broken_file_and_a_rerun_finishes(run_
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert proc.stderr.strip().splitlines()[-1].startswith("error: the disk is full")
     assert "Traceback" not in proc.stderr
-    assert not list((run_copy / "gguf").glob("*.gguf")) and not list(run_copy.rglob("*.partial"))
+    assert not list((run_copy / "gguf").glob("run-*.gguf")) and not list(run_copy.rglob("*.partial"))
+    # the importance matrix (a few MB, written before the disk filled) is whole, and the rerun reuses it
+    assert calibrate.ImportanceMatrix.load(run_copy / "gguf" / "imatrix.gguf").tokens > 0
     done = run_script("export/gguf.py", run_copy, "--quant", "bf16", "q4_k_m")  # space again
     assert (run_copy / "gguf" / "run-q4_k_m.gguf").is_file() and "chat stop" in done.stdout
 
