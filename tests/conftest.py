@@ -74,6 +74,14 @@ def trained_run(tmp_path_factory):
     return run_dir, proc
 
 
+def only_the_bf16_gguf(folder, names):
+    """shutil.copytree ignore=: a run without checkpoints, and of its GGUF files only the bf16 one (other
+    tests add files to the shared trained run)."""
+    if Path(folder).name == "gguf":
+        return [n for n in names if n != "memorize-bf16.gguf"]
+    return ["checkpoints"] if "checkpoints" in names else []
+
+
 @pytest.fixture(scope="session")
 def memorized_chats():
     """The four training conversations as the recipe builds them (system, user, assistant)."""

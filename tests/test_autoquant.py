@@ -6,8 +6,8 @@ import shutil
 import pytest
 import yaml
 
-from tests.conftest import run_script
 from fasttune.autoquant import CALIBRATED_CANDIDATES, CANDIDATES, pick
+from tests.conftest import only_the_bf16_gguf, run_script
 
 
 def row(type_, size, score):
@@ -34,7 +34,7 @@ def test_pick_keeps_the_reference_when_every_quant_loses():
 def run_copy(trained_run, tmp_path_factory):
     run_dir, _ = trained_run
     work = tmp_path_factory.mktemp("auto") / "memorize"
-    shutil.copytree(run_dir, work, ignore=shutil.ignore_patterns("checkpoints", "*q4_k_m*", "imatrix.gguf"))
+    shutil.copytree(run_dir, work, ignore=only_the_bf16_gguf)
     return work
 
 

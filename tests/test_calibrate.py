@@ -9,6 +9,7 @@ import pytest
 
 from fasttune import UserError, calibrate, config, gguf, infer, verify
 from fasttune.data import Templates, load
+from tests.conftest import only_the_bf16_gguf
 
 
 @pytest.fixture(scope="module")
@@ -17,7 +18,7 @@ def calibrated(trained_run, tmp_path_factory):
     so KL is measured on the calibration texts: the effect on held-out text is in bench/quant.py)."""
     run_dir, _ = trained_run
     work = tmp_path_factory.mktemp("calibrate") / "memorize"
-    shutil.copytree(run_dir, work, ignore=shutil.ignore_patterns("checkpoints", "*q4_k_m*"))
+    shutil.copytree(run_dir, work, ignore=only_the_bf16_gguf)
     matrix = calibrate.for_run(work, config.load_run(work))
     return work, matrix, work / "gguf" / "memorize-bf16.gguf"
 
