@@ -79,3 +79,41 @@ def test_low_bit_types_need_the_matrix(calibrated):
 def infer_bits(path):
     with infer.load(path) as llm:
         return infer.bits_per_weight(llm)
+
+
+def recipe_conversations(recipe: str, file: str) -> list[list[dict]]:
+    import importlib.util
+
+    from tests.conftest import REPO
+
+    spec = importlib.util.spec_from_file_location(recipe, REPO / "recipes" / f"{recipe}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    templates = Templates(module.USER_TEMPLATE, module.ASSISTANT_TEMPLATE, module.SYSTEM_PROMPT)
+    return [ex.messages for ex in load(str(REPO / "recipes" / "data" / file), templates, fmt="fields").examples]
+
+
+@pytest.mark.slow
+def test_calibration_lowers_kl_on_real_smollm2_weights(tmp_path):
+    """Real pretrained weights: calibrated on two recipes' training files, measured on another's eval."""
+    from transformers import AutoTokenizer
+
+    from fasttune.tiny import smollm2_dir
+
+    try:
+        model_dir = smollm2_dir()
+    except UserError as e:
+        pytest.skip(str(e))
+    calibration = recipe_conversations("closed_qa", "closed_qa.jsonl") + recipe_conversations(
+        "summarization", "summarization.jsonl")
+    matrix = calibrate.compute(model_dir, calibration, source="closed_qa + summarization")
+    bf16 = gguf.convert(model_dir, tmp_path / "smollm2-bf16.gguf", "bf16")
+    files = {}
+    for q in ("q4_k_m", "q3_k_m"):
+        files[q, False] = gguf.quantize(bf16, tmp_path / f"plain-{q}.gguf", q)
+        files[q, True] = gguf.quantize(bf16, tmp_path / f"calibrated-{q}.gguf", q, imatrix=matrix.values())
+    held_out = recipe_conversations("multiple_choice", "multiple_choice_eval.jsonl")
+    cases = verify.answer_spans(AutoTokenizer.from_pretrained(model_dir), held_out)
+    kl = {key: row["kl"] for key, row in zip(files, verify.divergence(bf16, list(files.values()), cases).values())}
+    for q in ("q4_k_m", "q3_k_m"):
+        assert kl[q, True] < 0.9 * kl[q, False], (q, kl)
