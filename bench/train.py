@@ -86,9 +86,9 @@ def worker(mode: str, a) -> dict:
     model_path = a.model_path
     data = rows(a.batch * (a.steps + 1) * 3, a.seq)  # enough for steps+1 batches, packed or not
     timer = StepTimer.make() if mode == "trl" else None
-    if mode in ("recipe", "unsloth"):
+    if mode in ("recipe", "plan", "unsloth"):
         import fasttune.model  # noqa: F401  (imports unsloth first, in both Unsloth modes)
-    if mode == "recipe":
+    if mode in ("recipe", "plan"):
         from fasttune import config, plan, train
         from fasttune.chat import Prepared
         from fasttune.dataset import Split, TrainingData
@@ -98,10 +98,13 @@ def worker(mode: str, a) -> dict:
                             "--learning_rate", "2e-4", "--max_seq_length", str(a.seq), "--epochs", "1",
                             "--save_steps", "0", "--optim", "adamw_torch", "--warmup_ratio", "0", "--seed", "0"]
                            + (["--packing"] if a.packing else []))
-        # The planner's prediction, checked against this run: live heap bytes on CPU, CUDA allocations on GPU.
-        memory = plan.PeakMemory().__enter__()
+        # "plan": the recipe path again, to check the planner against it (live heap bytes on CPU, CUDA
+        # allocations on GPU), in its own process: the heap sampler takes allocator locks and would slow
+        # the timed run.
+        memory = plan.PeakMemory().__enter__() if mode == "plan" else None
         model, tokenizer = fasttune.model.load_for_training(cfg.model, seed=0)
-        memory.mapped = plan.file_mapped_bytes(model)
+        if memory:
+            memory.mapped = plan.file_mapped_bytes(model)
         td = TrainingData(Split(None, Prepared(data, [], [], {})), None)
         timer = StepTimer.make()
         original = train.SFTTrainer
@@ -115,15 +118,16 @@ def worker(mode: str, a) -> dict:
 
         train.SFTTrainer = with_timer
         train.train(model, tokenizer, td, cfg, Path(a.out))
-        memory.__exit__(None, None, None)
-        import torch
+        if memory:
+            memory.__exit__(None, None, None)
+            import torch
 
-        predicted = plan.plan(cfg.model, cfg.train)
-        if torch.cuda.is_available():  # max_memory_allocated leaves out the CUDA context
-            planned = predicted.total(torch.cuda.get_device_properties(0).total_memory) - predicted.overhead
-            measured = torch.cuda.max_memory_allocated()
-        else:
-            planned, measured = predicted.total(), memory.peak
+            predicted = plan.plan(cfg.model, cfg.train)
+            if torch.cuda.is_available():  # max_memory_allocated leaves out the CUDA context
+                planned = predicted.total(torch.cuda.get_device_properties(0).total_memory) - predicted.overhead
+                measured = torch.cuda.max_memory_allocated()
+            else:
+                planned, measured = predicted.total(), memory.peak
     else:
         import torch
         from datasets import Dataset
@@ -170,7 +174,7 @@ def worker(mode: str, a) -> dict:
 
     peak_gpu = torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else None
     out = {"mode": mode, "tokens_per_s": timed_tokens / seconds, "step_s": seconds / a.steps, "peak_gpu_mb": peak_gpu}
-    if mode == "recipe":
+    if mode == "plan":
         out.update(planned_mb=planned / 2**20, measured_mb=measured / 2**20)
     return out
 
@@ -199,7 +203,7 @@ def main():
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--seq", type=int, default=512)
     parser.add_argument("--packing", action="store_true", help="pack rows without padding (all three paths)")
-    parser.add_argument("--worker", choices=MODES, help=argparse.SUPPRESS)
+    parser.add_argument("--worker", choices=(*MODES, "plan"), help=argparse.SUPPRESS)
     parser.add_argument("--model-path", help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)
     parser.add_argument("--result", help=argparse.SUPPRESS)
@@ -229,7 +233,7 @@ def main():
     for mode, r in by_mode.items():
         lines.append(f"| {names[mode]} | {r['tokens_per_s']:.0f} | {r['step_s']:.2f} | {r[memory]:.0f} MB | "
                      f"{r['tokens_per_s'] / base['tokens_per_s']:.2f}x | {r[memory] / base[memory]:.2f}x |")
-    r = by_mode["recipe"]
+    r = run_mode("plan", a)
     lines.append(f"\nmemory planner (fasttune.plan) on the recipe path: predicted {r['planned_mb']:.0f} MB, measured "
                  f"{r['measured_mb']:.0f} MB ({'CUDA allocated' if memory == 'peak_gpu_mb' else 'live heap + mapped weights'}"
                  f"), ratio {r['planned_mb'] / r['measured_mb']:.2f}")
