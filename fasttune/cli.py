@@ -86,6 +86,13 @@ def report_run(run_dir, files, td, report, scores=None) -> None:
         print(f"serve it:      python export/serve.py {files[-1]}   (OpenAI-compatible, http://127.0.0.1:8000/v1)")
 
 
+def print_plan(cfg) -> None:
+    """--plan: the memory table (fasttune.plan)."""
+    from fasttune import plan
+
+    print(plan.describe(cfg.model, cfg.train, cfg.train.gpu_gb))
+
+
 def print_auto(run_dir, files) -> None:
     """The --quants auto table, when this export chose one of `files`."""
     from fasttune import autoquant

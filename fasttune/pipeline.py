@@ -11,13 +11,13 @@ from pathlib import Path
 
 import fasttune.model as model_lib  # first: imports unsloth, which patches transformers/trl/peft
 
-from fasttune import autoquant, cli, config, dataset, evaluate, merge, plan, train, verify
+from fasttune import autoquant, cli, config, dataset, evaluate, merge, train, verify
 
 
 def run(cfg: config.Config) -> Path | None:
     """Train, merge, export, verify and evaluate; returns the run directory (None for --inspect, --plan)."""
     if cfg.train.plan:  # memory arithmetic from the model's config alone: nothing is loaded
-        print(plan.describe(cfg.model, cfg.train, cfg.train.gpu_gb))
+        cli.print_plan(cfg)
         return None
     # Setup: read, validate and tokenize all data before anything is written.
     autoquant.check(cfg.export.quants, cfg.export.imatrix)  # a typo fails now, not after training
