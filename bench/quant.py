@@ -21,7 +21,6 @@ its recipe's metric (the task score of a fine-tuned model, with and without the 
 
 import argparse
 import importlib.util
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -29,7 +28,6 @@ from pathlib import Path
 import results  # bench/results.py
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 PLAIN = ["q8_0", "q4_k_m", "q3_k_m"]  # made with and without the matrix (q8_0: our converter, no matrix)
 CALIBRATED_ONLY = ["iq4_xs", "q2_k"]

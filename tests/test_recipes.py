@@ -10,7 +10,7 @@ import gguf as gguf_py
 import pytest
 
 from fasttune import data
-from fasttune.evaluate import METRICS, NUMBER, final_answer
+from fasttune.evaluate import METRICS, NUMBER
 from tests.conftest import REPO, run_script
 
 TASKS = ["clinical_qa", "closed_qa", "clinical_calculator", "multiple_choice", "summarization", "extraction_json",
