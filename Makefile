@@ -9,6 +9,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
 STAMP  := $(VENV)/.installed
+LLAMA_CMAKE_ARGS := $(if $(filter x86_64,$(shell uname -m)),-DCMAKE_C_FLAGS=-mno-amx-int8 -DCMAKE_CXX_FLAGS=-mno-amx-int8)
 export FASTTUNE_CACHE ?= $(HOME)/.cache/fasttune
 export HF_HUB_OFFLINE ?= 1
 export PYTHONUNBUFFERED := 1
@@ -23,6 +24,13 @@ $(STAMP): pyproject.toml
 	# First torch alone: on a CPU-only machine pip takes the local CPU build of this pin; on a GPU
 	# machine the same pin is the CUDA build from the registry.
 	$(PIP) install --quiet torch==2.13.0
+	# llama.cpp is compiled for this CPU, but not with its AMX kernels (Intel Xeon 4th gen and later):
+	# in this release they crash on every quantized file (q8_0, q4_k_m, q6_k: llama.cpp issue 20824).
+	# --no-cache-dir: pip would otherwise reuse a wheel it built earlier with other flags.
+	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS) $$CMAKE_ARGS" $(PIP) install --quiet --no-cache-dir 'llama-cpp-python[server]==0.3.36'
+	$(PY) -c "import llama_cpp, sys; sys.exit(b'AMX_INT8 = 1' in llama_cpp.llama_print_system_info())" || \
+		CMAKE_ARGS="$(LLAMA_CMAKE_ARGS) $$CMAKE_ARGS" $(PIP) install --quiet --no-cache-dir --force-reinstall --no-deps \
+		'llama-cpp-python==0.3.36'  # an older .venv's build with AMX: built again
 	$(PIP) install --quiet -e '.[test]'
 	# unsloth 2026.10.9 is the first release with a CPU backend, but its metadata demands
 	# certifi>=2026.10.19, which the registry does not have (newest: 2026.10.18); so --no-deps,
@@ -46,8 +54,9 @@ demo: install
 	@echo "Evaluation table above; the answers side by side: runs/demo/eval/report.md"
 	@echo "Chat and serve: the two commands printed above"
 
+# PYTEST_ARGS: extra pytest arguments, e.g. make test PYTEST_ARGS="-p randomly" (shuffled order)
 test: install
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q $(PYTEST_ARGS)
 
 test-slow: install
 	$(PY) -m pytest -q -m slow

@@ -14,7 +14,7 @@ import argparse
 import os
 from pathlib import Path
 
-from fasttune import UserError, cli
+from fasttune import cli, cpu_threads, infer
 
 
 def main(argv=None):
@@ -27,8 +27,7 @@ def main(argv=None):
     parser.add_argument("--name", help="model name clients pass as `model` (default: the file name without .gguf)")
     parser.add_argument("--ctx", type=int, default=4096, help="context window in tokens")
     args = parser.parse_args(argv)
-    if not args.gguf.is_file():
-        raise UserError(f"{args.gguf}: no such GGUF file")
+    infer.check_runnable(args.gguf)
     if args.host not in ("127.0.0.1", "localhost", "::1") and not args.api_key:
         print(f"warning: serving on {args.host} without --api-key: anyone who can reach this port can use the model")
 
@@ -41,7 +40,7 @@ def main(argv=None):
         server_settings=ServerSettings(host=args.host, port=args.port, api_key=args.api_key),
         # chat_format None: the chat template embedded in the GGUF
         model_settings=[ModelSettings(model=str(args.gguf), model_alias=name, n_ctx=args.ctx, chat_format=None,
-                                      n_threads=os.cpu_count(), verbose=False)],
+                                      n_threads=cpu_threads(), verbose=False)],
     )
     print(f"serving {args.gguf} as '{name}' on http://{args.host}:{args.port}/v1 "
           f"({'key required' if args.api_key else 'no key'}); Ctrl-C stops")

@@ -16,7 +16,7 @@ from pathlib import Path
 from trl.chat_template_utils import get_training_chat_template
 from trl.chat_template_utils import qwen2_5_chat_template as QWEN2_5_TEMPLATE  # Qwen2.5-Instruct's own
 
-from fasttune import UserError
+from fasttune import UserError, cpu_threads
 from fasttune.data import Example, Reject
 
 TRAINING_TEMPLATE = (Path(__file__).parent / "templates" / "qwen2_5_training.jinja").read_text()
@@ -80,10 +80,9 @@ def _tokenize_chunk(bounds: tuple[int, int]):
 def tokenize_all(tokenizer, conversations: list[list[dict]], template: str, train_on: str = "all"):
     """tokenize_chats over a whole dataset, in chunks, on every core for large inputs."""
     import multiprocessing
-    import os
 
     bounds = [(i, min(i + CHUNK, len(conversations))) for i in range(0, len(conversations), CHUNK)]
-    workers = min(os.cpu_count() or 1, len(bounds))
+    workers = min(cpu_threads(), len(bounds))
     _FORK_STATE.update(tokenizer=tokenizer, conversations=conversations, template=template, train_on=train_on)
     try:
         if workers > 1 and len(conversations) >= PARALLEL_MIN:

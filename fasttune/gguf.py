@@ -30,7 +30,7 @@ import numpy as np
 from safetensors import SafetensorError, safe_open
 from tqdm import tqdm
 
-from fasttune import UserError
+from fasttune import UserError, cpu_threads
 
 logger = logging.getLogger(__name__)
 
@@ -485,7 +485,7 @@ def quantize(src: str | Path, out_path: str | Path, qtype: str, threads: int | N
     src, out_path = Path(src), Path(out_path)
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = llama_ftype(qtype)
-    params.nthread = threads or os.cpu_count() or 1
+    params.nthread = threads or cpu_threads()
     if imatrix is not None:
         arrays = [np.ascontiguousarray(v, dtype=np.float32) for v in imatrix.values()]  # alive until return
         entries = (llama_cpp.llama_model_imatrix_data * (len(arrays) + 1))()

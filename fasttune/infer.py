@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
 from pathlib import Path
 
-from fasttune import UserError
+from fasttune import UserError, cpu_threads
 
 logger = logging.getLogger(__name__)
+
+UNQUANTIZED_FILE_TYPES = {0, 1, 32}  # general.file_type: all f32, mostly f16, mostly bf16 (llama.h's llama_ftype)
 
 
 @contextlib.contextmanager
@@ -22,9 +23,8 @@ def load(path: str | Path, n_ctx: int = 4096, **kwargs):
     from llama_cpp import Llama
 
     path = Path(path)
-    if not path.is_file():
-        raise UserError(f"{path}: no such GGUF file")
-    kwargs.setdefault("n_threads", os.cpu_count())
+    check_runnable(path)
+    kwargs.setdefault("n_threads", cpu_threads())
     # llama.cpp pads the context to a multiple of 256 but llama-cpp-python 0.3.36 sizes its token
     # buffer to the number asked for, and overflows it past that: ask for the padded size.
     n_ctx = -(-n_ctx // 256) * 256
@@ -36,6 +36,29 @@ def load(path: str | Path, n_ctx: int = 4096, **kwargs):
         yield llm
     finally:
         llm.close()
+
+
+def check_runnable(path: Path) -> None:
+    """Refuse, with the fix, what would crash llama.cpp instead of running: a missing file, or a quantized
+    file under a llama-cpp-python built with llama.cpp's AMX kernels, which in this release segfault on
+    every quantized type (llama.cpp issue 20824; `make install` builds without them)."""
+    import llama_cpp
+
+    if not path.is_file():
+        raise UserError(f"{path}: no such GGUF file")
+    if b"AMX_INT8 = 1" not in llama_cpp.llama_print_system_info():
+        return
+    try:  # the header only: vocab_only loads no weights
+        header = llama_cpp.Llama(model_path=str(path), vocab_only=True, verbose=False)
+    except ValueError:
+        return  # not loadable at all: load() says so
+    file_type = int(header.metadata.get("general.file_type", 0))
+    header.close()
+    if file_type not in UNQUANTIZED_FILE_TYPES:
+        raise UserError(f"{path}: this llama-cpp-python was built with llama.cpp's AMX kernels, which crash on "
+                        "quantized files; rebuild it without them: `make install` in a fresh .venv, or "
+                        "CMAKE_ARGS='-DCMAKE_C_FLAGS=-mno-amx-int8 -DCMAKE_CXX_FLAGS=-mno-amx-int8' pip install "
+                        "--force-reinstall --no-cache-dir --no-deps llama-cpp-python==0.3.36")
 
 
 def chat(llm, messages: list[dict], max_tokens: int = 256, stream: bool = False, **sampling):

@@ -96,17 +96,41 @@ def llama_cpp_file(relpath: str) -> Path:
     return dest
 
 
-def _atomic_build(dest: Path, build) -> Path:
-    """Run build(tmp_dir), then move tmp_dir to dest, so a killed build leaves no half cache."""
+def _atomic_build(dest: Path, build, recipe: dict | None = None) -> Path:
+    """Run build(tmp_dir), then move tmp_dir to dest, so a killed build leaves no half cache.
+
+    `recipe` (what the build depends on: settings, library versions) is stored beside the result; a
+    cached copy built from another recipe is built again, so a changed config or torch never leaves
+    the tests on stale weights.
+    """
+    import json
+
+    stamp = json.dumps(recipe or {}, sort_keys=True)
     if dest.exists():
-        return dest
+        built = dest / "fasttune-build.json"
+        if not recipe or (built.is_file() and built.read_text() == stamp):
+            return dest
+        logger.info("rebuilding %s: it was built from other settings or library versions", dest)
+        shutil.rmtree(dest)
     tmp = Path(tempfile.mkdtemp(dir=dest.parent, prefix=dest.name + ".tmp"))
     try:
         build(tmp)
-        os.replace(tmp, dest)
+        (tmp / "fasttune-build.json").write_text(stamp)
+        try:
+            os.replace(tmp, dest)
+        except OSError:  # another process built it meanwhile: keep theirs
+            if not dest.exists():
+                raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return dest
+
+
+def _versions() -> dict:
+    import torch
+    import transformers
+
+    return {"torch": torch.__version__, "transformers": transformers.__version__}
 
 
 def qwen2_tokenizer_dir() -> Path:
@@ -126,7 +150,9 @@ def qwen2_tokenizer_dir() -> Path:
         tok.chat_template = QWEN2_5_TEMPLATE
         tok.save_pretrained(tmp)
 
-    return _atomic_build(cache_dir() / "qwen2-tokenizer", build)
+    from fasttune.chat import QWEN2_5_TEMPLATE
+
+    return _atomic_build(cache_dir() / "qwen2-tokenizer", build, dict(_versions(), template=QWEN2_5_TEMPLATE))
 
 
 def build_model(dest: Path, config: dict, seed: int = 0) -> Path:
@@ -143,7 +169,7 @@ def build_model(dest: Path, config: dict, seed: int = 0) -> Path:
         model.save_pretrained(tmp)
         AutoTokenizer.from_pretrained(qwen2_tokenizer_dir()).save_pretrained(tmp)
 
-    return _atomic_build(dest, build)
+    return _atomic_build(dest, build, dict(_versions(), config=config, seed=seed))
 
 
 def tiny_model_dir() -> Path:

@@ -52,10 +52,12 @@ def reference(merged_dir: Path, conversations: list[list[dict]], max_new_tokens:
             span = [i for i in range(len(full_ids) - 1) if labels[i + 1] != IGNORE]
             logits = model(torch.tensor([full_ids])).logits[0].numpy()[span]
             greedy = model.generate(torch.tensor([prompt_ids]), max_new_tokens=max_new_tokens, do_sample=False,
-                                    eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+                                    eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+                                    output_logits=True, return_dict_in_generate=True)
             cases.append(dict(messages=conv[:-1], prompt_text=prompt_text, prompt_ids=prompt_ids, full_ids=full_ids,
                               span=span, targets=[full_ids[i + 1] for i in span], logits=logits,
-                              greedy=greedy[0, len(prompt_ids):].tolist()))
+                              greedy=greedy.sequences[0, len(prompt_ids):].tolist(),
+                              greedy_logits=torch.cat(greedy.logits).numpy()))  # step x vocabulary
     return {"cases": cases, "eos": tokenizer.eos_token_id}
 
 
@@ -63,7 +65,8 @@ def check_file(path: Path, ref: dict, adapter: Path | None = None) -> dict:
     """One GGUF (or a base GGUF with a GGUF LoRA `adapter` applied) against the merged model."""
     cases = ref["cases"]
     n_ctx = max(len(c["full_ids"]) + len(c["greedy"]) for c in cases) + 64
-    tokenization_same, greedy_same, max_abs = True, 0, 0.0
+    tokenization_same, max_abs = True, 0.0
+    gaps = []  # per greedy continuation that differs: the merged model's logit gap between its token and the file's
     mean_abs, agree = [], []  # per answer position
     nll_merged = nll_file = 0.0
     lora = {"lora_path": str(adapter)} if adapter else {}
@@ -84,10 +87,16 @@ def check_file(path: Path, ref: dict, adapter: Path | None = None) -> dict:
                 out.append(tok)
                 if tok == ref["eos"] or len(out) >= len(c["greedy"]):
                     break
-            greedy_same += out == c["greedy"]
+            step = next((k for k, (a, b) in enumerate(zip(out, c["greedy"])) if a != b), None)
+            if step is not None:  # how close the merged model's own choice was there
+                scores = c["greedy_logits"][step]
+                gaps.append(float(scores[c["greedy"][step]] - scores[out[step]]))
         reply = infer.chat(llm, cases[0]["messages"], max_tokens=256)
         bits_per_weight = infer.bits_per_weight(llm)
     ppl_merged, ppl_file = float(np.exp(nll_merged / len(agree))), float(np.exp(nll_file / len(agree)))
+    # A file whose logits are never more than max_abs off can swap two tokens only where their gap is at
+    # most 2 * max_abs: such a divergence is a near-tie its arithmetic may flip, not a different model.
+    near_ties = sum(gap <= 2 * max_abs for gap in gaps)
     return {
         "file": f"lora/{adapter.name} on {path.name}" if adapter else path.name,
         "size_mb": round((adapter or path).stat().st_size / 1e6, 1),
@@ -100,7 +109,9 @@ def check_file(path: Path, ref: dict, adapter: Path | None = None) -> dict:
         "perplexity_merged": round(ppl_merged, 4),
         "perplexity_gguf": round(ppl_file, 4),
         "perplexity_ratio": round(ppl_file / ppl_merged, 4),
-        "greedy_identical": f"{greedy_same}/{len(cases)}",
+        "greedy_identical": f"{len(cases) - len(gaps)}/{len(cases)}",
+        "greedy_near_ties": near_ties,  # differ, but first where the merged model's own gap is a near-tie
+        "greedy_divergence_gaps": [round(gap, 4) for gap in gaps],
         "chat_finish_reason": reply["choices"][0]["finish_reason"],
     }
 
@@ -156,7 +167,12 @@ def line(row: dict) -> str:
     return (f"{row['file']}: {row['size_mb']} MB ({row['bits_per_weight']} bits/weight), tokenization {'identical' if row['tokenization_identical'] else 'DIFFERS'}"
             f", logits max|d| {row['logits_max_abs_diff']:.3g} mean {row['logits_mean_abs_diff']:.3g}, top-1 "
             f"{100 * row['top1_agreement']:.1f}%, perplexity x{row['perplexity_ratio']:.3f}, greedy "
-            f"{row['greedy_identical']} identical, chat {row['chat_finish_reason']}")
+            f"{row['greedy_identical']} identical{near_tie_note(row)}, chat {row['chat_finish_reason']}")
+
+
+def near_tie_note(row: dict) -> str:
+    n = row["greedy_near_ties"]
+    return f" + {n} parted at a near-tie (gap <= 2 x max|d|)" if n else ""
 
 
 def verify(merged_dir: Path, files: list[Path], conversations: list[list[dict]], report_path: Path,

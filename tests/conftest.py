@@ -21,6 +21,24 @@ REPO = Path(__file__).resolve().parents[1]
 MEMORIZE = REPO / "tests" / "data" / "memorize.jsonl"
 
 
+def pytest_report_header(config):
+    """What the numbers depend on, at the top of every run: CPU, its vector units, thread counts."""
+    import platform
+
+    import llama_cpp
+    import torch
+
+    from fasttune import cpu_threads
+
+    model = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                  if line.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() else ""
+    info = llama_cpp.llama_print_system_info().decode()
+    units = [f for f in ("AVX2", "AVX512", "AVX512_BF16", "AMX_INT8") if f"{f} = 1" in info]
+    return [f"cpu: {model}; llama.cpp uses {', '.join(units) or 'no AVX2/AVX-512'}",
+            f"threads: torch {torch.get_num_threads()}, llama.cpp {cpu_threads()}, "
+            f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}"]
+
+
 def run_script(*args, check: bool = True, timeout: int = 900) -> subprocess.CompletedProcess:
     """Run a repo script with this interpreter, from the repo root, capturing output."""
     proc = subprocess.run([sys.executable, *map(str, args)], cwd=REPO, capture_output=True, text=True,
@@ -80,6 +98,13 @@ def only_the_bf16_gguf(folder, names):
     if Path(folder).name == "gguf":
         return [n for n in names if n != "memorize-bf16.gguf"]
     return ["checkpoints"] if "checkpoints" in names else []
+
+
+def greedy_agrees(row: dict) -> bool:
+    """A fidelity-report row whose greedy continuations are all identical to the merged model's, or part
+    from it only at a near-tie the file's measured logit error can flip (verify.check_file)."""
+    identical, total = map(int, row["greedy_identical"].split("/"))
+    return identical + row["greedy_near_ties"] == total
 
 
 @pytest.fixture(scope="session")

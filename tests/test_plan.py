@@ -55,14 +55,22 @@ def measured_peak(cfg, steps=2) -> int:
     seq = cfg.model.max_seq_length
     rows = [{"input_ids": list(range(1000, 1000 + seq)), "labels": list(range(1000, 1000 + seq))}] * (
         cfg.train.batch_size * steps)
-    with plan.PeakMemory() as memory:
-        model, tokenizer = model_lib.load_for_training(cfg.model, seed=0)
-        memory.mapped = plan.file_mapped_bytes(model)  # weights read straight from the safetensors mmap
-        model.config.use_cache = False
-        args = sft_config(cfg, Path(cfg.train.out), has_eval=False)
-        args.max_steps = steps
-        SFTTrainer(model=model, processing_class=tokenizer, args=args, train_dataset=Dataset.from_list(rows)).train()
-    del model
+    # One thread and a 1 ms sampler: the shortest-lived block (a loss chunk of 2**24 logits) then takes
+    # tens of milliseconds on any CPU, so the sampler sees it however many fast cores the machine has.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with plan.PeakMemory(every_s=0.001) as memory:
+            model, tokenizer = model_lib.load_for_training(cfg.model, seed=0)
+            memory.mapped = plan.file_mapped_bytes(model)  # weights read straight from the safetensors mmap
+            model.config.use_cache = False
+            args = sft_config(cfg, Path(cfg.train.out), has_eval=False)
+            args.max_steps = steps
+            SFTTrainer(model=model, processing_class=tokenizer, args=args,
+                       train_dataset=Dataset.from_list(rows)).train()
+        del model
+    finally:
+        torch.set_num_threads(threads)
     return memory.peak
 
 

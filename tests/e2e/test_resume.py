@@ -3,7 +3,6 @@
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
 from safetensors.torch import load_file
@@ -19,19 +18,31 @@ def adapter(run_dir):
     return load_file(run_dir / "adapter" / "adapter_model.safetensors")
 
 
+# The recipe, killed with SIGKILL the moment its first checkpoint is complete: a power cut at a known
+# step, whatever the machine's speed (a watcher polling for the checkpoint could lose the race).
+KILLED_AFTER_FIRST_CHECKPOINT = """
+import os, runpy, signal, sys
+import fasttune.model  # unsloth before transformers, as in every entry point
+from transformers import Trainer
+save = Trainer._save_checkpoint
+def save_then_die(self, *args, **kwargs):
+    save(self, *args, **kwargs)
+    os.kill(os.getpid(), signal.SIGKILL)
+Trainer._save_checkpoint = save_then_die
+sys.argv = sys.argv[1:]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
 def test_killed_run_resumes_to_the_same_adapter(tmp_path):
     whole, killed = tmp_path / "whole", tmp_path / "killed"
     run_script("recipes/clinical_qa.py", *ARGS, "--out", whole)
 
-    proc = subprocess.Popen([sys.executable, "recipes/clinical_qa.py", *map(str, ARGS), "--out", str(killed)],
-                            cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    first = killed / "checkpoints" / "checkpoint-3" / "trainer_state.json"
-    deadline = time.time() + 600
-    while not first.is_file() and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.1)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert proc.returncode == -signal.SIGKILL and not (killed / "adapter").exists()  # killed mid-training
+    proc = subprocess.run([sys.executable, "-c", KILLED_AFTER_FIRST_CHECKPOINT, "recipes/clinical_qa.py",
+                           *map(str, ARGS), "--out", str(killed)], cwd=REPO, capture_output=True, timeout=900)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
+    assert (killed / "checkpoints" / "checkpoint-3" / "trainer_state.json").is_file()
+    assert not (killed / "checkpoints" / "checkpoint-6").exists() and not (killed / "adapter").exists()
 
     done = run_script("recipes/clinical_qa.py", *ARGS, "--out", killed, "--resume")
     assert "resuming from" in done.stdout + done.stderr

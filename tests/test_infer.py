@@ -1,0 +1,27 @@
+"""Loading a GGUF: what would crash llama.cpp is refused first; threads follow the CPUs this process has."""
+
+import os
+
+import llama_cpp
+import pytest
+
+from fasttune import UserError, cpu_threads, infer
+
+
+def test_a_quantized_file_under_an_amx_build_is_refused_with_the_fix(trained_run, monkeypatch):
+    gguf_dir = trained_run[0] / "gguf"
+    infer.check_runnable(gguf_dir / "memorize-q4_k_m.gguf")  # this build (make install): no AMX kernels
+    monkeypatch.setattr(llama_cpp, "llama_print_system_info", lambda: b"AVX512 = 1 | AMX_INT8 = 1 | ")
+    with pytest.raises(UserError, match="memorize-q4_k_m.gguf: this llama-cpp-python was built with llama.cpp's "
+                                        "AMX kernels.*-mno-amx-int8"):
+        infer.check_runnable(gguf_dir / "memorize-q4_k_m.gguf")
+    infer.check_runnable(gguf_dir / "memorize-bf16.gguf")  # 16-bit files never reach those kernels
+    with pytest.raises(UserError, match="no such GGUF file"):
+        infer.check_runnable(gguf_dir / "missing.gguf")
+
+
+def test_threads_are_the_cpus_this_process_may_use(monkeypatch):
+    monkeypatch.delenv("FASTTUNE_THREADS", raising=False)
+    assert cpu_threads() == len(os.sched_getaffinity(0))
+    monkeypatch.setenv("FASTTUNE_THREADS", "3")
+    assert cpu_threads() == 3
