@@ -74,10 +74,11 @@ def free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def server(bf16):
+def server(bf16, tmp_path_factory):
     port = free_port()
+    log = tmp_path_factory.mktemp("serve") / "server.log"  # a file, not a pipe nobody reads until it fills
     proc = subprocess.Popen([sys.executable, "export/serve.py", str(bf16), "--port", str(port), "--api-key", "sesame",
-                             "--name", "mine"], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                             "--name", "mine"], cwd=REPO, stdout=log.open("w"), stderr=subprocess.STDOUT)
     client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="sesame", max_retries=0)
     deadline = time.time() + 120
     while True:
@@ -87,7 +88,7 @@ def server(bf16):
         except openai.APIConnectionError:
             if proc.poll() is not None or time.time() > deadline:
                 proc.kill()
-                pytest.fail(f"server did not start: {proc.stdout.read()}")
+                pytest.fail(f"server did not start: {log.read_text()[-3000:]}")
             time.sleep(0.5)
     yield client, port
     proc.terminate()

@@ -74,6 +74,6 @@ def test_damaged_merge_is_reported_and_a_deleted_one_is_made_again(run_copy):
     assert proc.returncode == 2 and "model.safetensors is damaged" in proc.stderr and "Traceback" not in proc.stderr
     shutil.rmtree(run_copy / "merged")
     proc = run_script("export/gguf.py", run_copy, "--quant", "q8_0")
-    assert (run_copy / "merged" / "model.safetensors").is_file() and "memorize-q8_0.gguf: " in proc.stdout
+    assert (run_copy / "merged" / "model.safetensors").is_file() and "run-q8_0.gguf: " in proc.stdout
     rows = {r["file"]: r for r in json.loads((run_copy / "gguf" / "report.json").read_text())["files"]}
-    assert greedy_agrees(rows["memorize-q8_0.gguf"])
+    assert greedy_agrees(rows["run-q8_0.gguf"])

@@ -36,6 +36,7 @@ def test_recipe_leaves_a_complete_run_directory(trained_run):
 def test_export_script_adds_a_quant(tmp_path, trained_run):
     run_dir = tmp_path / "memorize"  # a copy: other tests read the shared run's report
     shutil.copytree(trained_run[0], run_dir, ignore=only_the_bf16_gguf)
+    shutil.copy(trained_run[0] / "gguf" / "report.json", run_dir / "gguf")  # its q4_k_m row goes: no such file
     proc = run_script("export/gguf.py", run_dir, "--quant", "q8_0")
     out = run_dir / "gguf" / "memorize-q8_0.gguf"
     assert str(out) in proc.stdout and out.is_file()
