@@ -310,11 +310,8 @@ def test_llama_architecture_matches_hf_logits(tmp_path, tiny_llama, tokenizer):
     assert "rope_freqs.weight" in names and "blk.1.attn_k.weight" in names
     model = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32).eval()
     ids = tokenizer.encode("The patient presents with chest pain and shortness of breath.", add_special_tokens=False)
-    with torch.no_grad():
-        want = model(torch.tensor([ids])).logits[0].numpy()
-    got = gguf_logits(path, ids)
-    assert np.abs(got - want).max() < 0.05  # q/k permuted into llama.cpp's rotary layout, rope factors applied
-    assert (got.argmax(-1) == want.argmax(-1)).all()
+    # q/k permuted into llama.cpp's rotary layout, rope factors applied: equal up to rounding
+    assert list(beyond_rounding(path, model, ids, "f32")) == []
 
 
 def test_llama_same_bytes_as_llama_cpp_converter(tmp_path, tiny_llama):
