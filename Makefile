@@ -9,7 +9,11 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
 STAMP  := $(VENV)/.installed
-LLAMA_CMAKE_ARGS := $(if $(filter x86_64,$(shell uname -m)),-DCMAKE_C_FLAGS=-mno-amx-int8 -DCMAKE_CXX_FLAGS=-mno-amx-int8)
+# llama.cpp without its AMX kernels (see install), where the compiler knows the flag: a compiler that
+# does not (GCC < 11, non-x86 targets) cannot build those kernels anyway.
+LLAMA_CMAKE_ARGS := $(shell echo 'int x;' | $${CC:-cc} -mno-amx-int8 -x c -c -o /dev/null - 2>/dev/null \
+	&& echo "-DCMAKE_C_FLAGS=-mno-amx-int8 -DCMAKE_CXX_FLAGS=-mno-amx-int8")
+NO_AMX := $(PY) -c "import llama_cpp, sys; sys.exit(b'AMX_INT8 = 1' in llama_cpp.llama_print_system_info())"
 export FASTTUNE_CACHE ?= $(HOME)/.cache/fasttune
 export HF_HUB_OFFLINE ?= 1
 export PYTHONUNBUFFERED := 1
@@ -28,9 +32,10 @@ $(STAMP): pyproject.toml
 	# in this release they crash on every quantized file (q8_0, q4_k_m, q6_k: llama.cpp issue 20824).
 	# --no-cache-dir: pip would otherwise reuse a wheel it built earlier with other flags.
 	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS) $$CMAKE_ARGS" $(PIP) install --quiet --no-cache-dir 'llama-cpp-python[server]==0.3.36'
-	$(PY) -c "import llama_cpp, sys; sys.exit(b'AMX_INT8 = 1' in llama_cpp.llama_print_system_info())" || \
-		CMAKE_ARGS="$(LLAMA_CMAKE_ARGS) $$CMAKE_ARGS" $(PIP) install --quiet --no-cache-dir --force-reinstall --no-deps \
-		'llama-cpp-python==0.3.36'  # an older .venv's build with AMX: built again
+	$(NO_AMX) || CMAKE_ARGS="$(LLAMA_CMAKE_ARGS) $$CMAKE_ARGS" $(PIP) install --quiet --no-cache-dir \
+		--force-reinstall --no-deps 'llama-cpp-python==0.3.36'  # an older .venv's build with AMX: built again
+	$(NO_AMX) || (echo "llama-cpp-python was built with AMX kernels: does \$$CMAKE_ARGS set its own" \
+		"-DCMAKE_C_FLAGS? add -mno-amx-int8 to them" && exit 1)
 	$(PIP) install --quiet -e '.[test]'
 	# unsloth 2026.10.9 is the first release with a CPU backend, but its metadata demands
 	# certifi>=2026.10.19, which the registry does not have (newest: 2026.10.18); so --no-deps,

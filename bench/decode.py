@@ -70,7 +70,7 @@ def main():
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from fasttune import gguf
+    from fasttune import cpu_threads, gguf
     from fasttune.tiny import QWEN2_5_0_5B_CONFIG, build_model, cache_dir
 
     model_dir = build_model(cache_dir() / "qwen2.5-0.5b-shaped", QWEN2_5_0_5B_CONFIG)
@@ -95,7 +95,7 @@ def main():
         del model
 
     q4_tps = rows[0][2]
-    lines = [f"| decode, {args.tokens} tokens, greedy, {os.cpu_count()} threads (copy bandwidth {bandwidth:.1f} GB/s) "
+    lines = [f"| decode, {args.tokens} tokens, greedy, {cpu_threads()} threads (copy bandwidth {bandwidth:.1f} GB/s) "
              "| weights read per token | tokens/s | bandwidth bound | share of bound | q4_k_m speed-up |",
              "|---|---|---|---|---|---|"]
     for name, n_bytes, tps in rows:

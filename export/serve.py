@@ -40,7 +40,7 @@ def main(argv=None):
         server_settings=ServerSettings(host=args.host, port=args.port, api_key=args.api_key),
         # chat_format None: the chat template embedded in the GGUF
         model_settings=[ModelSettings(model=str(args.gguf), model_alias=name, n_ctx=args.ctx, chat_format=None,
-                                      n_threads=cpu_threads(), verbose=False)],
+                                      n_threads=cpu_threads(), n_threads_batch=cpu_threads(), verbose=False)],
     )
     print(f"serving {args.gguf} as '{name}' on http://{args.host}:{args.port}/v1 "
           f"({'key required' if args.api_key else 'no key'}); Ctrl-C stops")

@@ -10,17 +10,27 @@ import os
 __version__ = "0.1.0"
 
 
-def cpu_threads() -> int:
-    """The CPUs this process may run on (its affinity mask, which containers and `taskset` narrow), or
-    $FASTTUNE_THREADS. Not os.cpu_count(): on a 2-CPU container of a 64-core host that is 64, and
-    llama.cpp's 64 spinning threads on 2 CPUs decode many times slower."""
-    if os.environ.get("FASTTUNE_THREADS"):
-        return max(1, int(os.environ["FASTTUNE_THREADS"]))
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-
-
 class UserError(Exception):
     """Bad input or usage. Scripts print the message on one line and exit with code 2.
 
     The message must name what is wrong (file, line, field) and how to fix it.
     """
+
+
+def cpu_threads() -> int:
+    """The CPUs this process may use: its affinity mask (what `taskset` and cpusets narrow), capped by a
+    cgroup CPU quota (docker --cpus, Kubernetes limits), or $FASTTUNE_THREADS. Not os.cpu_count(): in
+    a 2-CPU container on a 64-core host that is 64, and 64 spinning llama.cpp threads on 2 CPUs decode
+    many times slower."""
+    if os.environ.get("FASTTUNE_THREADS"):
+        if not os.environ["FASTTUNE_THREADS"].isdigit() or int(os.environ["FASTTUNE_THREADS"]) < 1:
+            raise UserError(f"FASTTUNE_THREADS={os.environ['FASTTUNE_THREADS']!r}: expected a whole number >= 1")
+        return int(os.environ["FASTTUNE_THREADS"])
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1  # not on macOS
+    try:
+        quota, period = open("/sys/fs/cgroup/cpu.max").read().split()  # cgroup v2: "max 100000" when unlimited
+        if quota != "max":
+            cpus = min(cpus, max(1, -(-int(quota) // int(period))))
+    except (OSError, ValueError):
+        pass
+    return cpus

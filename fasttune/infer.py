@@ -14,7 +14,6 @@ from fasttune import UserError, cpu_threads
 
 logger = logging.getLogger(__name__)
 
-UNQUANTIZED_FILE_TYPES = {0, 1, 32}  # general.file_type: all f32, mostly f16, mostly bf16 (llama.h's llama_ftype)
 
 
 @contextlib.contextmanager
@@ -25,6 +24,7 @@ def load(path: str | Path, n_ctx: int = 4096, **kwargs):
     path = Path(path)
     check_runnable(path)
     kwargs.setdefault("n_threads", cpu_threads())
+    kwargs.setdefault("n_threads_batch", cpu_threads())  # prompts and eval; llama-cpp-python's default: every host core
     # llama.cpp pads the context to a multiple of 256 but llama-cpp-python 0.3.36 sizes its token
     # buffer to the number asked for, and overflows it past that: ask for the padded size.
     n_ctx = -(-n_ctx // 256) * 256
@@ -50,11 +50,12 @@ def check_runnable(path: Path) -> None:
         return
     try:  # the header only: vocab_only loads no weights
         header = llama_cpp.Llama(model_path=str(path), vocab_only=True, verbose=False)
-    except ValueError:
-        return  # not loadable at all: load() says so
-    file_type = int(header.metadata.get("general.file_type", 0))
+    except ValueError as e:
+        raise UserError(f"{path}: llama.cpp cannot load this file ({e}); re-export it") from None
+    file_type = header.metadata.get("general.file_type")
     header.close()
-    if file_type not in UNQUANTIZED_FILE_TYPES:
+    sixteen_bit = (llama_cpp.LLAMA_FTYPE_ALL_F32, llama_cpp.LLAMA_FTYPE_MOSTLY_F16, llama_cpp.LLAMA_FTYPE_MOSTLY_BF16)
+    if file_type is None or int(file_type) not in sixteen_bit:
         raise UserError(f"{path}: this llama-cpp-python was built with llama.cpp's AMX kernels, which crash on "
                         "quantized files; rebuild it without them: `make install` in a fresh .venv, or "
                         "CMAKE_ARGS='-DCMAKE_C_FLAGS=-mno-amx-int8 -DCMAKE_CXX_FLAGS=-mno-amx-int8' pip install "

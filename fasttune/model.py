@@ -48,9 +48,8 @@ def load_for_training(cfg: ModelConfig, seed: int):
     model, tokenizer = FastLanguageModel.from_pretrained(
         model_name=path,
         max_seq_length=cfg.max_seq_length,
-        # GPU: Unsloth picks bf16 where the card has it, else fp16. CPU: always bf16, the dtype training's
-        # autocast and the memory planner use; Unsloth would load fp32 on a CPU without AVX512-BF16/AMX,
-        # and the run would then be a different one on every machine (bf16 is emulated there: slower).
+        # GPU: Unsloth picks bf16 where the card has it, else fp16. CPU: always bf16, the dtype the memory
+        # planner and the tests assume; Unsloth alone would load fp32 on a CPU without AVX512-BF16/AMX.
         dtype=None if torch.cuda.is_available() else torch.bfloat16,
         load_in_4bit=cfg.load_in_4bit,
         load_in_16bit=not cfg.load_in_4bit,

@@ -111,7 +111,12 @@ def _atomic_build(dest: Path, build, recipe: dict | None = None) -> Path:
         if not recipe or (built.is_file() and built.read_text() == stamp):
             return dest
         logger.info("rebuilding %s: it was built from other settings or library versions", dest)
-        shutil.rmtree(dest)
+        stale = Path(tempfile.mkdtemp(dir=dest.parent, prefix=dest.name + ".stale"))
+        try:  # moved aside, then removed: another process may be doing the same
+            os.replace(dest, stale / "old")
+        except FileNotFoundError:
+            pass
+        shutil.rmtree(stale, ignore_errors=True)
     tmp = Path(tempfile.mkdtemp(dir=dest.parent, prefix=dest.name + ".tmp"))
     try:
         build(tmp)
@@ -150,9 +155,13 @@ def qwen2_tokenizer_dir() -> Path:
         tok.chat_template = QWEN2_5_TEMPLATE
         tok.save_pretrained(tmp)
 
+    return _atomic_build(cache_dir() / "qwen2-tokenizer", build, _tokenizer_recipe())
+
+
+def _tokenizer_recipe() -> dict:
     from fasttune.chat import QWEN2_5_TEMPLATE
 
-    return _atomic_build(cache_dir() / "qwen2-tokenizer", build, dict(_versions(), template=QWEN2_5_TEMPLATE))
+    return dict(_versions(), sdist=LLAMA_CPP_SDIST, template=QWEN2_5_TEMPLATE)
 
 
 def build_model(dest: Path, config: dict, seed: int = 0) -> Path:
@@ -169,7 +178,7 @@ def build_model(dest: Path, config: dict, seed: int = 0) -> Path:
         model.save_pretrained(tmp)
         AutoTokenizer.from_pretrained(qwen2_tokenizer_dir()).save_pretrained(tmp)
 
-    return _atomic_build(dest, build, dict(_versions(), config=config, seed=seed))
+    return _atomic_build(dest, build, dict(_tokenizer_recipe(), config=config, seed=seed))
 
 
 def tiny_model_dir() -> Path:

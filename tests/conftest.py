@@ -100,11 +100,16 @@ def only_the_bf16_gguf(folder, names):
     return ["checkpoints"] if "checkpoints" in names else []
 
 
+# A greedy divergence from the merged model is allowed only where the merged model's own gap between
+# the two tokens is below this (logits). On the memorising run the answers' steps have a median gap of
+# about 11 with a few near-ties (one measured at 0.04), and the largest logit error of its bf16 and q8_0
+# files is about 0.1 and 0.5: those files can flip a gap up to about 1, another model parts at ~11.
+NEAR_TIE = 2.0
+
+
 def greedy_agrees(row: dict) -> bool:
-    """A fidelity-report row whose greedy continuations are all identical to the merged model's, or part
-    from it only at a near-tie the file's measured logit error can flip (verify.check_file)."""
-    identical, total = map(int, row["greedy_identical"].split("/"))
-    return identical + row["greedy_near_ties"] == total
+    """A fidelity-report row whose greedy continuations equal the merged model's but at near-ties."""
+    return all(gap < NEAR_TIE for gap in row["greedy_divergence_gaps"])
 
 
 @pytest.fixture(scope="session")

@@ -10,15 +10,16 @@ def test_report_next_to_the_export(trained_run):
     run_dir, proc = trained_run
     report = json.loads((run_dir / "gguf" / "report.json").read_text())
     rows = {row["file"]: row for row in report["files"]}
-    # (export/gguf.py in the e2e tests may have added a q8_0 row by now)
-    assert report["conversations"] == 4 and {"memorize-bf16.gguf", "memorize-q4_k_m.gguf"} <= set(rows)
+    assert report["conversations"] == 4 and set(rows) == {"memorize-bf16.gguf", "memorize-q4_k_m.gguf"}
     bf16, q4 = rows["memorize-bf16.gguf"], rows["memorize-q4_k_m.gguf"]
     for row in (bf16, q4):
         assert row["tokenization_identical"] and row["chat_finish_reason"] == "stop"
     # bf16: the same model up to llama.cpp's bf16 arithmetic
     assert greedy_agrees(bf16) and greedy_agrees(q4)
     assert bf16["logits_mean_abs_diff"] < 0.03 and bf16["top1_agreement"] > 0.95
-    # |log p_file(t) - log p_merged(t)| <= 2 max|d logits| at every position, so on their mean too
+    # bf16 moves the memorised answers' perplexity by well under 1 % (measured x1.000)
+    assert abs(bf16["perplexity_ratio"] - 1) < 0.01
+    # the report's own consistency: |log p_file(t) - log p_merged(t)| <= 2 max|d logits| at every position
     for row in (bf16, q4):
         assert abs(math.log(row["perplexity_ratio"])) <= 2 * row["logits_max_abs_diff"] + 1e-3
     # q4_k_m on a 256-wide model: visibly lossy, still the same model (sane bounds; measured x1.016, 100 %)

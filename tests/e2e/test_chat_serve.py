@@ -78,7 +78,7 @@ def server(bf16, tmp_path_factory):
     port = free_port()
     log = tmp_path_factory.mktemp("serve") / "server.log"  # a file, not a pipe nobody reads until it fills
     proc = subprocess.Popen([sys.executable, "export/serve.py", str(bf16), "--port", str(port), "--api-key", "sesame",
-                             "--name", "mine"], cwd=REPO, stdout=log.open("w"), stderr=subprocess.STDOUT)
+                             "--name", "mine"], cwd=REPO, stdout=(out := log.open("w")), stderr=subprocess.STDOUT)
     client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="sesame", max_retries=0)
     deadline = time.time() + 120
     while True:
@@ -93,6 +93,7 @@ def server(bf16, tmp_path_factory):
     yield client, port
     proc.terminate()
     proc.wait(timeout=30)
+    out.close()
 
 
 def test_serve_chat_completion_and_streaming(server, memorized_chats):
