@@ -15,7 +15,6 @@ from fasttune import UserError, cpu_threads
 logger = logging.getLogger(__name__)
 
 
-
 @contextlib.contextmanager
 def load(path: str | Path, n_ctx: int = 4096, **kwargs):
     """A llama_cpp.Llama for the file, closed on exit (an unclosed one errors at interpreter exit)."""
