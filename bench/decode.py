@@ -70,13 +70,13 @@ def main():
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from fasttune import cpu_threads, gguf
+    from fasttune import convert, cpu_threads, quantize
     from fasttune.tiny import QWEN2_5_0_5B_CONFIG, build_model, cache_dir
 
     model_dir = build_model(cache_dir() / "qwen2.5-0.5b-shaped", QWEN2_5_0_5B_CONFIG)
     out = Path(tempfile.mkdtemp(prefix="fasttune-bench-decode-"))
-    bf16 = gguf.convert(model_dir, out / "m-bf16.gguf", "bf16")
-    q4 = gguf.quantize(bf16, out / "m-q4_k_m.gguf", "q4_k_m")
+    bf16 = convert.convert(model_dir, out / "m-bf16.gguf", "bf16")
+    q4 = quantize.quantize(bf16, out / "m-q4_k_m.gguf", "q4_k_m")
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     prompt = tokenizer.apply_chat_template([{"role": "user", "content": "Summarize: fever and cough for 3 days."}],
                                            add_generation_prompt=True, tokenize=False)

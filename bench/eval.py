@@ -35,24 +35,21 @@ def main():
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from fasttune import data, gguf, infer
+    from fasttune import convert, data, infer
     from fasttune.evaluate import answer_gguf, answer_hf
     from fasttune.tiny import QWEN2_5_0_5B_CONFIG, build_model, cache_dir
 
-    repo = Path(__file__).resolve().parents[1]
-    import importlib.util
+    from fasttune.config import read_task
 
-    spec = importlib.util.spec_from_file_location("clinical_qa", repo / "recipes" / "clinical_qa.py")
-    recipe = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(recipe)
-    d = recipe.DEFAULTS
+    repo = Path(__file__).resolve().parents[1]
+    d = read_task(repo / "recipes" / "clinical_qa.yaml")
     examples = data.load(repo / "recipes" / "data" / "clinical_qa_eval.jsonl",
                          data.Templates(d["user_template"], d["assistant_template"], d["system_prompt"]),
                          fmt="fields").examples
     prompts = [ex.messages[:-1] for ex in (examples * 4)[: args.examples]]
 
     model_dir = build_model(cache_dir() / "qwen2.5-0.5b-shaped", QWEN2_5_0_5B_CONFIG)
-    path = gguf.convert(model_dir, Path(tempfile.mkdtemp(prefix="fasttune-bench-eval-")) / "m-q8_0.gguf", "q8_0")
+    path = convert.convert(model_dir, Path(tempfile.mkdtemp(prefix="fasttune-bench-eval-")) / "m-q8_0.gguf", "q8_0")
     n = len(prompts)
 
     def one_by_one_gguf():

@@ -47,8 +47,8 @@ def main():
     llama_cpp_file("conversion"), llama_cpp_file("gguf-py")
     out = Path(tempfile.mkdtemp(prefix="fasttune-bench-export-"))
     ours_script = out / "ours.py"
-    ours_script.write_text("import sys\nfrom fasttune import gguf\n"
-                           "gguf.convert(sys.argv[1], sys.argv[2], 'bf16')\n")
+    ours_script.write_text("import sys\nfrom fasttune import convert\n"
+                           "convert.convert(sys.argv[1], sys.argv[2], 'bf16')\n")
 
     ours_t, ours_rss = run_measured([str(ours_script), str(model_dir), str(out / "ours.gguf")])
     ref_env = dict(os.environ, PYTHONPATH=str(root / "gguf-py"))
@@ -56,10 +56,10 @@ def main():
                                    "--outfile", str(out / "ref.gguf")], env=ref_env)
     same_size = (out / "ours.gguf").stat().st_size, (out / "ref.gguf").stat().st_size
 
-    from fasttune import gguf
+    from fasttune import quantize
 
     t0 = time.perf_counter()
-    gguf.quantize(out / "ours.gguf", out / "ours-q4_k_m.gguf", "q4_k_m")
+    quantize.quantize(out / "ours.gguf", out / "ours-q4_k_m.gguf", "q4_k_m")
     q_t = time.perf_counter() - t0
     size = lambda p: (out / p).stat().st_size / 1e6  # noqa: E731
 

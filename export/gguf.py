@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Export a run's merged model as GGUF files, offline.
+"""Export a run's merged model as GGUF files, offline, reading nothing but the run directory.
 
     python export/gguf.py RUN_DIR                      # the types the recipe's config lists
     python export/gguf.py RUN_DIR --quant bf16 q8_0 q4_k_m
@@ -9,7 +9,8 @@ bf16/f16/f32/q8_0 are written by fasttune's own converter (the `gguf` package); 
 other llama.cpp types are made from the 16-bit file by llama-cpp-python's bundled quantizer,
 calibrated by an importance matrix from the run's training conversations (unless the run says
 imatrix: false, or --no-imatrix). auto writes the candidates and keeps the smallest whose eval score
-is within --tolerance points of the 16-bit file (report: RUN_DIR/gguf/auto.md).
+is within --tolerance points of the 16-bit file (report: RUN_DIR/gguf/auto.md). Every file is
+measured once (fidelity, drift, task score: RUN_DIR/gguf/report.json) and listed in RUN_DIR/run.json.
 Files land in RUN_DIR/gguf/<run name>-<type>.gguf. No network, no llama.cpp build.
 """
 
@@ -22,7 +23,7 @@ sys.path = [p for p in sys.path if not p.endswith("export")]
 import argparse  # noqa: E402
 from pathlib import Path  # noqa: E402
 
-from fasttune import UserError, autoquant, cli, config, gguf, verify  # noqa: E402
+from fasttune import UserError, cli, config, rundir  # noqa: E402
 
 
 def main(argv=None):
@@ -38,35 +39,34 @@ def main(argv=None):
     parser.add_argument("--lora", action="store_true",
                         help="also write gguf/lora/: the adapter as a GGUF LoRA and the base model in the first type")
     args = parser.parse_args(argv)
-    cfg = config.load_run(args.run_dir)
-    merged, adapter = args.run_dir / "merged", args.run_dir / "adapter"
-    if not (merged / "config.json").is_file():
-        if not (adapter / "adapter_config.json").is_file():
-            raise UserError(f"{args.run_dir}: no merged model and no adapter; the run did not finish training "
-                            "(continue it with the recipe's --resume)")
-        from fasttune import merge
-        from fasttune.model import resolve  # imports unsloth (slow): only when the base model is needed
 
-        merge.merge(adapter, merged, base=resolve(cfg.model.model))  # a lost or deleted merge, made again
+    from fasttune import base_model, export  # after --help: these import torch and transformers
+
+    manifest = rundir.load(args.run_dir)  # refuses a directory that is not a run, or an older layout
+    cfg = config.load_run(args.run_dir)
+    for split in manifest["data"]:
+        rundir.examples(args.run_dir, split)  # refuses the run's data if it changed since training
     quants = args.quant or cfg.export.quants
     if not quants:
         raise UserError("no types to export: pass --quant bf16 q4_k_m (the run's config lists none)")
     if args.imatrix is not None:
         cfg.export.imatrix = args.imatrix
-    autoquant.check(quants, cfg.export.imatrix)
-    lora = None
-    if args.lora or cfg.export.lora_gguf:
-        # imports unsloth (slow): only when the base model is needed
-        from fasttune.model import resolve
+    export.check(quants, cfg.export.imatrix)
+    merged, adapter = args.run_dir / "merged", args.run_dir / "adapter"
+    lora = args.lora or cfg.export.lora_gguf
+    if lora or not (merged / "config.json").is_file():
+        rundir.check_base(args.run_dir)  # the merge and the LoRA base read the base model: it must be the run's
+    if not (merged / "config.json").is_file():
+        if not (adapter / "adapter_config.json").is_file():
+            raise UserError(f"{args.run_dir}: no merged model and no adapter; the run did not finish training "
+                            "(continue it with the recipe's --resume)")
+        from fasttune import merge
 
-        lora = (args.run_dir / "adapter", resolve(cfg.model.model))
-    files = autoquant.export_run(args.run_dir, cfg, quants, lora=lora, tolerance=args.tolerance)
-    rows = verify.verify_run(args.run_dir, files)
-    for path in files + list(gguf.lora_pair(args.run_dir / "gguf") or []):
-        print(f"{path}  ({path.stat().st_size / 1e6:.1f} MB)")
-    cli.print_auto(args.run_dir, files)
-    for row in rows:
-        print(f"  {verify.line(row)}")
+        merge.merge(adapter, merged, base=base_model.resolve(cfg.model.model))  # a lost or deleted merge, made again
+        rundir.add_file(args.run_dir, merged, "merged")
+    result = export.export_run(args.run_dir, cfg, quants, tolerance=args.tolerance,
+                               lora_base=base_model.resolve(cfg.model.model) if lora else None)
+    cli.print_export(args.run_dir, result)
 
 
 if __name__ == "__main__":

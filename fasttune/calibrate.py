@@ -73,7 +73,7 @@ def compute(merged_dir: Path, conversations: list[list[dict]], source: str) -> I
     all) and collect each linear layer's squared inputs under its GGUF tensor name."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    from fasttune.gguf import ARCHITECTURES
+    from fasttune.convert import ARCHITECTURES
 
     config = AutoConfig.from_pretrained(merged_dir)
     names = gguf.get_tensor_name_map(ARCHITECTURES[config.architectures[0]].gguf_arch, config.num_hidden_layers)
@@ -116,20 +116,19 @@ def compute(merged_dir: Path, conversations: list[list[dict]], source: str) -> I
     return ImportanceMatrix({name: s.double().cpu().numpy() for name, s in sums.items()}, tokens, source)
 
 
-def for_run(run_dir: Path, cfg) -> ImportanceMatrix:
+def for_run(run_dir: Path) -> ImportanceMatrix:
     """The run's importance matrix: gguf/imatrix.gguf when it is newer than the merged model, else
-    computed on the run's training conversations and saved there."""
-    from fasttune import data
+    computed on the run's training conversations (data/train.jsonl) and saved there."""
+    from fasttune import rundir
 
     run_dir = Path(run_dir)
     path, merged = run_dir / "gguf" / "imatrix.gguf", run_dir / "merged"
     weights = max(p.stat().st_mtime for p in merged.glob("*.safetensors"))
     if path.is_file() and path.stat().st_mtime > weights:
         return ImportanceMatrix.load(path)
-    d = cfg.data
-    templates = data.Templates(d.user_template, d.assistant_template, d.system_prompt)
-    loaded = data.load(d.data, templates, d.format, on_bad_record="skip", split=d.split)
-    matrix = compute(merged, [ex.messages for ex in loaded.examples], source=str(d.data))
+    examples = rundir.examples(run_dir, "train")
+    matrix = compute(merged, [ex.messages for ex in examples], source=f"{run_dir.name}/data/train.jsonl")
     path.parent.mkdir(parents=True, exist_ok=True)
     matrix.save(path)
+    rundir.add_file(run_dir, path, "imatrix")
     return matrix

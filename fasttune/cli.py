@@ -58,26 +58,27 @@ def run(main) -> None:
         sys.exit(130)
 
 
-def report_run(run_dir, files, td, report, scores=None) -> None:
+def report_run(run_dir, result, td, scores=None) -> None:
     """What a recipe prints at the end: loss change, files and their fidelity, one held-out answer,
-    the evaluation table, how to chat and serve."""
-    from fasttune import evaluate, train, verify
+    the evaluation table, how to chat and serve. result: export.Result (every number printed here was
+    measured there, once per file)."""
+    from fasttune import evaluate, train
 
     losses = train.read_metrics(run_dir / "metrics.jsonl")
     line = f"\ntraining loss {losses['loss'][0]:.3f} -> {losses['loss'][-1]:.3f}"
     if losses["eval_loss"]:
         line += f", eval loss {losses['eval_loss'][0]:.3f} -> {losses['eval_loss'][-1]:.3f}"
     print(f"{line}  (curve: {run_dir / 'loss.png'})")
-    print(f"run directory: {run_dir}")
-    for path in files:
-        print(f"  {path}  ({path.stat().st_size / 1e6:.1f} MB)")
-    print_auto(run_dir, files)
-    if report:
-        print(f"fidelity against the merged model ({run_dir / 'gguf' / 'report.json'}):")
-        for row in report:
-            print(f"  {verify.line(row)}")
-    if files and td.eval:
-        answer_held_out(files[-1], td.eval.prepared.kept[0])
+    print(f"run directory: {run_dir}  (contents: {run_dir / 'run.json'})")
+    print_export(run_dir, result)
+    files = [path for path, _ in result.files]
+    last = result.measured.get(files[-1].name) if files else None
+    if td.eval and last and last.answers:
+        example, answer = td.eval.prepared.kept[0], last.answers[0]
+        print(f"\nheld-out case ({example.source}), answered by {files[-1].name}:")
+        print(f"  question : {example.messages[-2]['content'][:300]}")
+        print(f"  model    : {answer.text[:600]}  [{'stopped' if answer.stopped else 'cut at the token limit'}]")
+        print(f"  reference: {example.messages[-1]['content'][:600]}")
     if scores:
         print(f"\nevaluation on {scores['examples']} held-out examples ({run_dir / 'eval' / 'report.md'}):")
         print(evaluate.table(scores))
@@ -93,28 +94,22 @@ def print_plan(cfg) -> None:
     print(plan.describe(cfg.model, cfg.train, cfg.train.gpu_gb))
 
 
-def print_auto(run_dir, files) -> None:
-    """The --quants auto table, when this export chose one of `files`."""
-    from fasttune import autoquant
+def print_export(run_dir, result) -> None:
+    """The files an export kept, the auto table when it chose one, each file's fidelity."""
+    from fasttune import autoquant, measure
 
+    for path in [p for p, _ in result.files] + list(result.lora or []):
+        print(f"  {path}  ({path.stat().st_size / 1e6:.1f} MB)")
     auto = autoquant.load(run_dir)
-    if auto and auto["winner"] in {f.name for f in files}:
+    if auto and auto["winner"] in {p.name for p, _ in result.files}:
         print(f"quant chosen by measurement ({run_dir / 'gguf' / 'auto.md'}):")
         print("  " + autoquant.table(auto).replace("\n", "\n  "))
-
-
-def answer_held_out(gguf_file, example) -> None:
-    """Answer one held-out case with the exported file, next to the reference answer."""
-    from fasttune import infer
-
-    prompt = example.messages[:-1]
-    with infer.load(gguf_file) as llm:
-        reply = infer.chat(llm, prompt, max_tokens=200)
-    choice = reply["choices"][0]
-    print(f"\nheld-out case ({example.source}), answered by {gguf_file.name}:")
-    print(f"  question : {prompt[-1]['content'][:300]}")
-    print(f"  model    : {choice['message']['content'].strip()[:600]}  [finish: {choice['finish_reason']}]")
-    print(f"  reference: {example.messages[-1]['content'][:600]}")
+    rows = [m.row for m in result.measured.values() if "tokenization_identical" in m.row
+            and (m.row["file"] in {p.name for p, _ in result.files} or " on " in m.row["file"])]
+    if rows:
+        print(f"fidelity against the merged model ({run_dir / 'gguf' / 'report.json'}):")
+        for row in rows:
+            print(f"  {measure.line(row)}")
 
 
 def inspect(td, tokenizer, cfg) -> None:

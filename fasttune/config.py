@@ -23,9 +23,10 @@ LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", 
 @dataclass
 class ModelConfig:
     model: str = field(
-        default="tiny",
-        metadata={"help": "Base model: a hub name (Qwen/Qwen2.5-0.5B-Instruct), a local directory, or 'tiny' for "
-                          "the embedded tiny Qwen2.5-architecture model (random weights; tests and demo)."},
+        default=None,
+        metadata={"help": "Base model (required): a hub name (Qwen/Qwen2.5-0.5B-Instruct), a local directory, or "
+                          "'tiny' for a dry run on the embedded tiny Qwen2.5-architecture model (2 layers, random "
+                          "weights: its answers mean nothing)."},
     )
     load_in_4bit: bool = field(
         default=True,
@@ -229,6 +230,9 @@ def parse(argv: list[str] | None = None, defaults: dict | None = None, prog: str
     if cli_extra:
         raise UserError(f"unknown arguments: {' '.join(cli_extra)} (--help lists every flag)")
     model, data, train, export, eval_ = parts
+    if model.model is None:
+        raise UserError("--model required: a hub name (Qwen/Qwen2.5-0.5B-Instruct), a model directory, or "
+                        "--model tiny for a dry run on a tiny random-weight model")
     missing = [flag for flag, value in (("--data", data.data), ("--out", train.out)) if value is None]
     if missing and not train.plan:
         raise UserError(f"{' and '.join(missing)} required (--help lists every flag)")
@@ -240,6 +244,17 @@ def parse(argv: list[str] | None = None, defaults: dict | None = None, prog: str
         export.quants = []
     recipe = Path(prog).stem if prog else "sft"
     return Config(model, data, train, export, eval_, recipe)
+
+
+def read_task(path: str | Path) -> dict:
+    """A recipe's task (recipes/<name>.yaml: system prompt, templates, metric...) as parse() defaults.
+
+    Plain data, so tests and benchmarks read a task without running its script; every key must be a
+    config field (parse() checks)."""
+    task = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+    if not isinstance(task, dict):
+        raise UserError(f"{path}: a task file is a mapping of config fields (format, system_prompt, ...)")
+    return task
 
 
 def _drop_pair(args: list[str], flag: str) -> list[str]:

@@ -1,18 +1,19 @@
 """The data stage as a recipe runs it: read and validate (data.py), tokenize and mask (chat.py),
 split off an eval set, count everything, and write what was left out.
 
-Everything a person needs to trust the data ends up in the run directory: data_stats.json (the
-same summary `--inspect` prints) and rejects.jsonl (every record not trained on, with the reason).
+Everything a person needs to trust the data ends up in the run directory: data/train.jsonl and
+data/eval.jsonl (exactly what is trained and evaluated, which every later stage reads),
+data_stats.json (the same summary `--inspect` prints) and rejects.jsonl (every record not trained
+on, with the reason).
 """
 
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
 
-from fasttune import chat, data
+from fasttune import chat, data, rundir
 from fasttune.config import Config
 
 logger = logging.getLogger(__name__)
@@ -28,6 +29,7 @@ class Split:
 class TrainingData:
     train: Split
     eval: Split | None
+    sources: list[dict]  # each user file as read: rundir.source() (path, sha256, records)
 
     @property
     def rejects(self) -> list[data.Reject]:
@@ -59,8 +61,11 @@ class TrainingData:
                 f"{s['nothing_trained']} with nothing to train, {s.get('rejected_records', 0)} bad records skipped")
         return "\n".join(lines)
 
-    def save(self, run_dir: Path) -> None:
-        (run_dir / "data_stats.json").write_text(json.dumps(self.stats(), indent=2))
+    def save(self, run_dir: Path, base: dict, seed: int) -> None:
+        """data/train.jsonl, data/eval.jsonl and run.json (fasttune.rundir); data_stats.json, rejects.jsonl."""
+        rundir.start(run_dir, self.sources, self.train.prepared.kept, self.eval.prepared.kept if self.eval else [],
+                     base, seed)
+        rundir.write_json(run_dir / "data_stats.json", self.stats())
         rejects = self.rejects
         path = run_dir / "rejects.jsonl"
         path.unlink(missing_ok=True)
@@ -76,10 +81,13 @@ def build(cfg: Config, tokenizer) -> TrainingData:
     load = lambda source: data.load(source, templates, d.format, d.on_bad_record, d.dedupe, d.split)  # noqa: E731
     prepare = lambda examples: chat.prepare(examples, tokenizer, max_len, d.truncation, d.train_on)  # noqa: E731
 
+    records = lambda loaded: len(loaded.examples) + len(loaded.rejects)  # noqa: E731
     train_loaded = load(d.data)
+    sources = [rundir.source("train", d.data, records(train_loaded))]
     eval_split = None
     if d.eval_data:
         eval_loaded = load(d.eval_data)
+        sources.append(rundir.source("eval", d.eval_data, records(eval_loaded)))
         eval_split = Split(eval_loaded, prepare(eval_loaded.examples))
         train_examples = train_loaded.examples
     elif d.eval_fraction:
@@ -87,7 +95,7 @@ def build(cfg: Config, tokenizer) -> TrainingData:
         eval_split = Split(None, prepare(held_out))
     else:
         train_examples = train_loaded.examples
-    result = TrainingData(Split(train_loaded, prepare(train_examples)), eval_split)
+    result = TrainingData(Split(train_loaded, prepare(train_examples)), eval_split, sources)
     for line in result.summary().splitlines():
         logger.info(line)
     return result

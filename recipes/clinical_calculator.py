@@ -15,20 +15,17 @@ the number on the 'Answer:' line within 1 % of the reference, and the unit right
 Every field of fasttune.config is a flag and may come from a YAML file (--config my.yaml).
 """
 
+from pathlib import Path
+
 from fasttune import pipeline  # first: imports unsloth, which patches transformers/trl/peft
 
 from fasttune import cli, config
 
-SYSTEM_PROMPT = ("You are a clinical calculator. Write the formula with the patient's numbers, then the "
-                 "result and its unit on a line starting with 'Answer:'.")
-USER_TEMPLATE = "Calculation: {calculation}\nPatient: {patient}\n\nWorking:"
-ASSISTANT_TEMPLATE = "{working}\nAnswer: {result} {unit}"
-DEFAULTS = dict(format="fields", system_prompt=SYSTEM_PROMPT, user_template=USER_TEMPLATE,
-                assistant_template=ASSISTANT_TEMPLATE, metric="numeric", tolerance=0.01, max_new_tokens=128)
+TASK = Path(__file__).with_suffix(".yaml")  # system prompt, templates, metric
 
 
 def main(argv=None):
-    pipeline.run(config.parse(argv, defaults=DEFAULTS, prog="recipes/clinical_calculator.py"))
+    pipeline.run(config.parse(argv, defaults=config.read_task(TASK), prog="recipes/clinical_calculator.py"))
 
 
 if __name__ == "__main__":

@@ -11,19 +11,17 @@ Judged by normalized exact match (case, punctuation and articles ignored).
 Every field of fasttune.config is a flag and may come from a YAML file (--config my.yaml).
 """
 
+from pathlib import Path
+
 from fasttune import pipeline  # first: imports unsloth, which patches transformers/trl/peft
 
 from fasttune import cli, config
 
-SYSTEM_PROMPT = "You are a medical reference assistant. Answer with the exact term or value from the passage, nothing else."
-USER_TEMPLATE = "Context: {context}\n\nQuestion: {question}\n\nAnswer:"
-ASSISTANT_TEMPLATE = "{answer}"
-DEFAULTS = dict(format="fields", system_prompt=SYSTEM_PROMPT, user_template=USER_TEMPLATE,
-                assistant_template=ASSISTANT_TEMPLATE, metric="exact", max_new_tokens=32)
+TASK = Path(__file__).with_suffix(".yaml")  # system prompt, templates, metric
 
 
 def main(argv=None):
-    pipeline.run(config.parse(argv, defaults=DEFAULTS, prog="recipes/closed_qa.py"))
+    pipeline.run(config.parse(argv, defaults=config.read_task(TASK), prog="recipes/closed_qa.py"))
 
 
 if __name__ == "__main__":

@@ -13,20 +13,17 @@ the score is the mean over the keys, and the report counts invalid JSON as unpar
 Every field of fasttune.config is a flag and may come from a YAML file (--config my.yaml).
 """
 
+from pathlib import Path
+
 from fasttune import pipeline  # first: imports unsloth, which patches transformers/trl/peft
 
 from fasttune import cli, config
 
-SYSTEM_PROMPT = ("You extract structured data from clinical notes. Reply with one JSON object with the keys "
-                 "age, sex, diagnoses, medications and allergies, and nothing else.")
-USER_TEMPLATE = "Note: {note}\n\nJSON:"
-ASSISTANT_TEMPLATE = "{output:json}"
-DEFAULTS = dict(format="fields", system_prompt=SYSTEM_PROMPT, user_template=USER_TEMPLATE,
-                assistant_template=ASSISTANT_TEMPLATE, metric="json", max_new_tokens=160)
+TASK = Path(__file__).with_suffix(".yaml")  # system prompt, templates, metric
 
 
 def main(argv=None):
-    pipeline.run(config.parse(argv, defaults=DEFAULTS, prog="recipes/extraction_json.py"))
+    pipeline.run(config.parse(argv, defaults=config.read_task(TASK), prog="recipes/extraction_json.py"))
 
 
 if __name__ == "__main__":

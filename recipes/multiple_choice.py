@@ -11,19 +11,17 @@ Judged on the letter; the report also counts letter and option text both right.
 Every field of fasttune.config is a flag and may come from a YAML file (--config my.yaml).
 """
 
+from pathlib import Path
+
 from fasttune import pipeline  # first: imports unsloth, which patches transformers/trl/peft
 
 from fasttune import cli, config
 
-SYSTEM_PROMPT = "You are a medical exam tutor. Reply with the letter and text of the single best option."
-USER_TEMPLATE = "Question: {question}\n\nOptions:\n{options}\n\nAnswer:"
-ASSISTANT_TEMPLATE = "{answer}"
-DEFAULTS = dict(format="fields", system_prompt=SYSTEM_PROMPT, user_template=USER_TEMPLATE,
-                assistant_template=ASSISTANT_TEMPLATE, metric="choice", max_new_tokens=32)
+TASK = Path(__file__).with_suffix(".yaml")  # system prompt, templates, metric
 
 
 def main(argv=None):
-    pipeline.run(config.parse(argv, defaults=DEFAULTS, prog="recipes/multiple_choice.py"))
+    pipeline.run(config.parse(argv, defaults=config.read_task(TASK), prog="recipes/multiple_choice.py"))
 
 
 if __name__ == "__main__":

@@ -13,20 +13,17 @@ checked): the steps are the model's scratch space.
 Every field of fasttune.config is a flag and may come from a YAML file (--config my.yaml).
 """
 
+from pathlib import Path
+
 from fasttune import pipeline  # first: imports unsloth, which patches transformers/trl/peft
 
 from fasttune import cli, config
 
-SYSTEM_PROMPT = ("You are a medication-math tutor. Work step by step, then give the result on a line "
-                 "starting with 'Answer:'.")
-USER_TEMPLATE = "Problem: {question}\n\nSolution:"
-ASSISTANT_TEMPLATE = "{reasoning}\nAnswer: {answer}"
-DEFAULTS = dict(format="fields", system_prompt=SYSTEM_PROMPT, user_template=USER_TEMPLATE,
-                assistant_template=ASSISTANT_TEMPLATE, metric="cot", tolerance=0.01, max_new_tokens=160)
+TASK = Path(__file__).with_suffix(".yaml")  # system prompt, templates, metric
 
 
 def main(argv=None):
-    pipeline.run(config.parse(argv, defaults=DEFAULTS, prog="recipes/reasoning_cot.py"))
+    pipeline.run(config.parse(argv, defaults=config.read_task(TASK), prog="recipes/reasoning_cot.py"))
 
 
 if __name__ == "__main__":

@@ -11,19 +11,17 @@ Judged by ROUGE-L F1 against the reference summary (`rouge-score`, stemmed).
 Every field of fasttune.config is a flag and may come from a YAML file (--config my.yaml).
 """
 
+from pathlib import Path
+
 from fasttune import pipeline  # first: imports unsloth, which patches transformers/trl/peft
 
 from fasttune import cli, config
 
-SYSTEM_PROMPT = "You are a clinical documentation assistant. Summarize the note in one sentence for a handover."
-USER_TEMPLATE = "Note: {note}\n\nSummary:"
-ASSISTANT_TEMPLATE = "{summary}"
-DEFAULTS = dict(format="fields", system_prompt=SYSTEM_PROMPT, user_template=USER_TEMPLATE,
-                assistant_template=ASSISTANT_TEMPLATE, metric="rouge", max_new_tokens=96)
+TASK = Path(__file__).with_suffix(".yaml")  # system prompt, templates, metric
 
 
 def main(argv=None):
-    pipeline.run(config.parse(argv, defaults=DEFAULTS, prog="recipes/summarization.py"))
+    pipeline.run(config.parse(argv, defaults=config.read_task(TASK), prog="recipes/summarization.py"))
 
 
 if __name__ == "__main__":

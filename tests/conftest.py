@@ -115,12 +115,9 @@ def greedy_agrees(row: dict) -> bool:
 @pytest.fixture(scope="session")
 def memorized_chats():
     """The four training conversations as the recipe builds them (system, user, assistant)."""
-    import importlib.util
-
     from fasttune import data
+    from fasttune.config import read_task
 
-    spec = importlib.util.spec_from_file_location("clinical_qa", REPO / "recipes" / "clinical_qa.py")
-    recipe = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(recipe)
-    templates = data.Templates(recipe.USER_TEMPLATE, recipe.ASSISTANT_TEMPLATE, recipe.SYSTEM_PROMPT)
+    task = read_task(REPO / "recipes" / "clinical_qa.yaml")
+    templates = data.Templates(task["user_template"], task["assistant_template"], task["system_prompt"])
     return data.load(MEMORIZE, templates, fmt="fields").examples

@@ -7,7 +7,7 @@ import gguf as gguf_py
 import numpy as np
 import pytest
 
-from fasttune import UserError, calibrate, config, gguf, infer, verify
+from fasttune import UserError, calibrate, convert, infer, measure, quantize, rundir
 from fasttune.data import Templates, load
 from tests.conftest import only_the_bf16_gguf
 
@@ -19,7 +19,7 @@ def calibrated(trained_run, tmp_path_factory):
     run_dir, _ = trained_run
     work = tmp_path_factory.mktemp("calibrate") / "memorize"
     shutil.copytree(run_dir, work, ignore=only_the_bf16_gguf)
-    matrix = calibrate.for_run(work, config.load_run(work))
+    matrix = calibrate.for_run(work)
     return work, matrix, work / "gguf" / "memorize-bf16.gguf"
 
 
@@ -41,23 +41,21 @@ def test_saved_in_llama_cpp_format_and_reused(calibrated):
     assert reader.fields["general.type"].contents() == "imatrix"
     names = {t.name for t in reader.tensors}
     assert {"blk.0.ffn_down.weight.in_sum2", "blk.0.ffn_down.weight.counts"} <= names
-    again = calibrate.for_run(work, config.load_run(work))  # newer than the merge: read back, not recomputed
+    assert (path, {"path": "gguf/imatrix.gguf", "kind": "imatrix"}) in rundir.files(work, "imatrix")
+    again = calibrate.for_run(work)  # newer than the merge: read back, not recomputed
     assert again.tokens == matrix.tokens and again.source == matrix.source
     for name in matrix.sums:
         np.testing.assert_allclose(again.sums[name], matrix.sums[name], rtol=1e-6)
 
 
-def test_calibration_lowers_kl_for_q4_k_m_and_q3_k_m(calibrated, tokenizer):
+def test_calibration_lowers_kl_for_q4_k_m_and_q3_k_m(calibrated):
     work, matrix, bf16 = calibrated
-    cfg = config.load_run(work)
-    templates = Templates(cfg.data.user_template, cfg.data.assistant_template, cfg.data.system_prompt)
-    conversations = [ex.messages for ex in load(cfg.data.eval_data, templates, cfg.data.format).examples]
-    cases = verify.answer_spans(tokenizer, conversations)
+    conversations = [ex.messages for ex in rundir.examples(work, "eval")]
     files = {}
     for q in ("q4_k_m", "q3_k_m"):
-        files[q, False] = gguf.quantize(bf16, work / f"plain-{q}.gguf", q)
-        files[q, True] = gguf.quantize(bf16, work / f"calibrated-{q}.gguf", q, imatrix=matrix.values())
-    kl = {key: row["kl"] for key, row in zip(files, verify.divergence(bf16, list(files.values()), cases).values())}
+        files[q, False] = quantize.quantize(bf16, work / f"plain-{q}.gguf", q)
+        files[q, True] = quantize.quantize(bf16, work / f"calibrated-{q}.gguf", q, imatrix=matrix.values())
+    kl = drift(work / "merged", bf16, files, conversations)
     # q3_k_m: 0.285 -> 0.086 measured (0.30x; asserted: below 0.7x). q4_k_m's KL is 0.011 with or without
     # the matrix: on this 2-layer model the tied 151,936 x 256 embedding, which llama.cpp quantizes without
     # one, dominates its error, so the two differ by noise and no direction is asserted (bench/quant.py
@@ -69,13 +67,20 @@ def test_calibration_lowers_kl_for_q4_k_m_and_q3_k_m(calibrated, tokenizer):
 def test_low_bit_types_need_the_matrix(calibrated):
     work, matrix, bf16 = calibrated
     with pytest.raises(UserError, match="needs an importance matrix"):
-        gguf.quantize(bf16, work / "x-iq2_xs.gguf", "iq2_xs")
-    out = gguf.quantize(bf16, work / "x-iq2_xs.gguf", "iq2_xs", imatrix=matrix.values())
+        quantize.quantize(bf16, work / "x-iq2_xs.gguf", "iq2_xs")
+    out = quantize.quantize(bf16, work / "x-iq2_xs.gguf", "iq2_xs", imatrix=matrix.values())
     with infer.load(out, n_ctx=512, logits_all=True) as llm:
         assert infer.bits_per_weight(llm) < infer_bits(bf16)
         llm.eval(llm.tokenize(b"The patient presents with chest pain.", add_bos=False))
         logits = np.array(llm.scores[: llm.n_tokens])  # it computes (what it would say is a near-tie away here)
         assert np.isfinite(logits).all() and (logits.std(-1) > 0).all()
+
+
+def drift(model_dir, bf16, files: dict, conversations) -> dict:
+    """KL from the bf16 file per file of `files` (key -> path), on the answers of `conversations`."""
+    rows = measure.measure(model_dir, [(bf16, "bf16"), *((p, "q") for p in files.values())], conversations, task=None,
+                           fidelity=False)
+    return {key: m.row["kl"] for key, m in zip(files, rows[1:])}
 
 
 def infer_bits(path):
@@ -84,23 +89,18 @@ def infer_bits(path):
 
 
 def recipe_conversations(recipe: str, file: str) -> list[list[dict]]:
-    import importlib.util
-
+    from fasttune.config import read_task
     from tests.conftest import REPO
 
-    spec = importlib.util.spec_from_file_location(recipe, REPO / "recipes" / f"{recipe}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    templates = Templates(module.USER_TEMPLATE, module.ASSISTANT_TEMPLATE, module.SYSTEM_PROMPT)
+    task = read_task(REPO / "recipes" / f"{recipe}.yaml")
+    templates = Templates(task["user_template"], task["assistant_template"], task["system_prompt"])
     return [ex.messages for ex in load(str(REPO / "recipes" / "data" / file), templates, fmt="fields").examples]
 
 
 @pytest.mark.slow
 def test_calibration_lowers_kl_on_real_smollm2_weights(tmp_path):
     """Real pretrained weights: calibrated on two recipes' training files, measured on another's eval."""
-    from transformers import AutoTokenizer
-
-    from fasttune.tiny import smollm2_dir
+    from bench.smollm2 import smollm2_dir
 
     try:
         model_dir = smollm2_dir()
@@ -109,13 +109,12 @@ def test_calibration_lowers_kl_on_real_smollm2_weights(tmp_path):
     calibration = recipe_conversations("closed_qa", "closed_qa.jsonl") + recipe_conversations(
         "summarization", "summarization.jsonl")
     matrix = calibrate.compute(model_dir, calibration, source="closed_qa + summarization")
-    bf16 = gguf.convert(model_dir, tmp_path / "smollm2-bf16.gguf", "bf16")
+    bf16 = convert.convert(model_dir, tmp_path / "smollm2-bf16.gguf", "bf16")
     files = {}
     for q in ("q4_k_m", "q3_k_m"):
-        files[q, False] = gguf.quantize(bf16, tmp_path / f"plain-{q}.gguf", q)
-        files[q, True] = gguf.quantize(bf16, tmp_path / f"calibrated-{q}.gguf", q, imatrix=matrix.values())
+        files[q, False] = quantize.quantize(bf16, tmp_path / f"plain-{q}.gguf", q)
+        files[q, True] = quantize.quantize(bf16, tmp_path / f"calibrated-{q}.gguf", q, imatrix=matrix.values())
     held_out = recipe_conversations("multiple_choice", "multiple_choice_eval.jsonl")
-    cases = verify.answer_spans(AutoTokenizer.from_pretrained(model_dir), held_out)
-    kl = {key: row["kl"] for key, row in zip(files, verify.divergence(bf16, list(files.values()), cases).values())}
+    kl = drift(model_dir, bf16, files, held_out)
     for q in ("q4_k_m", "q3_k_m"):
         assert kl[q, True] < 0.9 * kl[q, False], (q, kl)

@@ -5,7 +5,7 @@ import pytest
 from fasttune import UserError
 from fasttune.config import create_run_dir, load_run, parse
 
-REQUIRED = ["--data", "d.jsonl", "--out", "runs/x"]
+REQUIRED = ["--model", "tiny", "--data", "d.jsonl", "--out", "runs/x"]
 
 
 def test_defaults_are_the_first_users_setup():
@@ -51,7 +51,8 @@ def test_unknown_flag_is_a_usage_error():
 
 
 def test_run_dir_round_trip(tmp_path):
-    cfg = parse(["--data", "d.jsonl", "--out", str(tmp_path / "run"), "--lora_r", "8", "--metric", "numeric"],
+    cfg = parse(["--model", "tiny", "--data", "d.jsonl", "--out", str(tmp_path / "run"), "--lora_r", "8", "--metric",
+                 "numeric"],
                 prog="recipes/clinical_calculator.py")
     run = create_run_dir(cfg)
     assert load_run(run) == cfg and cfg.recipe == "clinical_calculator" and cfg.eval.metric == "numeric"
@@ -62,9 +63,11 @@ def test_run_dir_round_trip(tmp_path):
         create_run_dir(cfg)
 
 
-def test_data_and_out_are_required_except_for_plan():
+def test_model_data_and_out_are_required_except_for_plan():
+    with pytest.raises(UserError, match=r"^--model required: .* --model tiny for a dry run"):
+        parse(["--data", "d.jsonl", "--out", "o"])  # no silent toy model
     with pytest.raises(UserError, match=r"--data and --out required"):
-        parse([])
+        parse(["--model", "tiny"])
     with pytest.raises(UserError, match=r"^--out required"):
-        parse(["--data", "d.jsonl"])
-    assert parse(["--plan"]).train.plan
+        parse(["--model", "tiny", "--data", "d.jsonl"])
+    assert parse(["--model", "tiny", "--plan"]).train.plan

@@ -90,6 +90,7 @@ def test_report_files(tmp_path, trained_run, memorized_chats):
     run_dir, _ = trained_run
     variants = run_variants(run_dir)
     assert variants[:3] == ["base", "adapter", "merged"] and run_dir / "gguf" / "memorize-bf16.gguf" in variants
+    assert (run_dir / "gguf" / "imatrix.gguf").is_file() and run_dir / "gguf" / "imatrix.gguf" not in variants
     report = evaluate(run_dir, memorized_chats, "exact", ["base", "adapter", "merged",
                                                           run_dir / "gguf" / "memorize-bf16.gguf"],
                       base=str(tiny_model_dir()),

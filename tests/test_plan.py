@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from fasttune import model as model_lib  # first: imports unsloth
+from bench.peak_memory import PeakMemory, file_mapped_bytes
 from fasttune import plan
 from fasttune.config import parse
 
@@ -46,7 +47,7 @@ def test_qwen2_5_7b_weights_match_its_published_sizes(qwen7b_config):
 
 
 def measured_peak(cfg, steps=2) -> int:
-    """Load and train on CPU under plan.PeakMemory; bytes over what the process held before loading."""
+    """Load and train on CPU under bench/peak_memory.PeakMemory; bytes over what the process held before loading."""
     from datasets import Dataset
     from trl import SFTTrainer
 
@@ -60,9 +61,9 @@ def measured_peak(cfg, steps=2) -> int:
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        with plan.PeakMemory(every_s=0.001) as memory:
+        with PeakMemory(every_s=0.001) as memory:
             model, tokenizer = model_lib.load_for_training(cfg.model, seed=0)
-            memory.mapped = plan.file_mapped_bytes(model)  # weights read straight from the safetensors mmap
+            memory.mapped = file_mapped_bytes(model)  # weights read straight from the safetensors mmap
             model.config.use_cache = False
             args = sft_config(cfg, Path(cfg.train.out), has_eval=False)
             args.max_steps = steps

@@ -1,7 +1,6 @@
 """The task recipes: their sample data is sound, their references are what their metric reads,
 the calculator's answers are what the formulas give, and a recipe runs end to end."""
 
-import importlib.util
 import json
 import math
 import re
@@ -10,6 +9,7 @@ import gguf as gguf_py
 import pytest
 
 from fasttune import data
+from fasttune.config import read_task
 from fasttune.evaluate import METRICS, NUMBER
 from tests.conftest import REPO, run_script
 
@@ -17,15 +17,12 @@ TASKS = ["clinical_qa", "closed_qa", "clinical_calculator", "multiple_choice", "
          "reasoning_cot"]
 
 
-def recipe(name):
-    spec = importlib.util.spec_from_file_location(name, REPO / "recipes" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+def task(name) -> dict:
+    return read_task(REPO / "recipes" / f"{name}.yaml")
 
 
 def examples(name, split=""):
-    d = recipe(name).DEFAULTS
+    d = task(name)
     path = REPO / "recipes" / "data" / f"{name}{split}.jsonl"
     loaded = data.load(path, data.Templates(d["user_template"], d["assistant_template"], d["system_prompt"]),
                        fmt="fields")
@@ -44,7 +41,7 @@ def test_sample_data_is_clean_sized_and_held_out(name):
 
 @pytest.mark.parametrize("name", TASKS)
 def test_references_score_full_marks_with_the_recipes_metric(name):
-    d = recipe(name).DEFAULTS
+    d = task(name)
     metric = METRICS[d.get("metric", "exact")]
     for ex in examples(name) + examples(name, "_eval"):
         reference = ex.messages[-1]["content"]

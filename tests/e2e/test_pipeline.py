@@ -7,12 +7,13 @@ import sys
 
 import pytest
 
+from fasttune import rundir
 from tests.conftest import MEMORIZE, REPO, greedy_agrees, only_the_bf16_gguf, run_script
 
 
 def test_recipe_leaves_a_complete_run_directory(trained_run):
     run_dir, proc = trained_run
-    for path in ["config.yaml", "metrics.jsonl", "loss.png", "data_stats.json", "adapter/adapter_config.json",
+    for path in ["run.json", "data/train.jsonl", "data/eval.jsonl", "config.yaml", "metrics.jsonl", "loss.png", "data_stats.json", "adapter/adapter_config.json",
                  "adapter/adapter_model.safetensors", "adapter/tokenizer.json", "merged/model.safetensors",
                  "merged/config.json", "merged/chat_template.jinja", "gguf/memorize-bf16.gguf",
                  "gguf/memorize-q4_k_m.gguf", "eval/report.json", "eval/report.md", "eval/scores.png"]:
@@ -20,7 +21,7 @@ def test_recipe_leaves_a_complete_run_directory(trained_run):
     assert not list(run_dir.rglob("*.partial")) and not list(run_dir.glob("merged.tmp*"))
     # the recipe answered a held-out case with the exported file, and the model stopped by itself
     assert "answered by memorize-q4_k_m.gguf" in proc.stdout
-    assert "[finish: stop]" in proc.stdout
+    assert "[stopped]" in proc.stdout
     assert "python export/chat.py" in proc.stdout and "python export/serve.py" in proc.stdout
     # base vs fine-tuned vs each GGUF on the eval data, with the recipe's metric (ROUGE-L)
     assert "evaluation on 4 held-out examples" in proc.stdout
@@ -92,6 +93,38 @@ def test_bad_input_is_one_line_exit_2_and_no_run_dir(tmp_path, content, message)
 
 def test_usage_errors_exit_2(tmp_path):
     proc = run_script("export/gguf.py", tmp_path, check=False)
-    assert proc.returncode == 2 and "no config.yaml" in proc.stderr and "Traceback" not in proc.stderr
+    assert proc.returncode == 2 and "not a run directory (no run.json)" in proc.stderr and "Traceback" not in proc.stderr
+    (tmp_path / "config.yaml").write_text("model: tiny\n")  # a run from before run.json
+    for script in ("export/gguf.py", "export/eval.py"):
+        proc = run_script(script, tmp_path, check=False)
+        assert proc.returncode == 2 and "made by an older fasttune" in proc.stderr and "--overwrite" in proc.stderr
+    proc = run_script("recipes/sft.py", "--data", MEMORIZE, "--out", tmp_path / "x", check=False)
+    assert proc.returncode == 2 and "--model required" in proc.stderr and "--model tiny" in proc.stderr
     proc = run_script("export/chat.py", tmp_path / "missing.gguf", "--prompt", "hi", check=False)
     assert proc.returncode == 2 and "no such GGUF file" in proc.stderr
+
+
+def test_a_run_exports_and_evaluates_the_same_from_anywhere_once_its_data_is_gone(tmp_path):
+    """After training, the run directory is the only input: the source file deleted, the scripts run from
+    another directory, the held-out split (--eval_fraction) and the answers are the recipe's."""
+    src, elsewhere = tmp_path / "src", tmp_path / "elsewhere"
+    src.mkdir(), elsewhere.mkdir()
+    shutil.copy(MEMORIZE, src / "data.jsonl")
+    run_dir = tmp_path / "runs" / "moved"
+    run_script("recipes/clinical_qa.py", "--model", "tiny", "--data", src / "data.jsonl", "--eval_fraction", "0.5",
+               "--out", run_dir, "--epochs", "2", "--lora_r", "8", "--quants", "bf16", "--max_new_tokens", "16")
+    first = json.loads((run_dir / "eval" / "report.json").read_text())
+    shutil.rmtree(src)
+
+    def from_elsewhere(*args):
+        proc = subprocess.run([sys.executable, *map(str, args)], cwd=elsewhere, capture_output=True, text=True,
+                              timeout=900)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        return proc
+
+    from_elsewhere(REPO / "export" / "eval.py", run_dir, "--variants", "merged", "--out", tmp_path / "again")
+    again = json.loads((tmp_path / "again" / "report.json").read_text())
+    assert [a["source"] for a in again["answers"]] == [a["source"] for a in first["answers"]]  # the same 2 of 4
+    assert [a["answers"]["merged"] for a in again["answers"]] == [a["answers"]["merged"] for a in first["answers"]]
+    from_elsewhere(REPO / "export" / "gguf.py", run_dir, "--quant", "q4_k_m")  # calibrated on the run's data
+    assert [t for _, t in rundir.models(run_dir)] == ["bf16", "q4_k_m"]

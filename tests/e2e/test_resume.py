@@ -62,6 +62,21 @@ def test_resume_refuses_changed_settings_and_a_missing_run(tmp_path):
     (run_dir / "config.yaml").write_text("")
     from fasttune.config import create_run_dir, parse
 
-    create_run_dir(parse(["--data", str(MEMORIZE), "--out", str(tmp_path / "r2")]))
+    create_run_dir(parse(["--model", "tiny", "--data", str(MEMORIZE), "--out", str(tmp_path / "r2")]))
     with pytest.raises(Exception, match="differ from the run's config.yaml: lora_r"):
-        create_run_dir(parse(["--data", str(MEMORIZE), "--out", str(tmp_path / "r2"), "--lora_r", "4", "--resume"]))
+        create_run_dir(parse(["--model", "tiny", "--data", str(MEMORIZE), "--out", str(tmp_path / "r2"), "--lora_r",
+                              "4", "--resume"]))
+
+
+def test_resume_refuses_changed_data_before_writing_anything(tmp_path):
+    data, run_dir = tmp_path / "data.jsonl", tmp_path / "run"
+    data.write_text(MEMORIZE.read_text())
+    args = [a if a != MEMORIZE else data for a in ARGS] + ["--epochs", "1", "--out", run_dir]
+    run_script("recipes/clinical_qa.py", *args)
+    before = {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()}
+    data.write_text(MEMORIZE.read_text() + MEMORIZE.read_text().splitlines()[0] + "\n")  # one record more
+    proc = run_script("recipes/clinical_qa.py", *args, "--resume", check=False)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    message = proc.stderr.strip().splitlines()[-1]
+    assert f"{data} changed since the run started" in message and "4 records then, 5 now" in message, message
+    assert {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()} == before  # nothing written

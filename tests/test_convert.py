@@ -1,4 +1,5 @@
-"""GGUF export: faithful to the merged HF model, byte-identical to llama.cpp's own converter."""
+"""HF -> GGUF conversion (and the LoRA adapter and Modelfile beside it): faithful to the merged HF model,
+byte-identical to llama.cpp's own converter."""
 
 import json
 import os
@@ -13,8 +14,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from fasttune import UserError, infer, verify
-from fasttune import gguf as export
+from fasttune import UserError, convert, infer, lora_gguf, modelfile, quantize
 from fasttune.tiny import llama_cpp_file
 
 from . import rounding
@@ -65,7 +65,7 @@ def beyond_rounding(path, model, ids, outtype):
 def test_logits_match_hf(tmp_path, merged, hf_model, tokenizer, memorized_chats, outtype):
     path = tmp_path / f"m-{outtype}.gguf" if outtype != "bf16" else merged.parent / "gguf" / "memorize-bf16.gguf"
     if outtype != "bf16":
-        export.convert(merged, path, outtype)
+        convert.convert(merged, path, outtype)
     for chat in memorized_chats[:2]:
         text, ids = prompt(tokenizer, chat)
         with infer.load(path, n_ctx=512) as llm:
@@ -87,7 +87,7 @@ def test_greedy_continuations_agree(tmp_path, trained_run, hf_model, tokenizer, 
     run_dir, _ = trained_run
     path = run_dir / "gguf" / "memorize-bf16.gguf"
     if outtype == "f32":
-        path = export.convert(run_dir / "merged", tmp_path / "m-f32.gguf", "f32")
+        path = convert.convert(run_dir / "merged", tmp_path / "m-f32.gguf", "f32")
     prompts = greedy_prompts(tokenizer, memorized_chats)
     assert list(rounding.greedy_disagreements(path, hf_model, prompts, outtype, eos=tokenizer.eos_token_id)) == []
     # and the check could have failed: at each memorised answer's first token, what rounding can move is
@@ -121,7 +121,7 @@ def test_a_wrong_export_fails_these_checks(tmp_path, merged, hf_model, tokenizer
     kind of export mistake; the greedy check catches the one that changes answers. (A 10 % final norm
     scales every logit alike and changes no pick; zeroing one FFN moves the memorised answers by less
     than their gaps: greedy text alone cannot see those, which is why the logits are checked too.)"""
-    bad = broken_copy(export.convert(merged, tmp_path / "m-f32.gguf", "f32"), tmp_path / "bad.gguf", how)
+    bad = broken_copy(convert.convert(merged, tmp_path / "m-f32.gguf", "f32"), tmp_path / "bad.gguf", how)
     _, ids = prompt(tokenizer, memorized_chats[0])
     assert next(beyond_rounding(bad, hf_model, ids, "f32"), None) is not None
     if how == "transposed":
@@ -169,7 +169,7 @@ def test_metadata(trained_run):
 @pytest.mark.parametrize("outtype", ["bf16", "f16", "q8_0"])
 def test_same_bytes_as_llama_cpp_converter(tmp_path, merged, outtype):
     """llama.cpp's convert_hf_to_gguf.py (from the llama-cpp-python sdist; test-only) is the oracle."""
-    ours = export.convert(merged, tmp_path / "ours.gguf", outtype)
+    ours = convert.convert(merged, tmp_path / "ours.gguf", outtype)
     ref = tmp_path / "ref.gguf"
     root = llama_cpp_file("convert_hf_to_gguf.py").parent
     llama_cpp_file("conversion"), llama_cpp_file("gguf-py")
@@ -195,7 +195,7 @@ def test_untied_embeddings_write_output_tensor(tmp_path):
     from fasttune.tiny import TINY_CONFIG, build_model
 
     model_dir = build_model(tmp_path / "untied", dict(TINY_CONFIG, tie_word_embeddings=False))
-    path = export.convert(model_dir, tmp_path / "untied.gguf", "q8_0")
+    path = convert.convert(model_dir, tmp_path / "untied.gguf", "q8_0")
     names = {t.name for t in gguf_py.GGUFReader(path).tensors}
     assert {"output.weight", "token_embd.weight", "blk.0.attn_q.bias"} <= names
     with infer.load(path, n_ctx=256) as llm:
@@ -206,18 +206,18 @@ def test_interrupted_export_leaves_no_file(tmp_path, merged, monkeypatch):
     def boom(*args, **kwargs):
         raise RuntimeError("disk full")
 
-    monkeypatch.setattr(export, "_validate", boom)
+    monkeypatch.setattr(convert, "_validate", boom)
     with pytest.raises(RuntimeError):
-        export.convert(merged, tmp_path / "x.gguf", "bf16")
+        convert.convert(merged, tmp_path / "x.gguf", "bf16")
     assert list(tmp_path.iterdir()) == []
 
 
 def test_bad_quant_names():
     with pytest.raises(UserError, match="unknown quant type 'q4_k_x'"):
-        export.check_quant_name("q4_k_x")
+        quantize.check_quant_name("q4_k_x")
     with pytest.raises(UserError, match="importance matrix"):
-        export.check_quant_name("iq2_xs")
-    export.check_quant_name("q5_k_m")
+        quantize.check_quant_name("iq2_xs")
+    quantize.check_quant_name("q5_k_m")
 
 
 def test_bf16_bit_copy_equals_the_float32_round_trip():
@@ -225,16 +225,16 @@ def test_bf16_bit_copy_equals_the_float32_round_trip():
     t[3, 5] = float("nan")  # NaN takes the generic path (llama.cpp quiets NaNs)
     for tensor in (t, t.nan_to_num()):
         want = gguf_py.quants.quantize(tensor.float().numpy(), gguf_py.GGMLQuantizationType.BF16)
-        assert np.array_equal(export._convert(tensor, gguf_py.GGMLQuantizationType.BF16), want)
+        assert np.array_equal(convert._convert(tensor, gguf_py.GGMLQuantizationType.BF16), want)
 
 
 def test_validate_catches_a_truncated_file(tmp_path, tiny_dir):
-    path = export.convert(tiny_dir, tmp_path / "t.gguf", "q8_0")
+    path = convert.convert(tiny_dir, tmp_path / "t.gguf", "q8_0")
     size = path.stat().st_size
     with open(path, "r+b") as f:
         f.truncate(size - 1000)
     with pytest.raises(RuntimeError, match="incomplete GGUF"):
-        export._validate(path, 26, size)
+        convert._validate(path, 26, size)
 
 
 CONVERSATIONS = [
@@ -268,7 +268,7 @@ def test_modelfile_template_renders_like_the_jinja_template(ollama_render, token
     want = tokenizer.apply_chat_template(messages, chat_template=QWEN2_5_TEMPLATE, add_generation_prompt=True,
                                          tokenize=False)
     system = "\n\n".join(m["content"] for m in messages if m["role"] == "system")  # as Ollama collates it
-    payload = json.dumps({"template": export.OLLAMA_QWEN2_5_TEMPLATE, "system": system, "messages": messages})
+    payload = json.dumps({"template": modelfile.OLLAMA_QWEN2_5_TEMPLATE, "system": system, "messages": messages})
     got = subprocess.run([ollama_render], input=payload, capture_output=True, text=True, check=True).stdout
     assert got == want
 
@@ -277,7 +277,7 @@ def test_modelfile_beside_every_export(trained_run):
     run_dir, _ = trained_run
     text = (run_dir / "gguf" / "Modelfile.memorize-q4_k_m").read_text()
     assert text.startswith("FROM ./memorize-q4_k_m.gguf\n")
-    assert 'PARAMETER stop "<|im_end|>"' in text and export.OLLAMA_QWEN2_5_TEMPLATE in text
+    assert 'PARAMETER stop "<|im_end|>"' in text and modelfile.OLLAMA_QWEN2_5_TEMPLATE in text
     assert 'SYSTEM """You are a clinical assistant.' in text
 
 
@@ -288,8 +288,8 @@ def test_sharded_checkpoint_streams_to_the_same_file(tmp_path, tiny_dir):
     AutoModelForCausalLM.from_pretrained(tiny_dir).save_pretrained(sharded, max_shard_size="30MB")
     AutoTokenizer.from_pretrained(tiny_dir).save_pretrained(sharded)
     assert len(list(sharded.glob("model-*.safetensors"))) > 1
-    a = gguf_py.GGUFReader(export.convert(sharded, tmp_path / "sharded.gguf", "bf16"))
-    b = gguf_py.GGUFReader(export.convert(tiny_dir, tmp_path / "single.gguf", "bf16"))
+    a = gguf_py.GGUFReader(convert.convert(sharded, tmp_path / "sharded.gguf", "bf16"))
+    b = gguf_py.GGUFReader(convert.convert(tiny_dir, tmp_path / "single.gguf", "bf16"))
     ta, tb = {t.name: t for t in a.tensors}, {t.name: t for t in b.tensors}
     assert set(ta) == set(tb) and all(ta[n].data.tobytes() == tb[n].data.tobytes() for n in ta)
 
@@ -313,7 +313,7 @@ def tiny_llama(tmp_path_factory, tiny_dir):
 
 
 def test_llama_architecture_matches_hf_logits(tmp_path, tiny_llama, tokenizer):
-    path = export.convert(tiny_llama, tmp_path / "llama-f32.gguf", "f32")
+    path = convert.convert(tiny_llama, tmp_path / "llama-f32.gguf", "f32")
     names = {t.name for t in gguf_py.GGUFReader(path).tensors}
     assert "rope_freqs.weight" in names and "blk.1.attn_k.weight" in names
     model = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32).eval()
@@ -323,7 +323,7 @@ def test_llama_architecture_matches_hf_logits(tmp_path, tiny_llama, tokenizer):
 
 
 def test_llama_same_bytes_as_llama_cpp_converter(tmp_path, tiny_llama):
-    ours = gguf_py.GGUFReader(export.convert(tiny_llama, tmp_path / "ours.gguf", "bf16"))
+    ours = gguf_py.GGUFReader(convert.convert(tiny_llama, tmp_path / "ours.gguf", "bf16"))
     root = llama_cpp_file("convert_hf_to_gguf.py").parent
     llama_cpp_file("conversion"), llama_cpp_file("gguf-py")
     subprocess.run([sys.executable, str(root / "convert_hf_to_gguf.py"), str(tiny_llama), "--outtype", "bf16",
@@ -343,7 +343,7 @@ def test_unknown_architecture_lists_the_supported_ones(tmp_path, tiny_dir):
     (tmp_path / "config.json").write_text(json.dumps(dict(config, architectures=["MysteryForCausalLM"])))
     with pytest.raises(UserError, match="MysteryForCausalLM is not supported; supported: Qwen2ForCausalLM, "
                                         "LlamaForCausalLM"):
-        export.convert(tmp_path, tmp_path / "x.gguf", "bf16")
+        convert.convert(tmp_path, tmp_path / "x.gguf", "bf16")
 
 
 def test_a_used_sliding_window_is_refused(tmp_path, tiny_dir):
@@ -352,15 +352,15 @@ def test_a_used_sliding_window_is_refused(tmp_path, tiny_dir):
     assert config["use_sliding_window"] is False
     (tmp_path / "config.json").write_text(json.dumps(dict(config, use_sliding_window=True, sliding_window=4096)))
     with pytest.raises(UserError, match="use_sliding_window is true .window 4096.; llama.cpp runs"):
-        export.convert(tmp_path, tmp_path / "x.gguf", "bf16")
+        convert.convert(tmp_path, tmp_path / "x.gguf", "bf16")
 
 
 def test_lora_adapter_on_the_base_equals_the_merged_model(tmp_path, trained_run, tiny_dir, tokenizer, memorized_chats):
     run_dir, _ = trained_run
-    adapter = export.convert_lora(run_dir / "adapter", tmp_path / "a-lora.gguf", tiny_dir)
+    adapter = lora_gguf.convert_lora(run_dir / "adapter", tmp_path / "a-lora.gguf", tiny_dir)
     assert adapter.stat().st_size < 0.2 * (run_dir / "gguf" / "memorize-bf16.gguf").stat().st_size
-    base = export.convert(tiny_dir, tmp_path / "base-f32.gguf", "f32")
-    merged = export.convert(run_dir / "merged", tmp_path / "merged-f32.gguf", "f32")
+    base = convert.convert(tiny_dir, tmp_path / "base-f32.gguf", "f32")
+    merged = convert.convert(run_dir / "merged", tmp_path / "merged-f32.gguf", "f32")
     _, ids = prompt(tokenizer, memorized_chats[0])
     want = gguf_logits(merged, ids)
     with infer.load(base, n_ctx=512, logits_all=True, lora_path=str(adapter)) as llm:
@@ -372,22 +372,6 @@ def test_lora_adapter_on_the_base_equals_the_merged_model(tmp_path, trained_run,
         reply = infer.chat(llm, memorized_chats[0].messages[:-1], max_tokens=64)["choices"][0]
     assert reply["finish_reason"] == "stop"
     assert reply["message"]["content"].strip() == memorized_chats[0].messages[-1]["content"]
-
-
-def test_export_with_lora_writes_the_pair_and_verifies_it(tmp_path, trained_run, tiny_dir, memorized_chats):
-    run_dir, _ = trained_run
-    out = tmp_path / "gguf"
-    files = export.export(run_dir / "merged", out, ["q8_0"], name="m", lora=(run_dir / "adapter", tiny_dir),
-                          system_prompt="Be brief.")
-    assert [f.name for f in files] == ["m-q8_0.gguf"]
-    adapter, base = export.lora_pair(out)
-    assert (adapter.name, base.name) == ("m-lora.gguf", "base-q8_0.gguf")
-    modelfile = (out / "lora" / "Modelfile.m-lora").read_text()
-    assert "FROM ./base-q8_0.gguf\nADAPTER ./m-lora.gguf\n" in modelfile and 'SYSTEM """Be brief."""' in modelfile
-    rows = verify.verify(run_dir / "merged", files, [c.messages for c in memorized_chats[:2]], out / "report.json",
-                         lora=(adapter, base))
-    assert rows[-1]["file"] == "lora/m-lora.gguf on base-q8_0.gguf"
-    assert rows[-1]["chat_finish_reason"] == "stop" and rows[-1]["top1_agreement"] > 0.9
 
 
 def test_llama_lora_adapter_is_permuted_like_its_base(tmp_path, tiny_llama, tokenizer):
@@ -406,8 +390,8 @@ def test_llama_lora_adapter_is_permuted_like_its_base(tmp_path, tiny_llama, toke
     ids = tokenizer.encode("The patient presents with chest pain and shortness of breath.", add_special_tokens=False)
     with torch.no_grad():
         want = peft_model.eval()(torch.tensor([ids])).logits[0].numpy()
-    base = export.convert(tiny_llama, tmp_path / "base-f32.gguf", "f32")
-    adapter = export.convert_lora(tmp_path / "adapter", tmp_path / "lora.gguf", tiny_llama)
+    base = convert.convert(tiny_llama, tmp_path / "base-f32.gguf", "f32")
+    adapter = lora_gguf.convert_lora(tmp_path / "adapter", tmp_path / "lora.gguf", tiny_llama)
     with infer.load(base, n_ctx=512, logits_all=True, lora_path=str(adapter)) as llm:
         llm.eval(ids)
         got = np.array(llm.scores[: len(ids)])
@@ -421,7 +405,7 @@ def test_real_smollm2_weights_answer_the_same_after_conversion(tmp_path):
     the HF model answers, greedy, word for word, and stops."""
     from transformers import AutoTokenizer
 
-    from fasttune.tiny import smollm2_dir
+    from bench.smollm2 import smollm2_dir
 
     try:
         model_dir = smollm2_dir()
@@ -429,7 +413,7 @@ def test_real_smollm2_weights_answer_the_same_after_conversion(tmp_path):
         pytest.skip(str(e))
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-    path = export.convert(model_dir, tmp_path / "smollm2-bf16.gguf", "bf16")
+    path = convert.convert(model_dir, tmp_path / "smollm2-bf16.gguf", "bf16")
     assert gguf_py.GGUFReader(path).fields["tokenizer.ggml.pre"].contents() == "smollm"
     answers = []
     for question in ["What is the capital of France?", "Name three primary colors."]:

@@ -1,4 +1,4 @@
-"""The fidelity report written next to every export (gguf/report.json)."""
+"""The measurement written next to every export (gguf/report.json): one row per file, everything in it."""
 
 import json
 import math
@@ -10,10 +10,15 @@ def test_report_next_to_the_export(trained_run):
     run_dir, proc = trained_run
     report = json.loads((run_dir / "gguf" / "report.json").read_text())
     rows = {row["file"]: row for row in report["files"]}
-    assert report["conversations"] == 4 and set(rows) == {"memorize-bf16.gguf", "memorize-q4_k_m.gguf"}
+    assert set(rows) == {"memorize-bf16.gguf", "memorize-q4_k_m.gguf"}
     bf16, q4 = rows["memorize-bf16.gguf"], rows["memorize-q4_k_m.gguf"]
     for row in (bf16, q4):
-        assert row["tokenization_identical"] and row["chat_finish_reason"] == "stop"
+        assert row["tokenization_identical"] and row["chat_finish_reason"] == "stop" and row["kept"]
+        assert row["answer_positions"] > 4 and row["drift_positions"] >= row["answer_positions"]
+        # the task, in the same load: the four memorised answers, each stopping by itself
+        assert row["score"] > 90 and row["stopped"] == 1.0 and row["tokens_per_s"] > 0
+    # drift from the 16-bit file: none for itself, some for q4_k_m (the same positions for both)
+    assert (bf16["kl"], bf16["top1"]) == (0.0, 100.0) and q4["kl"] > 0
     # bf16: the same model up to llama.cpp's bf16 arithmetic
     assert greedy_agrees(bf16) and greedy_agrees(q4)
     assert bf16["logits_mean_abs_diff"] < 0.03 and bf16["top1_agreement"] > 0.95

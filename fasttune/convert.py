@@ -1,4 +1,4 @@
-"""Merged Hugging Face checkpoint -> GGUF, offline, with the `gguf` package; k-quants via llama.cpp.
+"""Merged Hugging Face checkpoint -> GGUF, offline, with the `gguf` package (16-bit and q8_0 files).
 
 Why our own writer: Unsloth's `save_pretrained_gguf` downloads and builds llama.cpp, which fails
 offline. The rules below are GGUF facts, checked against llama.cpp's `convert_hf_to_gguf.py`
@@ -6,21 +6,17 @@ offline. The rules below are GGUF facts, checked against llama.cpp's `convert_hf
 rest in the file's type; every tensor is read from safetensors, converted and written one at a
 time, so memory stays near one tensor (a bf16 checkpoint becomes bf16 GGUF by copying bits). The
 file is written under a temporary name, its header and size checked, then renamed: an interrupted
-export never leaves a file under the final name.
+export never leaves a file under the final name. Other types: fasttune.quantize (llama.cpp).
 """
 
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import errno
 import json
 import logging
 import os
-import re
 import struct
-import sys
-import tempfile
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -30,7 +26,7 @@ import numpy as np
 from safetensors import SafetensorError, safe_open
 from tqdm import tqdm
 
-from fasttune import UserError, cpu_threads
+from fasttune import UserError
 
 logger = logging.getLogger(__name__)
 
@@ -87,32 +83,6 @@ DIRECT_TYPES = {
     "bf16": (FT.MOSTLY_BF16, Q.BF16),
     "q8_0": (FT.MOSTLY_Q8_0, Q.Q8_0),
 }
-# Types under ~4 bits per weight, made only with an importance matrix (fasttune.calibrate): llama.cpp
-# refuses iq1_*, iq2_*, iq3_xxs and q2_k_s without one outright, the others lose far more without it.
-NEEDS_IMATRIX = {"iq1_s", "iq1_m", "iq2_xxs", "iq2_xs", "iq2_s", "iq2_m", "iq3_xxs", "iq3_xs", "iq3_s", "iq3_m",
-                 "iq4_nl", "iq4_xs", "q2_k", "q2_k_s"}
-
-
-def llama_ftype(name: str) -> int:
-    """llama.cpp's LLAMA_FTYPE_MOSTLY_<NAME> for a quant name like 'q4_k_m'."""
-    import llama_cpp
-
-    value = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{name.upper()}", None)
-    if value is None:
-        known = sorted(DIRECT_TYPES) + sorted(
-            k.removeprefix("LLAMA_FTYPE_MOSTLY_").lower() for k in dir(llama_cpp) if k.startswith("LLAMA_FTYPE_MOSTLY_")
-        )
-        raise UserError(f"unknown quant type '{name}'; known: {', '.join(dict.fromkeys(known))}")
-    return value
-
-
-def check_quant_name(name: str, calibrated: bool = False) -> None:
-    if name in NEEDS_IMATRIX and not calibrated:
-        raise UserError(f"quant type '{name}' needs an importance matrix: llama.cpp rounds so few bits well only where "
-                        "it knows which weights matter; export with --imatrix true (calibrates on the run's training "
-                        "texts), or choose q3_k_m or larger")
-    if name not in DIRECT_TYPES:
-        llama_ftype(name)
 
 
 # --- vocabulary -------------------------------------------------------------------------------------
@@ -269,74 +239,6 @@ def convert(model_dir: str | Path, out_path: str | Path, outtype: str = "bf16", 
     logger.info("wrote %s (%.1f MB)", out_path, out_path.stat().st_size / 1e6)
     return out_path
 
-
-def convert_lora(adapter_dir: str | Path, out_path: str | Path, base_dir: str | Path, name: str | None = None) -> Path:
-    """Write a PEFT LoRA adapter as a GGUF adapter (F32) that llama.cpp applies over a GGUF of the base
-    model at load time: `llama-cli -m base.gguf --lora this.gguf`, `Llama(..., lora_path=this)`.
-
-    llama.cpp computes W + (alpha / r) * B @ A from `adapter.lora.alpha` and A's rank; tensors are
-    named after the base weight plus `.lora_a` / `.lora_b` (the layout of llama.cpp's
-    convert_lora_to_gguf.py). Llama's q/k permutation permutes B's rows, as it does W's.
-    """
-    import torch
-    from transformers import AutoConfig
-
-    adapter_dir, out_path = Path(adapter_dir), Path(out_path)
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    peft = json.loads((adapter_dir / "adapter_config.json").read_text())
-    if peft.get("use_dora") or peft.get("rank_pattern") or peft.get("alpha_pattern") or peft.get("modules_to_save"):
-        raise UserError(f"{adapter_dir}: DoRA, per-module ranks/alphas and modules_to_save have no GGUF adapter "
-                        "form; export the merged model instead")
-    config = AutoConfig.from_pretrained(base_dir)
-    arch = ARCHITECTURES.get((config.architectures or ["?"])[0])
-    if arch is None:
-        raise UserError(f"{base_dir}: architecture {config.architectures} is not supported; supported: "
-                        f"{', '.join(ARCHITECTURES)}")
-    alpha = float(peft["lora_alpha"])
-    if peft.get("use_rslora"):  # rsLoRA scales by alpha/sqrt(r); llama.cpp by alpha/r
-        alpha *= peft["r"] ** 0.5
-    names = gguf.get_tensor_name_map(arch.gguf_arch, config.num_hidden_layers)
-    heads = {"q_proj": config.num_attention_heads, "k_proj": config.num_key_value_heads}
-
-    pairs: dict[str, dict[str, torch.Tensor]] = {}  # base tensor name -> {"a": A (r, in), "b": B (out, r)}
-    with safe_open(adapter_dir / "adapter_model.safetensors", framework="pt") as f:
-        for key in f.keys():
-            base_name = key.removeprefix("base_model.model.")
-            for part in ("a", "b"):
-                suffix = f".lora_{part.upper()}.weight"
-                if base_name.endswith(suffix):
-                    pairs.setdefault(base_name.removesuffix(suffix) + ".weight", {})[part] = f.get_tensor(key).float()
-                    break
-            else:
-                raise UserError(f"{adapter_dir}: tensor {key} is not a LoRA A/B matrix; export the merged model instead")
-
-    tmp = out_path.with_name(out_path.name + ".partial")
-    writer = gguf.GGUFWriter(tmp, gguf.MODEL_ARCH_NAMES[arch.gguf_arch])
-    try:
-        writer.add_type(gguf.GGUFType.ADAPTER)
-        writer.add_name(name or adapter_dir.name)
-        writer.add_string(gguf.Keys.Adapter.TYPE, "lora")
-        writer.add_float32(gguf.Keys.Adapter.LORA_ALPHA, alpha)
-        for hf_name, ab in pairs.items():
-            gguf_name = names.get_name(hf_name, try_suffixes=(".weight",))
-            if gguf_name is None or set(ab) != {"a", "b"}:
-                raise UserError(f"{adapter_dir}: cannot place the LoRA pair for {hf_name} in a GGUF adapter")
-            n_head = heads.get(hf_name.rsplit(".", 2)[-2]) if arch.permute_qk else None
-            lora_b = _permute_qk(ab["b"], n_head) if n_head else ab["b"]
-            writer.add_tensor(gguf_name + ".lora_a", ab["a"].numpy())
-            writer.add_tensor(gguf_name + ".lora_b", lora_b.contiguous().numpy())
-        writer.write_header_to_file()
-        writer.write_kv_data_to_file()
-        writer.write_tensors_to_file()
-        writer.close()
-        os.replace(tmp, out_path)
-    finally:
-        writer.close()
-        tmp.unlink(missing_ok=True)
-    logger.info("wrote %s (%.1f MB, %d LoRA pairs)", out_path, out_path.stat().st_size / 1e6, len(pairs))
-    return out_path
-
-
 def _open_safetensors(st_file: Path):
     try:
         return safe_open(st_file, framework="pt")
@@ -450,144 +352,3 @@ def _validate(path: Path, n_tensors: int, expected_size: int) -> None:
     if (magic, version, count, size) != (gguf.GGUF_MAGIC, gguf.GGUF_VERSION, n_tensors, expected_size):
         raise RuntimeError(f"{path}: incomplete GGUF (magic {magic:#x}, version {version}, {count} tensors, "
                            f"{size} bytes; expected {n_tensors} tensors, {expected_size} bytes)")
-
-
-@contextlib.contextmanager
-def _native_output_captured():
-    """Send llama.cpp's C-level stdout/stderr (a line per tensor) to a temp file; yields a reader.
-
-    Written by hand because llama-cpp-python's log callback does not cover the quantizer's output.
-    """
-    sys.stdout.flush()
-    sys.stderr.flush()
-    saved = [os.dup(1), os.dup(2)]
-    with tempfile.TemporaryFile(mode="w+b") as sink:
-        os.dup2(sink.fileno(), 1)
-        os.dup2(sink.fileno(), 2)
-        try:
-            yield lambda: (sink.seek(0), sink.read().decode(errors="replace"))[1]
-        finally:
-            os.dup2(saved[0], 1)
-            os.dup2(saved[1], 2)
-            for fd in saved:
-                os.close(fd)
-
-
-def quantize(src: str | Path, out_path: str | Path, qtype: str, threads: int | None = None,
-             imatrix: dict[str, np.ndarray] | None = None) -> Path:
-    """k-quants and the rest, in-process through llama-cpp-python's bundled llama.cpp (no build).
-
-    imatrix: GGUF tensor name -> mean squared input per channel (fasttune.calibrate), handed to
-    llama.cpp as its `llama_model_imatrix_data` array (ended by a NULL name)."""
-    import llama_cpp
-
-    check_quant_name(qtype, calibrated=imatrix is not None)
-    src, out_path = Path(src), Path(out_path)
-    params = llama_cpp.llama_model_quantize_default_params()
-    params.ftype = llama_ftype(qtype)
-    params.nthread = threads or cpu_threads()
-    if imatrix is not None:
-        arrays = [np.ascontiguousarray(v, dtype=np.float32) for v in imatrix.values()]  # alive until return
-        entries = (llama_cpp.llama_model_imatrix_data * (len(arrays) + 1))()
-        for entry, name, values in zip(entries, imatrix, arrays):
-            entry.name = name.encode()
-            entry.data = values.ctypes.data_as(ctypes.POINTER(ctypes.c_float))
-            entry.size = values.size
-        params.imatrix = ctypes.cast(entries, ctypes.POINTER(llama_cpp.llama_model_imatrix_data))
-    tmp = out_path.with_name(out_path.name + ".partial")
-    try:
-        with _native_output_captured() as captured:
-            rc = llama_cpp.llama_model_quantize(str(src).encode(), str(tmp).encode(), ctypes.byref(params))
-            native_log = captured()
-        if rc != 0 and re.search(r"no space left|file too large|disk quota", native_log, re.IGNORECASE):
-            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(out_path))
-        if rc != 0:
-            tail = "\n".join(native_log.splitlines()[-5:])
-            raise RuntimeError(f"llama_model_quantize({src.name} -> {qtype}) failed with code {rc}:\n{tail}")
-        os.replace(tmp, out_path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    logger.info("wrote %s (%.1f MB)", out_path, out_path.stat().st_size / 1e6)
-    return out_path
-
-
-# Ollama's Go template equivalent to the Qwen2.5 Jinja template for system/user/assistant turns
-# (tests render both with Go and Jinja and compare). Ollama leaves the last assistant turn open.
-OLLAMA_QWEN2_5_TEMPLATE = """{{- if .System }}<|im_start|>system
-{{ .System }}<|im_end|>
-{{ else }}<|im_start|>system
-You are Qwen, created by Alibaba Cloud. You are a helpful assistant.<|im_end|>
-{{ end }}
-{{- range $i, $_ := .Messages }}
-{{- $last := eq (len (slice $.Messages $i)) 1 }}
-{{- if eq .Role "user" }}<|im_start|>user
-{{ .Content }}<|im_end|>
-{{ else if eq .Role "assistant" }}<|im_start|>assistant
-{{ .Content }}{{ if not $last }}<|im_end|>
-{{ end }}
-{{- end }}
-{{- if and (ne .Role "assistant") $last }}<|im_start|>assistant
-{{ end }}
-{{- end }}"""
-
-
-def write_modelfile(gguf_path: Path, system_prompt: str | None = None, adapter: Path | None = None) -> Path:
-    """An Ollama Modelfile beside the GGUF: `ollama create NAME -f <this file>`. With `adapter`, the
-    file is the base model and the adapter a GGUF LoRA on top (Ollama's ADAPTER line)."""
-    lines = [f"FROM ./{gguf_path.name}"]
-    if adapter:
-        lines.append(f"ADAPTER ./{adapter.name}")
-    lines += [f'TEMPLATE """{OLLAMA_QWEN2_5_TEMPLATE}"""', 'PARAMETER stop "<|im_end|>"',
-              'PARAMETER stop "<|endoftext|>"', "PARAMETER temperature 0"]
-    if system_prompt:
-        lines.append(f'SYSTEM """{system_prompt}"""')
-    path = gguf_path.with_name(f"Modelfile.{(adapter or gguf_path).stem}")
-    path.write_text("\n".join(lines) + "\n")
-    return path
-
-
-def export(merged_dir: str | Path, out_dir: str | Path, quants: list[str], name: str,
-           base_model: str | None = None, recipe: str | None = None, system_prompt: str | None = None,
-           lora: tuple[Path, Path] | None = None, imatrix: dict[str, np.ndarray] | None = None) -> list[Path]:
-    """Write every requested type into out_dir as <name>-<type>.gguf (k-quants start from bf16), each
-    with an Ollama Modelfile.<name>-<type> beside it.
-
-    lora=(adapter_dir, base_dir) also writes out_dir/lora/: the adapter as <name>-lora.gguf, the base
-    model as base-<first type>.gguf (one base file serves any number of adapters) and their Modelfile.
-    Only the merged files are returned; lora_pair(out_dir) finds the other two. imatrix (GGUF tensor
-    name -> mean squared input) calibrates every quantized type and allows the low-bit ones.
-    """
-    merged_dir, out_dir = Path(merged_dir), Path(out_dir)
-    if not quants:
-        return []
-    for q in quants:
-        check_quant_name(q, calibrated=imatrix is not None)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    written, base16 = [], None
-    for q in [q for q in quants if q in DIRECT_TYPES] + [q for q in quants if q not in DIRECT_TYPES]:
-        path = out_dir / f"{name}-{q}.gguf"
-        if q in DIRECT_TYPES:
-            convert(merged_dir, path, q, name=name, base_model=base_model, recipe=recipe)
-            if q in ("bf16", "f16", "f32"):
-                base16 = path
-        else:
-            if base16 is None:  # quantizing needs a 16-bit source; make one and keep it out of the list
-                base16 = convert(merged_dir, out_dir / f"{name}-bf16.gguf.src", "bf16", name=name,
-                                 base_model=base_model, recipe=recipe)
-            quantize(base16, path, q, imatrix=imatrix)
-        write_modelfile(path, system_prompt)
-        written.append(path)
-    for leftover in out_dir.glob("*.gguf.src"):
-        leftover.unlink()
-    if lora:
-        adapter_dir, base_dir = map(Path, lora)
-        adapter = convert_lora(adapter_dir, out_dir / "lora" / f"{name}-lora.gguf", base_dir, name=name)
-        base = export(base_dir, out_dir / "lora", quants[:1], name="base", base_model=base_model)[0]
-        write_modelfile(base, system_prompt, adapter=adapter)
-    return written
-
-
-def lora_pair(out_dir: Path) -> tuple[Path, Path] | None:
-    """(adapter, base) GGUF files that export(lora=...) wrote into out_dir/lora, if any."""
-    adapters, bases = sorted((out_dir / "lora").glob("*-lora.gguf")), sorted((out_dir / "lora").glob("base-*.gguf"))
-    return (adapters[0], bases[0]) if adapters and bases else None

@@ -1,0 +1,283 @@
+"""Measure every exported GGUF once: one load per file, one row with everything later stages show.
+
+Each file is loaded by llama-cpp-python once and, in that load:
+  fidelity  against the merged Hugging Face model, on the first few conversations: tokenization,
+            logits at the answer positions (max/mean |difference|, top-1 agreement), perplexity of
+            the answers, greedy continuations, and whether a chat answer stops by itself;
+  drift     against the 16-bit file (measured first) on up to MAX_POSITIONS answer positions:
+            mean KL(16-bit || file) and top-1 agreement, the low-variance signal of what rounding did;
+  task      greedy answers to every eval prompt, scored with the recipe's metric; whether each
+            answer stopped; generated tokens per second;
+  size      bytes and real bits per weight.
+gguf/report.json holds the rows; gguf/auto.md, eval/report.md and what a recipe prints are views of
+them. The conversations are the run's own eval examples (its training examples when it has none).
+
+Answer positions, one definition everywhere: the positions whose next token is the last assistant
+message or the end-of-turn token that closes it (what training puts the loss on for that turn).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from fasttune import infer
+
+logger = logging.getLogger(__name__)
+
+MAX_POSITIONS = 512  # answer positions for KL/top-1: each keeps a vocabulary-sized row of the 16-bit file's
+FIDELITY_CONVERSATIONS = 4  # compared with the merged HF model (its logits are computed in fp32 on the CPU)
+GREEDY_TOKENS = 32  # greedy continuation compared token by token with the merged model's
+
+
+@dataclass
+class Case:
+    """One conversation as token ids, and the positions that predict its last answer."""
+
+    messages: list[dict]  # the prompt: every message but the last answer
+    prompt_text: str
+    prompt_ids: list[int]
+    ids: list[int]  # prompt + answer + end of turn (+ whatever the template adds after it)
+    span: list[int]  # positions i whose next token ids[i + 1] is the answer or its end-of-turn token
+
+    @property
+    def targets(self) -> list[int]:
+        return [self.ids[i + 1] for i in self.span]
+
+
+def cases(tokenizer, conversations: list[list[dict]], max_positions: int = MAX_POSITIONS) -> list[Case]:
+    """Cases for `conversations`, up to max_positions answer positions in all. A conversation whose
+    template rewrites earlier turns once it is answered has no clean answer span and is left out."""
+    stops = {tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<|im_end|>")} - {None, tokenizer.unk_token_id}
+    out, total = [], 0
+    for conv in conversations:
+        prompt_text = tokenizer.apply_chat_template(conv[:-1], add_generation_prompt=True, tokenize=False)
+        prompt_ids = tokenizer.encode(prompt_text, add_special_tokens=False)
+        ids = tokenizer.encode(tokenizer.apply_chat_template(conv, tokenize=False), add_special_tokens=False)
+        if ids[: len(prompt_ids)] != prompt_ids or len(ids) == len(prompt_ids):
+            continue
+        end = next((i for i in range(len(prompt_ids), len(ids)) if ids[i] in stops), len(ids) - 1)
+        span = list(range(len(prompt_ids) - 1, end))[: max_positions - total]
+        if span:
+            out.append(Case(conv[:-1], prompt_text, prompt_ids, ids, span))
+            total += len(span)
+        if total >= max_positions:
+            break
+    return out
+
+
+def log_softmax(x: np.ndarray) -> np.ndarray:
+    x = x.astype(np.float64) - x.max(-1, keepdims=True)
+    return x - np.log(np.exp(x).sum(-1, keepdims=True))
+
+
+def distance(ref_logits: np.ndarray, logits: np.ndarray) -> dict:
+    """How far `logits` (positions x vocabulary) are from `ref_logits` at the same positions: the one
+    definition used against the merged model and against the 16-bit file."""
+    p_log, q_log = log_softmax(ref_logits), log_softmax(logits)
+    diff = np.abs(logits.astype(np.float64) - ref_logits)
+    return {"max_abs": diff.max(-1), "mean_abs": diff.mean(-1), "kl": (np.exp(p_log) * (p_log - q_log)).sum(-1),
+            "agree": p_log.argmax(-1) == q_log.argmax(-1)}
+
+
+# --- the merged model's side, computed once ----------------------------------------------------------
+
+@dataclass
+class Reference:
+    """What the merged HF model says on the fidelity cases: answer-position logits and greedy output."""
+
+    cases: list[Case]
+    logits: list[np.ndarray]  # per case: span x vocabulary
+    greedy: list[list[int]]
+    greedy_logits: list[np.ndarray]  # per case: step x vocabulary
+    eos: int
+
+
+def merged_reference(merged_dir: Path, fidelity_cases: list[Case]) -> Reference:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+
+    tokenizer = AutoTokenizer.from_pretrained(merged_dir)
+    model = AutoModelForCausalLM.from_pretrained(merged_dir, dtype=torch.float32).eval()
+    # plain argmax, as llama.cpp's greedy: not the model's generation_config (Qwen2.5-Instruct's has
+    # repetition_penalty 1.05, which applies even without sampling)
+    plain = GenerationConfig(do_sample=False, max_new_tokens=GREEDY_TOKENS, eos_token_id=tokenizer.eos_token_id,
+                             pad_token_id=tokenizer.pad_token_id)
+    ref = Reference(fidelity_cases, [], [], [], tokenizer.eos_token_id)
+    with torch.no_grad():
+        for c in fidelity_cases:
+            ref.logits.append(model(torch.tensor([c.ids])).logits[0].numpy()[c.span])
+            out = model.generate(torch.tensor([c.prompt_ids]), generation_config=plain, output_logits=True,
+                                 return_dict_in_generate=True)
+            ref.greedy.append(out.sequences[0, len(c.prompt_ids):].tolist())
+            ref.greedy_logits.append(torch.cat(out.logits).numpy())
+    del model
+    return ref
+
+
+# --- one file ---------------------------------------------------------------------------------------
+
+@dataclass
+class Task:
+    """The eval prompts and how their answers are judged."""
+
+    prompts: list[list[dict]]
+    references: list[str]
+    metric: str
+    tolerance: float
+    max_new_tokens: int
+    prompt_lengths: list[int] = field(default_factory=list)  # tokens, with the chat template and assistant cue
+
+
+@dataclass
+class Measured:
+    row: dict
+    answers: list = field(default_factory=list)  # evaluate.Answer per eval prompt
+    answer_seconds: float = 0.0
+    logprobs: list[np.ndarray] | None = None  # the drift cases' log-probabilities (kept for the 16-bit file)
+
+
+def _logits(llm, ids: list[int], span: list[int]) -> np.ndarray:
+    llm.reset()
+    llm.eval(ids)
+    return np.array(llm.scores[: len(ids)], dtype=np.float32)[span]
+
+
+def measure_file(path: Path, qtype: str, reference: Reference | None, drift_cases: list[Case],
+                 drift_ref: list[np.ndarray] | None, task: Task | None, adapter: Path | None = None) -> Measured:
+    """Load `path` (with a GGUF LoRA `adapter` applied, if given) once and measure it.
+
+    drift_ref None: this is the 16-bit reference; its log-probabilities are returned for the others.
+    """
+    from fasttune import evaluate
+
+    lengths = [256] + [len(c.ids) for c in drift_cases]
+    if reference:
+        lengths += [len(c.ids) + len(g) for c, g in zip(reference.cases, reference.greedy)]
+    if task:
+        lengths += [t + task.max_new_tokens for t in task.prompt_lengths]
+    lora = {"lora_path": str(adapter)} if adapter else {}
+    row = {"file": f"lora/{adapter.name} on {path.name}" if adapter else path.name, "type": qtype,
+           "size_mb": round((adapter or path).stat().st_size / 1e6, 1)}
+    out = Measured(row)
+    with infer.load(path, n_ctx=max(lengths) + 64, logits_all=True, **lora) as llm:
+        row["bits_per_weight"] = round(infer.bits_per_weight(llm), 2)  # of the model loaded (base + adapter)
+        if reference:
+            row.update(_fidelity(llm, reference))
+        logprobs = [log_softmax(_logits(llm, c.ids, c.span)).astype(np.float32) for c in drift_cases]
+        if drift_ref is None:
+            out.logprobs = logprobs
+            row.update(kl=0.0, top1=100.0, drift_positions=sum(len(c.span) for c in drift_cases))
+        elif drift_cases:
+            d = [distance(p, q) for p, q in zip(drift_ref, logprobs)]
+            row.update(kl=round(float(np.mean(np.concatenate([x["kl"] for x in d]))), 5),
+                       top1=round(100 * float(np.mean(np.concatenate([x["agree"] for x in d]))), 1),
+                       drift_positions=sum(len(c.span) for c in drift_cases))
+        if task:
+            # sampling runs inside llama.cpp: the answers need no per-position logits, and copying a
+            # vocabulary-sized row per prompt token would be most of the time on a small model
+            llm._logits_all = False  # llama-cpp-python 0.3.36 (pinned): read in eval() alone
+            start = time.perf_counter()
+            for prompt in tqdm(task.prompts, desc=f"answering with {path.name}", unit="example", leave=False):
+                reply = infer.chat(llm, prompt, max_tokens=task.max_new_tokens)
+                choice = reply["choices"][0]
+                out.answers.append(evaluate.Answer(choice["message"]["content"].strip(),
+                                                   choice["finish_reason"] == "stop",
+                                                   reply["usage"]["completion_tokens"]))
+            out.answer_seconds = time.perf_counter() - start
+            scores = [evaluate.METRICS[task.metric](a.text, r, task.tolerance)
+                      for a, r in zip(out.answers, task.references)]
+            generated = sum(a.tokens for a in out.answers)
+            row.update(score=round(100 * float(np.mean([s.score for s in scores])), 2),
+                       stopped=round(float(np.mean([a.stopped for a in out.answers])), 4),
+                       tokens_per_s=round(generated / out.answer_seconds, 1) if out.answer_seconds else None)
+    return out
+
+
+def _fidelity(llm, ref: Reference) -> dict:
+    """The file against the merged model on the fidelity cases."""
+    tokenization_same, gaps, parts = True, [], []
+    nll_merged = nll_file = 0.0
+    for c, logits, greedy, greedy_logits in zip(ref.cases, ref.logits, ref.greedy, ref.greedy_logits):
+        tokenization_same &= llm.tokenize(c.prompt_text.encode(), add_bos=False, special=True) == c.prompt_ids
+        got = _logits(llm, c.ids, c.span)
+        parts.append(distance(logits, got))
+        rows = np.arange(len(c.span))
+        nll_merged -= float(log_softmax(logits)[rows, c.targets].sum())
+        nll_file -= float(log_softmax(got)[rows, c.targets].sum())
+        out = []
+        for tok in llm.generate(c.prompt_ids, temp=0.0, reset=True):
+            out.append(tok)
+            if tok == ref.eos or len(out) >= len(greedy):
+                break
+        step = next((k for k, (a, b) in enumerate(zip(out, greedy)) if a != b), None)
+        if step is not None:  # how close the merged model's own choice was there
+            gaps.append(float(greedy_logits[step][greedy[step]] - greedy_logits[step][out[step]]))
+    reply = infer.chat(llm, ref.cases[0].messages, max_tokens=256)
+    positions = sum(len(c.span) for c in ref.cases)
+    ppl_merged, ppl_file = float(np.exp(nll_merged / positions)), float(np.exp(nll_file / positions))
+    return {
+        "tokenization_identical": tokenization_same,
+        "answer_positions": positions,
+        "logits_max_abs_diff": round(float(max(p["max_abs"].max() for p in parts)), 4),
+        "logits_mean_abs_diff": round(float(np.mean(np.concatenate([p["mean_abs"] for p in parts]))), 4),
+        "top1_agreement": round(float(np.mean(np.concatenate([p["agree"] for p in parts]))), 4),
+        "perplexity_merged": round(ppl_merged, 4),
+        "perplexity_gguf": round(ppl_file, 4),
+        "perplexity_ratio": round(ppl_file / ppl_merged, 4),
+        "greedy_identical": f"{len(ref.cases) - len(gaps)}/{len(ref.cases)}",
+        # per continuation that differs: the merged model's logit gap between its token and the file's where
+        # they first part (a small gap is a near-tie any rounding may flip; a wide one, a different model)
+        "greedy_divergence_gaps": [round(gap, 4) for gap in gaps],
+        "chat_finish_reason": reply["choices"][0]["finish_reason"],
+    }
+
+
+# --- a run's files ----------------------------------------------------------------------------------
+
+def measure(merged_dir: Path, files: list[tuple[Path, str]], conversations: list[list[dict]], task: Task | None,
+            fidelity: bool = True, lora: tuple[Path, Path] | None = None, drift: bool = True) -> list[Measured]:
+    """Measure `files` ((path, quant type); with drift, the first is the 16-bit reference the others'
+    KL and top-1 are against) and the (adapter, base) pair.
+
+    conversations: where fidelity and drift are measured (the last message of each is the answer).
+    """
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(merged_dir)
+    drift_cases = cases(tokenizer, conversations)
+    if not drift_cases:
+        raise RuntimeError("no conversation has a clean answer span to measure on")
+    reference = merged_reference(merged_dir, drift_cases[:FIDELITY_CONVERSATIONS]) if fidelity else None
+    if task:
+        task.prompt_lengths = [len(tokenizer.apply_chat_template(p, add_generation_prompt=True, tokenize=True,
+                                                                 return_dict=False)) for p in task.prompts]
+    results, drift_ref = [], None
+    for path, qtype in tqdm(files, desc="measuring GGUF files", unit="file"):
+        logger.info("measuring %s", path.name)
+        m = measure_file(path, qtype, reference, drift_cases if drift else [], drift_ref if drift else [], task)
+        drift_ref = drift_ref or m.logprobs
+        m.logprobs = None
+        results.append(m)
+    if lora:  # the base file with the adapter applied at load time: fidelity only
+        results.append(measure_file(lora[1], "lora", reference, [], [], None, adapter=lora[0]))
+    return results
+
+
+def line(row: dict) -> str:
+    """One file's fidelity, as a recipe prints it."""
+    text = f"{row['file']}: {row['size_mb']} MB ({row['bits_per_weight']} bits/weight)"
+    if "tokenization_identical" in row:
+        gaps = row["greedy_divergence_gaps"]
+        text += (f", tokenization {'identical' if row['tokenization_identical'] else 'DIFFERS'}, logits max|d| "
+                 f"{row['logits_max_abs_diff']:.3g} mean {row['logits_mean_abs_diff']:.3g}, top-1 "
+                 f"{100 * row['top1_agreement']:.1f}%, perplexity x{row['perplexity_ratio']:.3f}, greedy "
+                 f"{row['greedy_identical']} identical"
+                 + (f" (the others part at a merged-model gap of {', '.join(f'{g:.3g}' for g in gaps)})" if gaps else "")
+                 + f", chat {row['chat_finish_reason']}")
+    return text

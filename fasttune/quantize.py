@@ -1,0 +1,110 @@
+"""Quantize a 16-bit GGUF with llama.cpp's own quantizer, in-process through llama-cpp-python (no build).
+
+k-quants, i-quants and the rest: every type llama.cpp's `llama-quantize` makes, optionally guided by
+an importance matrix (fasttune.calibrate).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import errno
+import logging
+import os
+import re
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from fasttune import UserError, cpu_threads
+from fasttune.convert import DIRECT_TYPES
+
+logger = logging.getLogger(__name__)
+
+# Types under ~4 bits per weight, made only with an importance matrix (fasttune.calibrate): llama.cpp
+# refuses iq1_*, iq2_*, iq3_xxs and q2_k_s without one outright, the others lose far more without it.
+NEEDS_IMATRIX = {"iq1_s", "iq1_m", "iq2_xxs", "iq2_xs", "iq2_s", "iq2_m", "iq3_xxs", "iq3_xs", "iq3_s", "iq3_m",
+                 "iq4_nl", "iq4_xs", "q2_k", "q2_k_s"}
+
+
+def llama_ftype(name: str) -> int:
+    """llama.cpp's LLAMA_FTYPE_MOSTLY_<NAME> for a quant name like 'q4_k_m'."""
+    import llama_cpp
+
+    value = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{name.upper()}", None)
+    if value is None:
+        known = sorted(DIRECT_TYPES) + sorted(
+            k.removeprefix("LLAMA_FTYPE_MOSTLY_").lower() for k in dir(llama_cpp) if k.startswith("LLAMA_FTYPE_MOSTLY_")
+        )
+        raise UserError(f"unknown quant type '{name}'; known: {', '.join(dict.fromkeys(known))}")
+    return value
+
+
+def check_quant_name(name: str, calibrated: bool = False) -> None:
+    if name in NEEDS_IMATRIX and not calibrated:
+        raise UserError(f"quant type '{name}' needs an importance matrix: llama.cpp rounds so few bits well only where "
+                        "it knows which weights matter; export with --imatrix true (calibrates on the run's training "
+                        "texts), or choose q3_k_m or larger")
+    if name not in DIRECT_TYPES:
+        llama_ftype(name)
+
+
+@contextlib.contextmanager
+def _native_output_captured():
+    """Send llama.cpp's C-level stdout/stderr (a line per tensor) to a temp file; yields a reader.
+
+    Written by hand because llama-cpp-python's log callback does not cover the quantizer's output.
+    """
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = [os.dup(1), os.dup(2)]
+    with tempfile.TemporaryFile(mode="w+b") as sink:
+        os.dup2(sink.fileno(), 1)
+        os.dup2(sink.fileno(), 2)
+        try:
+            yield lambda: (sink.seek(0), sink.read().decode(errors="replace"))[1]
+        finally:
+            os.dup2(saved[0], 1)
+            os.dup2(saved[1], 2)
+            for fd in saved:
+                os.close(fd)
+
+
+def quantize(src: str | Path, out_path: str | Path, qtype: str, threads: int | None = None,
+             imatrix: dict[str, np.ndarray] | None = None) -> Path:
+    """k-quants and the rest, in-process through llama-cpp-python's bundled llama.cpp (no build).
+
+    imatrix: GGUF tensor name -> mean squared input per channel (fasttune.calibrate), handed to
+    llama.cpp as its `llama_model_imatrix_data` array (ended by a NULL name)."""
+    import llama_cpp
+
+    check_quant_name(qtype, calibrated=imatrix is not None)
+    src, out_path = Path(src), Path(out_path)
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = llama_ftype(qtype)
+    params.nthread = threads or cpu_threads()
+    if imatrix is not None:
+        arrays = [np.ascontiguousarray(v, dtype=np.float32) for v in imatrix.values()]  # alive until return
+        entries = (llama_cpp.llama_model_imatrix_data * (len(arrays) + 1))()
+        for entry, name, values in zip(entries, imatrix, arrays):
+            entry.name = name.encode()
+            entry.data = values.ctypes.data_as(ctypes.POINTER(ctypes.c_float))
+            entry.size = values.size
+        params.imatrix = ctypes.cast(entries, ctypes.POINTER(llama_cpp.llama_model_imatrix_data))
+    tmp = out_path.with_name(out_path.name + ".partial")
+    try:
+        with _native_output_captured() as captured:
+            rc = llama_cpp.llama_model_quantize(str(src).encode(), str(tmp).encode(), ctypes.byref(params))
+            native_log = captured()
+        if rc != 0 and re.search(r"no space left|file too large|disk quota", native_log, re.IGNORECASE):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(out_path))
+        if rc != 0:
+            tail = "\n".join(native_log.splitlines()[-5:])
+            raise RuntimeError(f"llama_model_quantize({src.name} -> {qtype}) failed with code {rc}:\n{tail}")
+        os.replace(tmp, out_path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    logger.info("wrote %s (%.1f MB)", out_path, out_path.stat().st_size / 1e6)
+    return out_path

@@ -1,0 +1,199 @@
+"""The run directory: what a recipe made, listed in RUN_DIR/run.json, the only input after training.
+
+The data stage writes what it kept, exactly as trained and evaluated (data/train.jsonl,
+data/eval.jsonl: one {"source", "messages"} per line), and run.json records where it came from
+(each source file's path, sha256 and record count), the base model's identity, the seed and the
+library versions. Every later stage (merge, calibration, export, measurement, evaluation) reads
+the run, never the user's files again, so a run exports and evaluates the same from any directory
+after its sources have moved or changed. The files the export writes are listed too, each with its
+kind and type: nothing after training guesses what a file is from its name.
+
+    run.json
+      layout, created, seed, versions{fasttune, unsloth, transformers, trl, peft, llama_cpp_python}
+      base_model{name, path, revision, config_sha256, weights_sha256}
+      sources[{role, given, path, sha256, records}]          the user's files, as read
+      data{train, eval: {file, examples, sha256}}             what training and evaluation use
+      files[{path, kind, type?}]   kind: adapter | merged | model | imatrix | lora_adapter | lora_base
+"""
+
+from __future__ import annotations
+
+import datetime
+import hashlib
+import json
+import logging
+import os
+from importlib import metadata
+from pathlib import Path
+
+from fasttune import UserError
+
+logger = logging.getLogger(__name__)
+
+MANIFEST = "run.json"
+LAYOUT = 1  # bumped when the layout changes in a way older fasttune runs do not have
+KINDS = ("adapter", "merged", "model", "imatrix", "lora_adapter", "lora_base")
+PACKAGES = ("fasttune", "unsloth", "transformers", "trl", "peft", "llama_cpp_python", "gguf", "torch")
+
+
+def sha256(path: Path) -> str:
+    """sha256 of a file, or of a directory's files (names and bytes, in name order)."""
+    digest = hashlib.sha256()
+    files = sorted(p for p in Path(path).rglob("*") if p.is_file()) if Path(path).is_dir() else [Path(path)]
+    for file in files:
+        if len(files) > 1:
+            digest.update(str(file.relative_to(path)).encode() + b"\0")
+        with open(file, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                digest.update(block)
+    return digest.hexdigest()
+
+
+def _versions() -> dict:
+    out = {}
+    for package in PACKAGES:
+        try:
+            out[package] = metadata.version(package.replace("_", "-"))
+        except metadata.PackageNotFoundError:
+            out[package] = None
+    return out
+
+
+def write_json(path: Path, value) -> None:
+    """Write JSON under a temporary name, then rename: a reader never sees half a file."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.partial")
+    tmp.write_text(json.dumps(value, indent=2, ensure_ascii=False) + "\n")
+    os.replace(tmp, path)
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.partial")
+    tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+    os.replace(tmp, path)
+
+
+# --- what training wrote ------------------------------------------------------------------------------
+
+def source(role: str, given: str, records: int) -> dict:
+    """One user file as read: hashed so that a later --resume can tell it changed (a hub dataset,
+    which has no local file, is recorded by name only)."""
+    path = Path(given)
+    if not path.exists():
+        return {"role": role, "given": given, "path": None, "sha256": None, "records": records}
+    return {"role": role, "given": given, "path": str(path.resolve()), "sha256": sha256(path), "records": records}
+
+
+def start(run_dir: Path, sources: list[dict], train, eval_, base: dict, seed: int) -> dict:
+    """Write data/train.jsonl, data/eval.jsonl (the kept examples) and run.json; returns the manifest.
+
+    train, eval_: lists of data.Example, exactly what training and evaluation use (eval_ may be empty).
+    """
+    (run_dir / "data").mkdir(parents=True, exist_ok=True)
+    data = {}
+    for name, examples in (("train", train), ("eval", eval_)):
+        path = run_dir / "data" / f"{name}.jsonl"
+        if not examples:
+            path.unlink(missing_ok=True)
+            continue
+        write_jsonl(path, [{"source": ex.source, "messages": ex.messages} for ex in examples])
+        data[name] = {"file": f"data/{name}.jsonl", "examples": len(examples), "sha256": sha256(path)}
+    manifest = {"layout": LAYOUT, "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                "seed": seed, "versions": _versions(), "base_model": base, "sources": sources, "data": data,
+                "files": []}
+    write_json(run_dir / MANIFEST, manifest)
+    return manifest
+
+
+def load(run_dir: str | Path) -> dict:
+    """run.json; a clear refusal for a directory that is not a run, or a run from before run.json."""
+    run_dir = Path(run_dir)
+    path = run_dir / MANIFEST
+    if not path.is_file():
+        if (run_dir / "config.yaml").is_file():
+            raise UserError(f"{run_dir}: made by an older fasttune (no {MANIFEST}: the run does not list its data "
+                            "and files); train it again with the same recipe command and --overwrite")
+        raise UserError(f"{run_dir}: not a run directory (no {MANIFEST}); pass the --out of a recipe run")
+    try:
+        manifest = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UserError(f"{path}: damaged ({e}); train the run again with --overwrite") from None
+    if manifest.get("layout") != LAYOUT:
+        raise UserError(f"{path}: layout {manifest.get('layout')}, this fasttune reads layout {LAYOUT}; train the "
+                        "run again with --overwrite")
+    return manifest
+
+
+def examples(run_dir: str | Path, split: str) -> list:
+    """The run's own train or eval examples (data.Example), as trained and evaluated; [] when the run
+    has no such split. The file is checked against its recorded hash first."""
+    from fasttune.data import Example
+
+    run_dir = Path(run_dir)
+    entry = load(run_dir)["data"].get(split)
+    if entry is None:
+        return []
+    path = run_dir / entry["file"]
+    if not path.is_file():
+        raise UserError(f"{path}: missing; the run's {split} data is gone, train the run again with --overwrite")
+    if sha256(path) != entry["sha256"]:
+        raise UserError(f"{path}: changed since training (sha256 {entry['sha256'][:12]}... then, "
+                        f"{sha256(path)[:12]}... now); restore it, or train the run again with --overwrite")
+    rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    return [Example(r["source"], r["messages"], {}) for r in rows]
+
+
+def check_sources(run_dir: Path, sources: list[dict]) -> None:
+    """--resume: refuse when a source file differs from the one the run was trained on (before anything
+    is written), saying which and how."""
+    recorded = {s["role"]: s for s in load(run_dir)["sources"]}
+    for now in sources:
+        then = recorded.get(now["role"])
+        if then is None:
+            raise UserError(f"--resume: the run had no --{now['role']}_data... {now['given']} is new; resume with the "
+                            "run's own settings or start again with --overwrite")
+        if then["sha256"] != now["sha256"] or then["records"] != now["records"]:
+            raise UserError(f"--resume: {now['given']} changed since the run started (sha256 {str(then['sha256'])[:12]}"
+                            f"... then, {str(now['sha256'])[:12]}... now; {then['records']} records then, "
+                            f"{now['records']} now); resume with the original file or start again with --overwrite")
+
+
+def check_base(run_dir: Path) -> None:
+    """Refuse a base model that is not the one the run was trained on (merge, LoRA export, --resume)."""
+    from fasttune import base_model
+
+    problem = base_model.changed(load(run_dir)["base_model"])
+    if problem:
+        raise UserError(f"{run_dir}: {problem}; use the original base model, or train the run again with --overwrite")
+
+
+# --- what export wrote --------------------------------------------------------------------------------
+
+def add_file(run_dir: Path, path: Path, kind: str, qtype: str | None = None) -> None:
+    """List (or re-list) a file the run holds, by its path relative to the run."""
+    if kind not in KINDS:
+        raise ValueError(f"unknown kind {kind}")
+    run_dir = Path(run_dir)
+    manifest = load(run_dir)
+    rel = str(Path(path).resolve().relative_to(run_dir.resolve()))
+    entry = {"path": rel, "kind": kind, **({"type": qtype} if qtype else {})}
+    manifest["files"] = [f for f in manifest["files"] if f["path"] != rel] + [entry]
+    write_json(run_dir / MANIFEST, manifest)
+
+
+def files(run_dir: str | Path, kind: str) -> list[tuple[Path, dict]]:
+    """(absolute path, entry) of the run's files of one kind that still exist, in the order written."""
+    run_dir = Path(run_dir)
+    return [(run_dir / f["path"], f) for f in load(run_dir)["files"]
+            if f["kind"] == kind and (run_dir / f["path"]).exists()]
+
+
+def models(run_dir: str | Path) -> list[tuple[Path, str]]:
+    """(GGUF path, quant type) of every model file the run exported, 16-bit first."""
+    out = [(path, entry["type"]) for path, entry in files(run_dir, "model")]
+    return sorted(out, key=lambda pt: pt[1] not in ("bf16", "f16", "f32"))
+
+
+def lora_pair(run_dir: str | Path) -> tuple[Path, Path] | None:
+    """(adapter GGUF, base GGUF) when the run exported its adapter as a GGUF LoRA."""
+    adapters, bases = files(run_dir, "lora_adapter"), files(run_dir, "lora_base")
+    return (adapters[-1][0], bases[-1][0]) if adapters and bases else None

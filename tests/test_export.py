@@ -1,0 +1,27 @@
+"""The export loop: the listed types, the GGUF LoRA pair, each listed in run.json and measured once."""
+
+import json
+import shutil
+
+from fasttune import config, export, rundir
+from tests.conftest import only_the_bf16_gguf
+
+
+def test_export_with_lora_writes_lists_and_measures_the_pair(tmp_path, trained_run, tiny_dir):
+    run = tmp_path / "memorize"
+    shutil.copytree(trained_run[0], run, ignore=only_the_bf16_gguf)
+    cfg = config.load_run(run)
+    cfg.data.system_prompt, cfg.eval.evaluate = "Be brief.", False
+    result = export.export_run(run, cfg, ["q8_0"], lora_base=str(tiny_dir))
+    assert [(p.name, t) for p, t in result.files] == [("memorize-q8_0.gguf", "q8_0")]
+    adapter, base = rundir.lora_pair(run)
+    assert (adapter.name, base.name) == ("memorize-lora.gguf", "base-q8_0.gguf")
+    assert [e["type"] for _, e in rundir.files(run, "lora_base")] == ["q8_0"]
+    modelfile = (run / "gguf" / "lora" / "Modelfile.memorize-lora").read_text()
+    assert "FROM ./base-q8_0.gguf\nADAPTER ./memorize-lora.gguf\n" in modelfile and 'SYSTEM """Be brief."""' in modelfile
+    q8 = result.measured["memorize-q8_0.gguf"].row
+    assert "kl" not in q8  # no 16-bit file in this export: nothing to measure drift against
+    pair = result.measured["lora/memorize-lora.gguf on base-q8_0.gguf"].row
+    assert pair["chat_finish_reason"] == "stop" and pair["top1_agreement"] > 0.9
+    rows = {r["file"]: r for r in json.loads((run / "gguf" / "report.json").read_text())["files"]}
+    assert rows[pair["file"]]["top1_agreement"] == pair["top1_agreement"] and rows["memorize-q8_0.gguf"]["kept"]
