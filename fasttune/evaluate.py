@@ -226,7 +226,7 @@ def _hf_variant(name: str, run_dir: Path, base: str):
 
 def evaluate(run_dir: Path, examples, metric: str, variants: list[str], base: str, max_new_tokens: int = 256,
              tolerance: float = 0.02, out_dir: Path | None = None, answered: dict | None = None) -> dict:
-    """Answer `examples` (data.Example, the last message is the reference) with each variant and score them.
+    """Answer `examples` (.source, .messages; the last message is the reference) with each variant and score them.
 
     variants: 'base', 'adapter', 'merged', or paths of GGUF files. answered: variant name -> (answers,
     seconds) already generated on these examples (fasttune.measure's, for GGUF files): scored, not

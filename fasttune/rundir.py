@@ -23,6 +23,7 @@ import hashlib
 import json
 import logging
 import os
+from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 
@@ -86,7 +87,8 @@ def source(role: str, given: str, records: int) -> dict:
 def start(run_dir: Path, sources: list[dict], train, eval_, base: dict, seed: int) -> dict:
     """Write data/train.jsonl, data/eval.jsonl (the kept examples) and run.json; returns the manifest.
 
-    train, eval_: lists of data.Example, exactly what training and evaluation use (eval_ may be empty).
+    train, eval_: the kept examples (anything with .source and .messages), exactly what training and
+    evaluation use (eval_ may be empty).
     """
     (run_dir / "data").mkdir(parents=True, exist_ok=True)
     data = {}
@@ -123,11 +125,17 @@ def load(run_dir: str | Path) -> dict:
     return manifest
 
 
-def examples(run_dir: str | Path, split: str) -> list:
-    """The run's own train or eval examples (data.Example), as trained and evaluated; [] when the run
-    has no such split. The file is checked against its recorded hash first."""
-    from fasttune.data import Example
+@dataclass(frozen=True)
+class Example:
+    """One example as the run stored it: where it came from ("file.jsonl:12") and its chat messages."""
 
+    source: str
+    messages: list[dict]
+
+
+def examples(run_dir: str | Path, split: str) -> list[Example]:
+    """The run's own train or eval examples, as trained and evaluated; [] when the run has no such
+    split. The file is checked against its recorded hash first."""
     run_dir = Path(run_dir)
     entry = load(run_dir)["data"].get(split)
     if entry is None:
@@ -139,7 +147,7 @@ def examples(run_dir: str | Path, split: str) -> list:
         raise UserError(f"{path}: changed since training (sha256 {entry['sha256'][:12]}... then, "
                         f"{sha256(path)[:12]}... now); restore it, or train the run again with --overwrite")
     rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-    return [Example(r["source"], r["messages"], {}) for r in rows]
+    return [Example(r["source"], r["messages"]) for r in rows]
 
 
 def check_sources(run_dir: Path, sources: list[dict]) -> None:

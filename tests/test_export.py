@@ -2,6 +2,8 @@
 
 import json
 import shutil
+import subprocess
+import sys
 
 from fasttune import config, export, rundir
 from tests.conftest import only_the_bf16_gguf
@@ -25,3 +27,12 @@ def test_export_with_lora_writes_lists_and_measures_the_pair(tmp_path, trained_r
     assert pair["chat_finish_reason"] == "stop" and pair["top1_agreement"] > 0.9
     rows = {r["file"]: r for r in json.loads((run / "gguf" / "report.json").read_text())["files"]}
     assert rows[pair["file"]]["top1_agreement"] == pair["top1_agreement"] and rows["memorize-q8_0.gguf"]["kept"]
+
+
+def test_the_stages_after_training_import_neither_the_data_loader_nor_the_training_stack():
+    """They read the run (fasttune.rundir), not the user's files; export/*.py start without Unsloth or TRL."""
+    code = ("import sys; import fasttune.export, fasttune.evaluate, fasttune.measure, fasttune.calibrate, "
+            "fasttune.base_model; print(sorted(m for m in ('fasttune.data', 'fasttune.model', 'unsloth', 'trl') "
+            "if m in sys.modules))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, check=True)
+    assert done.stdout.strip() == "[]", done.stdout
