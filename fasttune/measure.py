@@ -33,6 +33,7 @@ logger = logging.getLogger(__name__)
 MAX_POSITIONS = 512  # answer positions for KL/top-1: each keeps a vocabulary-sized row of the 16-bit file's
 FIDELITY_CONVERSATIONS = 4  # compared with the merged HF model (its logits are computed in fp32 on the CPU)
 GREEDY_TOKENS = 32  # greedy continuation compared token by token with the merged model's
+CHAT_TOKENS = 256  # the fidelity chat answer: room to stop by itself
 
 
 @dataclass
@@ -102,6 +103,8 @@ def merged_reference(merged_dir: Path, fidelity_cases: list[Case]) -> Reference:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
+    logger.info("the merged model's logits and greedy answers on %d conversations (the fidelity reference)",
+                len(fidelity_cases))
     tokenizer = AutoTokenizer.from_pretrained(merged_dir)
     model = AutoModelForCausalLM.from_pretrained(merged_dir, dtype=torch.float32).eval()
     # plain argmax, as llama.cpp's greedy: not the model's generation_config (Qwen2.5-Instruct's has
@@ -159,6 +162,7 @@ def measure_file(path: Path, qtype: str, reference: Reference | None, drift_case
     lengths = [256] + [len(c.ids) for c in drift_cases]
     if reference:
         lengths += [len(c.ids) + len(g) for c, g in zip(reference.cases, reference.greedy)]
+        lengths.append(len(reference.cases[0].prompt_ids) + CHAT_TOKENS)
     if task:
         lengths += [t + task.max_new_tokens for t in task.prompt_lengths]
     lora = {"lora_path": str(adapter)} if adapter else {}
@@ -169,7 +173,8 @@ def measure_file(path: Path, qtype: str, reference: Reference | None, drift_case
         row["bits_per_weight"] = round(infer.bits_per_weight(llm), 2)  # of the model loaded (base + adapter)
         if reference:
             row.update(_fidelity(llm, reference))
-        logprobs = [log_softmax(_logits(llm, c.ids, c.span)).astype(np.float32) for c in drift_cases]
+        logprobs = [log_softmax(_logits(llm, c.ids, c.span)).astype(np.float32)
+                    for c in tqdm(drift_cases, desc=f"answer positions of {path.name}", unit="case", leave=False)]
         if drift_ref is None:
             out.logprobs = logprobs
             row.update(kl=0.0, top1=100.0, drift_positions=sum(len(c.span) for c in drift_cases))
@@ -218,7 +223,7 @@ def _fidelity(llm, ref: Reference) -> dict:
         step = next((k for k, (a, b) in enumerate(zip(out, greedy)) if a != b), None)
         if step is not None:  # how close the merged model's own choice was there
             gaps.append(float(greedy_logits[step][greedy[step]] - greedy_logits[step][out[step]]))
-    reply = infer.chat(llm, ref.cases[0].messages, max_tokens=256)
+    reply = infer.chat(llm, ref.cases[0].messages, max_tokens=CHAT_TOKENS)
     positions = sum(len(c.span) for c in ref.cases)
     ppl_merged, ppl_file = float(np.exp(nll_merged / positions)), float(np.exp(nll_file / positions))
     return {
@@ -258,8 +263,9 @@ def measure(merged_dir: Path, files: list[tuple[Path, str]], conversations: list
         task.prompt_lengths = [len(tokenizer.apply_chat_template(p, add_generation_prompt=True, tokenize=True,
                                                                  return_dict=False)) for p in task.prompts]
     results, drift_ref = [], None
+    logger.info("measuring %d GGUF files, one load each: %d answer positions%s", len(files),
+                sum(len(c.span) for c in drift_cases), f", {len(task.prompts)} eval prompts" if task else "")
     for path, qtype in tqdm(files, desc="measuring GGUF files", unit="file"):
-        logger.info("measuring %s", path.name)
         m = measure_file(path, qtype, reference, drift_cases if drift else [], drift_ref if drift else [], task)
         drift_ref = drift_ref or m.logprobs
         m.logprobs = None
