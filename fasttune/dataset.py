@@ -10,7 +10,7 @@ on, with the reason).
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from fasttune import chat, data, rundir
@@ -29,7 +29,7 @@ class Split:
 class TrainingData:
     train: Split
     eval: Split | None
-    sources: list[dict]  # each user file as read: rundir.source() (path, sha256, records)
+    sources: list[dict] = field(default_factory=list)  # each user file as read: rundir.source()
 
     @property
     def rejects(self) -> list[data.Reject]:
@@ -65,9 +65,13 @@ class TrainingData:
         """data/train.jsonl, data/eval.jsonl and run.json (fasttune.rundir); data_stats.json, rejects.jsonl."""
         rundir.start(run_dir, self.sources, self.train.prepared.kept, self.eval.prepared.kept if self.eval else [],
                      base, seed)
-        rundir.write_json(run_dir / "data_stats.json", self.stats())
+        self.save_stats(run_dir)
+
+    def save_stats(self, folder: Path) -> None:
+        """data_stats.json and rejects.jsonl (what --inspect writes too)."""
+        rundir.write_json(folder / "data_stats.json", self.stats())
         rejects = self.rejects
-        path = run_dir / "rejects.jsonl"
+        path = folder / "rejects.jsonl"
         path.unlink(missing_ok=True)
         if rejects:
             path.write_text("".join(r.to_json() + "\n" for r in rejects))

@@ -91,5 +91,5 @@ def inspect(td: TrainingData, tokenizer, out_dir: Path, n: int = 3, console: Con
     terminal(console or Console(), tokenizer, td, n)
     length_histogram(td, out_dir / "lengths.png")
     (out_dir / "mask.html").write_text(html_page(tokenizer, td, n))
-    td.save(out_dir)
+    td.save_stats(out_dir)
     return out_dir / "mask.html"

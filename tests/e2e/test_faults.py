@@ -14,12 +14,13 @@ from tests.conftest import REPO, greedy_agrees, run_script
 
 @pytest.fixture
 def run_copy(tmp_path, trained_run):
-    """The trained run's config, adapter and merged model, without its GGUF files."""
+    """The trained run's config, manifest, data, adapter and merged model, without its GGUF files."""
     src, _ = trained_run
     dst = tmp_path / "run"
     dst.mkdir()
-    shutil.copy(src / "config.yaml", dst)
-    for part in ("adapter", "merged"):
+    for part in ("config.yaml", "run.json"):
+        shutil.copy(src / part, dst)
+    for part in ("data", "adapter", "merged"):
         shutil.copytree(src / part, dst / part)
     return dst
 
