@@ -30,6 +30,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
 
     rundir.load(args.run_dir)  # refuses a directory that is not a run, or an older layout
+    rundir.lock(args.run_dir)  # one process per run: a training or an export is refused, naming it
     cfg = config.load_run(args.run_dir)
     if args.data:  # a user file: read with the run's format and templates, bad records left out and counted
         from fasttune import data

@@ -43,6 +43,7 @@ def main(argv=None):
     from fasttune import base_model, export  # after --help: these import torch and transformers
 
     manifest = rundir.load(args.run_dir)  # refuses a directory that is not a run, or an older layout
+    rundir.lock(args.run_dir)  # one process per run: a training or another export is refused, naming it
     cfg = config.load_run(args.run_dir)
     for split in manifest["data"]:
         rundir.examples(args.run_dir, split)  # refuses the run's data if it changed since training

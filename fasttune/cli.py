@@ -65,7 +65,8 @@ def report_run(run_dir, result, td, scores=None) -> None:
     from fasttune import evaluate, train
 
     losses = train.read_metrics(run_dir / "metrics.jsonl")
-    line = f"\ntraining loss {losses['loss'][0]:.3f} -> {losses['loss'][-1]:.3f}"
+    line = (f"\ntraining loss {losses['loss'][0]:.3f} -> {losses['loss'][-1]:.3f}" if losses["loss"] else
+            "\nno training loss was logged (--logging_steps is more than the run's optimizer steps)")
     if losses["eval_loss"]:
         line += f", eval loss {losses['eval_loss'][0]:.3f} -> {losses['eval_loss'][-1]:.3f}"
     print(f"{line}  (curve: {run_dir / 'loss.png'})")

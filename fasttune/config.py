@@ -1,15 +1,17 @@
 """Configuration: dataclasses with help on every field.
 
 Precedence: dataclass defaults < the recipe's own defaults < a YAML file (`--config`) < the command
-line. Unknown keys in the YAML file and unknown flags are errors. Parsing is TRL's `TrlParser`
-(transformers' `HfArgumentParser` plus `--config`), the convention TRL's own scripts use; every
-field is a flag under both spellings, `--eval_data` and `--eval-data`.
+line. Unknown keys in the YAML file, values of the wrong type and unknown flags are errors. Parsing
+is transformers' `HfArgumentParser` (every field is a flag under both spellings, `--eval_data` and
+`--eval-data`); the YAML file is read and checked here rather than by TRL's `TrlParser`, which
+would copy an `env:` mapping into the environment and pass unchecked types through.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import shutil
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -194,7 +196,9 @@ class Config:
         return out
 
     def save(self, path: Path) -> None:
-        path.write_text(yaml.safe_dump(self.flat(), sort_keys=False, allow_unicode=True))
+        from fasttune.rundir import write_text
+
+        write_text(path, yaml.safe_dump(self.flat(), sort_keys=False, allow_unicode=True))
 
 
 # Short spellings users expect that HfArgumentParser cannot express (its boolean complement is
@@ -206,27 +210,22 @@ def parse(argv: list[str] | None = None, defaults: dict | None = None, prog: str
     """Parse a recipe's command line into a Config. `defaults` are the recipe's own."""
     import sys
 
-    from trl import TrlParser
+    from transformers import HfArgumentParser
 
     argv = list(sys.argv[1:] if argv is None else argv)
     argv = [part for arg in argv for part in FLAG_ALIASES.get(arg, [arg])]
-    parser = TrlParser(PARTS, prog=prog)
+    parser = HfArgumentParser(PARTS, prog=prog, epilog="--config FILE.yaml: any of the fields above as a flat YAML "
+                                                       "mapping; flags given on the command line win.")
+    fields = {a.dest for a in parser._actions}
     if defaults:
-        unknown = set(defaults) - {a.dest for a in parser._actions}
+        unknown = set(defaults) - fields
         if unknown:
             raise ValueError(f"recipe defaults name unknown fields: {sorted(unknown)}")
         parser.set_defaults(**defaults)
-    try:
-        *parts, yaml_extra, cli_extra = parser.parse_args_and_config(
-            argv, return_remaining_strings=True, separate_remaining_strings=True)
-    except FileNotFoundError as e:
-        raise UserError(f"--config: no such file: {e.filename}") from None
-    except ValueError as e:  # a YAML file that is not a mapping
-        raise UserError(f"--config: {e}") from None
-    yaml_extra = _drop_pair(yaml_extra, "--recipe")  # a run's own config.yaml, passed back as --config
-    if yaml_extra:
-        keys = ", ".join(k.removeprefix("--") for k in yaml_extra[::2])
-        raise UserError(f"--config: unknown keys: {keys} (--help lists every field)")
+    config_path, argv = _pop_flag(argv, "--config")
+    if config_path:
+        parser.set_defaults(**read_config(config_path))
+    *parts, cli_extra = parser.parse_args_into_dataclasses(argv, return_remaining_strings=True)
     if cli_extra:
         raise UserError(f"unknown arguments: {' '.join(cli_extra)} (--help lists every flag)")
     model, data, train, export, eval_ = parts
@@ -240,10 +239,110 @@ def parse(argv: list[str] | None = None, defaults: dict | None = None, prog: str
         raise UserError(f"--eval_fraction {data.eval_fraction}: must be 0 <= f < 1")
     if not 0 <= train.warmup_ratio < 1:
         raise UserError(f"--warmup_ratio {train.warmup_ratio}: must be a fraction of the steps, 0 <= r < 1")
+    for flag, value in (("--epochs", train.epochs), ("--batch_size", train.batch_size),
+                        ("--grad_accum", train.grad_accum), ("--logging_steps", train.logging_steps),
+                        ("--max_seq_length", model.max_seq_length), ("--lora_r", model.lora_r),
+                        ("--max_new_tokens", eval_.max_new_tokens)):
+        if value <= 0:
+            raise UserError(f"{flag} {value}: must be above 0")
+    for flag, template in (("--user_template", data.user_template), ("--assistant_template", data.assistant_template)):
+        _check_template(flag, template)
     if export.quants == ["none"]:
         export.quants = []
     recipe = Path(prog).stem if prog else "sft"
     return Config(model, data, train, export, eval_, recipe)
+
+
+def _pop_flag(argv: list[str], flag: str) -> tuple[str | None, list[str]]:
+    """(value, the other arguments) for `--flag VALUE` or `--flag=VALUE`; the last one wins."""
+    value, rest, i = None, [], 0
+    while i < len(argv):
+        if argv[i] == flag:
+            if i + 1 >= len(argv):
+                raise UserError(f"{flag} needs a file name")
+            value, i = argv[i + 1], i + 2
+        elif argv[i].startswith(flag + "="):
+            value, i = argv[i].split("=", 1)[1], i + 1
+        else:
+            rest.append(argv[i])
+            i += 1
+    return value, rest
+
+
+def _check_template(flag: str, template: str | None) -> None:
+    """A format string Python can read: a stray brace fails here, not on the first record."""
+    import string
+
+    if template is None:
+        return
+    try:
+        list(string.Formatter().parse(template))
+    except ValueError as e:
+        raise UserError(f"{flag} {template!r}: {e}; write {{{{ and }}}} for a literal brace") from None
+
+
+# What a YAML value must be for each type the config fields use: (check, what to say when it fails).
+YAML_TYPES = {
+    str: (lambda v: isinstance(v, str), "a string"),
+    str | None: (lambda v: v is None or isinstance(v, str), "a string"),
+    int: (lambda v: isinstance(v, int) and not isinstance(v, bool), "a whole number"),
+    float: (lambda v: isinstance(v, (int, float)) and not isinstance(v, bool), "a number"),
+    float | None: (lambda v: v is None or (isinstance(v, (int, float)) and not isinstance(v, bool)), "a number"),
+    bool: (lambda v: isinstance(v, bool), "true or false"),
+    list[str]: (lambda v: isinstance(v, list) and all(isinstance(x, str) for x in v), "a list of strings, e.g. [a, b]"),
+}
+
+
+def _float(text: str) -> float | str:
+    try:
+        return float(text)
+    except ValueError:
+        return text
+
+
+def _yaml_kind(value) -> str:
+    return {bool: "a boolean", int: "a number", float: "a number", str: "a string", list: "a list",
+            dict: "a mapping", type(None): "null"}.get(type(value), type(value).__name__)
+
+
+def read_config(path: str | Path) -> dict:
+    """A --config YAML file, checked key by key before anything uses it: unknown keys (TRL's `env`,
+    which would set environment variables, included) and values of the wrong type are errors naming
+    the file and line. Returns the values as parse() defaults (a run's own `recipe` key is dropped)."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+        root = yaml.compose(text)  # nodes with line numbers
+        values = yaml.safe_load(text)
+    except FileNotFoundError:
+        raise UserError(f"--config {path}: no such file") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise UserError(f"--config {path}: cannot read it ({e})") from None
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark else str(path)
+        raise UserError(f"{where}: not valid YAML ({getattr(e, 'problem', None) or e})") from None
+    if values is None:
+        return {}
+    if not isinstance(values, dict) or root is None:
+        raise UserError(f"{path}: a config file is a flat mapping of fields (epochs: 3), got {_yaml_kind(values)}")
+    lines = {node.value: node.start_mark.line + 1 for node, _ in root.value if isinstance(node, yaml.ScalarNode)}
+    types = {name: hint for part in PARTS for name, hint in typing.get_type_hints(part).items()}
+    out = {}
+    for key, value in values.items():
+        where = f"{path}:{lines.get(str(key), '?')}"
+        if key == "recipe":  # written into a run's config.yaml; not a flag
+            continue
+        if key not in types:
+            hint = " (environment variables are not set from a config file)" if key == "env" else ""
+            raise UserError(f"{where}: unknown key '{key}'{hint}; --help lists every field")
+        check, expected = YAML_TYPES[types[key]]
+        if isinstance(value, str) and types[key] in (float, float | None):
+            value = _float(value)  # YAML 1.1 reads 1e-4 (no dot) as a string
+        if not check(value):
+            raise UserError(f"{where}: key '{key}': expected {expected}, got {_yaml_kind(value)} ({value!r:.60})")
+        out[key] = value
+    return out
 
 
 def read_task(path: str | Path) -> dict:
@@ -257,36 +356,46 @@ def read_task(path: str | Path) -> dict:
     return task
 
 
-def _drop_pair(args: list[str], flag: str) -> list[str]:
-    out = list(args)
-    if flag in out[::2]:
-        i = out[::2].index(flag) * 2
-        del out[i:i + 2]
-    return out
-
-
 # Flags that say how to start, not what to train: they may differ when a run is resumed.
 HOW_TO_START = ("resume", "overwrite", "plan", "gpu_gb")
 
 
 def create_run_dir(cfg: Config) -> Path:
-    """Make the run directory and write the resolved config.yaml into it (--resume: check it instead)."""
+    """Make (or, with --overwrite, empty) the run directory, lock it for this process, and write the
+    resolved config.yaml into it (--resume: check it instead). Refuses a folder that holds something
+    other than a fasttune run, before touching anything in it."""
+    from fasttune import rundir
+
     run_dir = Path(cfg.train.out)
+    is_run = (run_dir / "config.yaml").is_file() or (run_dir / rundir.MANIFEST).is_file()
     if cfg.train.resume:
-        if not (run_dir / "config.yaml").is_file():
+        if not is_run:
             raise UserError(f"--resume: {run_dir} holds no run (no config.yaml); start it without --resume")
+        rundir.lock(run_dir)
         saved = {k: v for k, v in load_run(run_dir).flat().items() if k not in HOW_TO_START}
         differ = [k for k, v in cfg.flat().items() if k not in HOW_TO_START and saved.get(k) != v]
         if differ:
             raise UserError(f"--resume: these settings differ from the run's config.yaml: {', '.join(differ)}; "
                             f"resume with the same ones (--config {run_dir / 'config.yaml'} --resume)")
         return run_dir
-    if (run_dir / "config.yaml").exists() and not cfg.train.overwrite:
+    if is_run and not cfg.train.overwrite:
         raise UserError(f"--out {run_dir}: a run already lives there; pass --resume to continue it, --overwrite "
                         "to replace it, or choose another --out")
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "metrics.jsonl").unlink(missing_ok=True)
-    shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
+    if run_dir.is_dir() and not is_run:
+        other = sorted(p.name for p in run_dir.iterdir() if p.name not in ("inspect", rundir.LOCK))
+        if other:
+            raise UserError(f"--out {run_dir}: a folder that is not a fasttune run (it holds "
+                            f"{', '.join(other[:5])}{' ...' if len(other) > 5 else ''}); nothing was changed. "
+                            "Choose a new or empty folder")
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"--out {run_dir}: cannot create it ({e.strerror}); choose a folder you can write to") from None
+    rundir.lock(run_dir)
+    if is_run:  # --overwrite: the whole previous run goes, so no file of it can pass for the new one's
+        for path in run_dir.iterdir():
+            if path.name not in (rundir.LOCK, "inspect"):
+                shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
     cfg.save(run_dir / "config.yaml")
     return run_dir
 

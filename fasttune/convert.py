@@ -70,6 +70,14 @@ def tokenizer_pre(tokenizer) -> str:
     return PRE_TOKENIZERS[digest]
 
 
+def check_architecture(config, where) -> str:
+    """The checkpoint's HF architecture, when this converter writes it; else the one-line refusal."""
+    hf_arch = (config.architectures or ["?"])[0]
+    if hf_arch not in ARCHITECTURES:
+        raise UserError(f"{where}: architecture {hf_arch} is not supported; supported: {', '.join(ARCHITECTURES)}")
+    return hf_arch
+
+
 def _permute_qk(weights, n_head: int):
     """HF's rotate-half layout -> llama.cpp's interleaved one, per head (rows of q/k proj)."""
     return (weights.reshape(n_head, 2, weights.shape[0] // n_head // 2, *weights.shape[1:])
@@ -173,10 +181,7 @@ def convert(model_dir: str | Path, out_path: str | Path, outtype: str = "bf16", 
     if outtype not in DIRECT_TYPES:
         raise UserError(f"convert writes {', '.join(DIRECT_TYPES)}; '{outtype}' goes through quantize()")
     config = AutoConfig.from_pretrained(model_dir)
-    hf_arch = (config.architectures or ["?"])[0]
-    if hf_arch not in ARCHITECTURES:
-        raise UserError(f"{model_dir}: architecture {hf_arch} is not supported; supported: "
-                        f"{', '.join(ARCHITECTURES)}")
+    hf_arch = check_architecture(config, model_dir)
     arch = ARCHITECTURES[hf_arch]
     _check_sliding_window(config, model_dir)
     file_type, file_qtype = DIRECT_TYPES[outtype]

@@ -32,6 +32,7 @@ from fasttune import UserError
 logger = logging.getLogger(__name__)
 
 MAX_LISTED_PROBLEMS = 20
+TOO_DEEP = "invalid JSON: nested too deeply for Python's JSON reader (about 1,000 levels); a record is a flat object"
 FORMATS = ("messages", "sharegpt", "alpaca", "prompt_completion", "fields")
 ROLES = {"system", "user", "assistant", "tool"}
 # ShareGPT speakers as the common exports spell them.
@@ -62,8 +63,11 @@ class Reject:
     record: object = None
 
     def to_json(self) -> str:
-        return json.dumps({"source": self.source, "reason": self.reason, "record": self.record},
-                          ensure_ascii=False, default=str)
+        row = {"source": self.source, "reason": self.reason, "record": self.record}
+        try:
+            return json.dumps(row, ensure_ascii=False, default=str).encode("utf-8").decode()
+        except (UnicodeEncodeError, RecursionError):  # a lone surrogate or a record nested too deeply
+            return json.dumps(dict(row, record=None), ensure_ascii=False)
 
 
 @dataclass
@@ -142,6 +146,8 @@ def _read_jsonl(path: Path, notes: list[str]) -> Iterator[tuple[str, object]]:
             yield where, json.loads(line)
         except json.JSONDecodeError as e:
             yield where, RecordError(f"invalid JSON: {e.msg} (column {e.colno})")
+        except RecursionError:
+            yield where, RecordError(TOO_DEEP)
     if crlf:
         notes.append(f"{path}: {crlf} lines end in CRLF (Windows line endings); read them as plain lines")
     if blank:
@@ -155,6 +161,8 @@ def _read_json_array(path: Path, notes: list[str]) -> Iterator[tuple[str, object
         data = json.loads(text)
     except json.JSONDecodeError as e:
         raise UserError(f"{path}:{e.lineno}: invalid JSON: {e.msg} (column {e.colno})") from None
+    except RecursionError:
+        raise UserError(f"{path}: {TOO_DEEP}") from None
     if not isinstance(data, list):
         raise UserError(f"{path}: expected a JSON array of records, got {_json_type(data)}; "
                         "for one record per line use .jsonl")
@@ -245,6 +253,26 @@ def detect_format(record: object, templates: Templates) -> str:
                     "with --user_template/--assistant_template")
 
 
+def _check_unicode(record) -> None:
+    """Every string in the record (keys too, at any depth) is valid Unicode: JSON's \\ud800-style
+    escapes can encode half a surrogate pair, which no tokenizer or file can hold. Iterative, so a
+    deep record cannot exhaust Python's stack."""
+    stack = [("", record)]
+    while stack:
+        path, value = stack.pop()
+        if isinstance(value, dict):
+            stack += [(f"{path}.{k}" if path else str(k), v) for k, v in value.items()]
+            stack += [(path or "(key)", k) for k in value]
+        elif isinstance(value, list):
+            stack += [(f"{path}[{i}]", v) for i, v in enumerate(value)]
+        elif isinstance(value, str):
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError as e:
+                raise RecordError(f"field '{path}': not valid Unicode (a lone surrogate \\u{ord(value[e.start]):04x} "
+                                  f"at character {e.start}); remove it or write the whole character") from None
+
+
 def _string(value, name: str, allow_empty: bool = False) -> str:
     if not isinstance(value, str):
         raise RecordError(f"field '{name}': expected a string, got {_json_type(value)}")
@@ -271,6 +299,8 @@ def _check_messages(messages, name: str) -> list[dict]:
         if not isinstance(msg, dict):
             raise RecordError(f"field '{where}': expected an object with role and content, got {_json_type(msg)}")
         role = _require(msg, "role", f"{where}.role")
+        if not isinstance(role, str):
+            raise RecordError(f"field '{where}.role': expected a string, got {_json_type(role)}")
         if role not in ROLES:
             raise RecordError(f"field '{where}.role': '{role}' is not one of {', '.join(sorted(ROLES))}")
         content = _require(msg, "content", f"{where}.content")
@@ -312,6 +342,8 @@ def from_sharegpt(record: dict, t: Templates) -> list[dict]:
         if not isinstance(turn, dict):
             raise RecordError(f"field '{where}': expected an object with from and value, got {_json_type(turn)}")
         speaker = _require(turn, "from", f"{where}.from")
+        if not isinstance(speaker, str):
+            raise RecordError(f"field '{where}.from': expected a string, got {_json_type(speaker)}")
         if speaker not in SHAREGPT_ROLES:
             raise RecordError(f"field '{where}.from': '{speaker}' is not a known speaker "
                               f"({', '.join(sorted(SHAREGPT_ROLES))})")
@@ -426,11 +458,18 @@ def load(
             loaded.rejects.append(Reject(where, f"expected a JSON object, got {_json_type(record)}", record))
             continue
         if not loaded.format:
-            loaded.format = detect_format(record, templates) if fmt == "auto" else fmt
+            try:
+                loaded.format = detect_format(record, templates) if fmt == "auto" else fmt
+            except UserError as e:
+                raise UserError(f"{where}: {e}") from None
         try:
+            _check_unicode(record)
             messages = CONVERTERS[loaded.format](record, templates)
         except RecordError as e:
             loaded.rejects.append(Reject(where, str(e), record))
+            continue
+        except (TypeError, ValueError, AttributeError, KeyError, IndexError) as e:  # a shape no check foresaw
+            loaded.rejects.append(Reject(where, f"cannot read this record ({type(e).__name__}: {e})", record))
             continue
         key = json.dumps(messages, sort_keys=True, ensure_ascii=False)
         if key in seen:

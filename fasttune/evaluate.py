@@ -334,6 +334,19 @@ def chart(report: dict, path: Path) -> Path:
     return path
 
 
+def check_references(examples, metric: str, tolerance: float) -> None:
+    """Every reference answer is one `metric` can read (a number for numeric, a letter for choice, ...):
+    checked before training, not found out after export."""
+    if metric not in METRICS:
+        raise UserError(f"--metric {metric}: unknown; choose one of {', '.join(METRICS)}")
+    for ex in examples:
+        reference = ex.messages[-1]["content"]
+        try:
+            METRICS[metric](reference, reference, tolerance)
+        except UserError as e:
+            raise UserError(f"{ex.source}: {e}; fix the reference or choose another --metric") from None
+
+
 def run_variants(run_dir: Path) -> list:
     """What export/eval.py evaluates by default: every variant the run has (base, adapter, merged,
     each GGUF model file run.json lists)."""

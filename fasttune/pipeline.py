@@ -11,7 +11,9 @@ from pathlib import Path
 
 import fasttune.model as model_lib  # first: imports unsloth, which patches transformers/trl/peft
 
-from fasttune import base_model, cli, config, dataset, evaluate, export, merge, rundir, train
+from transformers import AutoConfig
+
+from fasttune import base_model, cli, config, convert, dataset, evaluate, export, merge, rundir, train
 
 
 def run(cfg: config.Config) -> Path | None:
@@ -22,7 +24,11 @@ def run(cfg: config.Config) -> Path | None:
     # Setup: read, validate and tokenize all data before anything is written.
     export.check(cfg.export.quants, cfg.export.imatrix)  # a typo fails now, not after training
     tokenizer = model_lib.load_tokenizer(cfg.model.model)
+    if cfg.export.quants:  # an architecture the converter cannot write fails now, not after training
+        convert.check_architecture(AutoConfig.from_pretrained(base_model.resolve(cfg.model.model)), cfg.model.model)
     td = dataset.build(cfg, tokenizer)
+    if td.eval and (cfg.eval.evaluate or "auto" in cfg.export.quants):  # an unreadable reference, too
+        evaluate.check_references(td.eval.prepared.kept, cfg.eval.metric, cfg.eval.tolerance)
     if cfg.data.inspect:
         cli.inspect(td, tokenizer, cfg)
         return None

@@ -60,17 +60,65 @@ def _versions() -> dict:
     return out
 
 
-def write_json(path: Path, value) -> None:
-    """Write JSON under a temporary name, then rename: a reader never sees half a file."""
+def write_text(path: Path, text: str) -> None:
+    """Write under a temporary name, then rename: a reader (or a kill) never leaves half a file."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.partial")
-    tmp.write_text(json.dumps(value, indent=2, ensure_ascii=False) + "\n")
-    os.replace(tmp, path)
+    try:
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def write_json(path: Path, value) -> None:
+    write_text(path, json.dumps(value, indent=2, ensure_ascii=False) + "\n")
 
 
 def write_jsonl(path: Path, rows: list[dict]) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.partial")
-    tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
-    os.replace(tmp, path)
+    write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+
+
+# --- one process per run ------------------------------------------------------------------------------
+
+LOCK = ".lock"
+_held: dict[Path, object] = {}  # run directory -> its open lock file, held until the process exits
+# What a killed process leaves behind; removed by the next process that takes the lock.
+LEFTOVERS = ("**/*.partial", "**/.*.partial", "merged.tmp*", "gguf/candidates", "**/*.gguf.src")
+
+
+def lock(run_dir: Path) -> None:
+    """Hold RUN_DIR/.lock for the rest of this process (an advisory flock, released by the kernel when
+    the process ends, however it ends), then remove what an interrupted process left behind. A second
+    process on the same run is refused, naming the holder."""
+    import fcntl
+    import shutil
+    import sys
+
+    run_dir = Path(run_dir).resolve()
+    if run_dir in _held:
+        return
+    handle = open(run_dir / LOCK, "a+")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.seek(0)
+        holder = handle.read().strip() or "another process"
+        handle.close()
+        raise UserError(f"{run_dir} is in use by {holder}; wait for it to finish or stop it, then run this "
+                        "again") from None
+    handle.seek(0)
+    handle.truncate()
+    command = " ".join(Path(sys.argv[0]).name if i == 0 else a for i, a in enumerate(sys.argv))[:200]
+    handle.write(f"process {os.getpid()} (`{command}`, since "
+                 f"{datetime.datetime.now().isoformat(timespec='seconds')})")
+    handle.flush()
+    _held[run_dir] = handle
+    found = sorted({p for pattern in LEFTOVERS for p in run_dir.glob(pattern)})
+    for path in found:
+        shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
+    if found:
+        logger.warning("removed %d leftovers of an interrupted run in %s: %s", len(found), run_dir,
+                       ", ".join(str(p.relative_to(run_dir)) for p in found[:5]))
 
 
 # --- what training wrote ------------------------------------------------------------------------------

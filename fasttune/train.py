@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 from pathlib import Path
 
 import torch
@@ -25,15 +26,25 @@ CUDA_ONLY_OPTIMIZERS = ("paged_", "adamw_8bit", "adamw_bnb_8bit", "lion_8bit")
 
 
 class MetricsLog(TrainerCallback):
-    """Appends every trainer log (loss, lr, eval_loss) to metrics.jsonl as it happens."""
+    """Appends every trainer log (loss, lr, eval_loss) to metrics.jsonl as it happens, and stops the
+    run at the first loss or gradient norm that is not a finite number: nothing is saved, merged or
+    exported from a diverged run."""
 
-    def __init__(self, path: Path):
-        self.path = path
+    def __init__(self, path: Path, learning_rate: float):
+        self.path, self.learning_rate = path, learning_rate
 
     def on_log(self, args, state, control, logs=None, **kwargs):
-        if logs:
-            with self.path.open("a") as f:
-                f.write(json.dumps({"step": state.global_step, "epoch": state.epoch, **logs}) + "\n")
+        if not logs:
+            return
+        with self.path.open("a") as f:
+            f.write(json.dumps({"step": state.global_step, "epoch": state.epoch, **logs}) + "\n")
+        for key in ("loss", "grad_norm", "eval_loss"):
+            value = logs.get(key)
+            if isinstance(value, (int, float)) and not math.isfinite(value):
+                raise UserError(f"training diverged at step {state.global_step}: {key} is {value}. Nothing was "
+                                f"exported. Usual causes: a learning rate too high (--learning_rate "
+                                f"{self.learning_rate:g}: try a tenth), fp16 overflow on a GPU without bf16, or "
+                                "a broken base model; start again with --overwrite")
 
 
 class KeepAdapterDtype(TrainerCallback):
@@ -115,7 +126,7 @@ def train(model, tokenizer, td: TrainingData, cfg: Config, run_dir: Path):
         args=sft_config(cfg, run_dir / "checkpoints", has_eval=bool(eval_rows)),
         train_dataset=Dataset.from_list(td.train.prepared.rows),
         eval_dataset=Dataset.from_list(eval_rows) if eval_rows else None,
-        callbacks=[MetricsLog(run_dir / "metrics.jsonl")],
+        callbacks=[MetricsLog(run_dir / "metrics.jsonl", cfg.train.learning_rate)],
     )
     trainer.add_callback(KeepAdapterDtype(trainer.model))  # after TRL has set the adapter dtype
     checkpoint = latest_checkpoint(run_dir / "checkpoints") if cfg.train.resume else None
@@ -162,12 +173,19 @@ def latest_checkpoint(folder: Path) -> Path | None:
 def _forget_metrics_after(metrics_path: Path, step: int) -> None:
     """Drop log lines written after the checkpoint: training repeats those steps."""
     if metrics_path.is_file():
-        kept = [line for line in metrics_path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
-        metrics_path.write_text("".join(line + "\n" for line in kept))
+        kept = [row for row in _rows(metrics_path) if row["step"] <= step]
+        metrics_path.write_text("".join(json.dumps(row) + "\n" for row in kept))
 
 
 def _rows(metrics_path: Path) -> list[dict]:
-    return [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
+    """metrics.jsonl's rows; a line cut short by a kill mid-write is left out."""
+    rows = []
+    for line in filter(str.strip, metrics_path.read_text().splitlines()):
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            logger.warning("%s: left out a line cut short (the run was killed while writing it)", metrics_path)
+    return rows
 
 
 def read_metrics(metrics_path: Path) -> dict[str, list[float]]:

@@ -1,5 +1,7 @@
 """Config precedence: defaults < recipe defaults < YAML < command line; unknown keys are errors."""
 
+import os
+
 import pytest
 
 from fasttune import UserError
@@ -38,11 +40,43 @@ def test_warmup_ratio_must_be_a_fraction():
         parse(REQUIRED + ["--warmup_ratio", "3"])
 
 
-def test_unknown_yaml_key_is_an_error(tmp_path):
+@pytest.mark.parametrize("text, message", [
+    ("lora_rank: 8\n", r"c.yaml:1: unknown key 'lora_rank'; --help lists every field"),
+    ("epochs: 1\nenv:\n  HF_ENDPOINT: http://evil\n", r"c.yaml:2: unknown key 'env' \(environment variables are not set"),
+    ("epochs: three\n", r"c.yaml:1: key 'epochs': expected a number, got a string \('three'\)"),
+    ("lora_r: 8.5\n", r"c.yaml:1: key 'lora_r': expected a whole number, got a number"),
+    ("quants: q4_k_m\n", r"c.yaml:1: key 'quants': expected a list of strings, e.g. \[a, b\], got a string"),
+    ("packing: [1]\n", r"c.yaml:1: key 'packing': expected true or false, got a list"),
+    ("- epochs\n", r"c.yaml: a config file is a flat mapping of fields \(epochs: 3\), got a list"),
+    ("epochs: [1\n", r"c.yaml:2: not valid YAML"),
+])
+def test_bad_yaml_is_one_line_naming_file_line_and_key(tmp_path, text, message):
     yml = tmp_path / "c.yaml"
-    yml.write_text("lora_rank: 8\n")
-    with pytest.raises(UserError, match="unknown keys: lora_rank"):
+    yml.write_text(text)
+    environ = dict(os.environ)
+    with pytest.raises(UserError, match=message):
         parse(REQUIRED + ["--config", str(yml)])
+    assert dict(os.environ) == environ  # nothing leaked into the environment
+
+
+def test_yaml_numbers_as_people_write_them(tmp_path):
+    yml = tmp_path / "c.yaml"
+    yml.write_text("learning_rate: 1e-4\nepochs: 2\n")  # YAML 1.1 reads 1e-4 as text; 2 as an int
+    cfg = parse(REQUIRED + [f"--config={yml}"])
+    assert cfg.train.learning_rate == 1e-4 and cfg.train.epochs == 2
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--user_template", "Q: {a"], r"--user_template 'Q: {a': .*; write {{ and }} for a literal brace"),
+    (["--assistant_template", "A} "], r"--assistant_template 'A} ': Single '}'"),
+    (["--epochs", "0"], r"--epochs 0.0: must be above 0"),
+    (["--logging_steps", "0"], r"--logging_steps 0: must be above 0"),
+    (["--config"], r"--config needs a file name"),
+    (["--config", "missing.yaml"], r"--config missing.yaml: no such file"),
+])
+def test_bad_flags_fail_before_anything_runs(flags, message):
+    with pytest.raises(UserError, match=message):
+        parse(REQUIRED + flags)
 
 
 def test_unknown_flag_is_a_usage_error():
@@ -71,3 +105,30 @@ def test_model_data_and_out_are_required_except_for_plan():
     with pytest.raises(UserError, match=r"^--out required"):
         parse(["--model", "tiny", "--data", "d.jsonl"])
     assert parse(["--model", "tiny", "--plan"]).train.plan
+
+
+def test_out_that_is_not_a_run_is_refused_and_left_untouched(tmp_path):
+    (tmp_path / "merged").mkdir()
+    (tmp_path / "notes.txt").write_text("mine")
+    before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
+    for extra in ([], ["--overwrite"]):
+        with pytest.raises(UserError, match=r"not a fasttune run \(it holds merged, notes.txt\); nothing was changed"):
+            create_run_dir(parse(REQUIRED[:4] + ["--out", str(tmp_path), *extra]))
+    assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before
+
+
+def test_overwrite_replaces_the_whole_run(tmp_path):
+    run = tmp_path / "run"
+    for old in ("config.yaml", "run.json", "adapter/adapter_model.safetensors", "merged/model.safetensors",
+                "gguf/run-q4_k_m.gguf", "eval/report.md", "data/train.jsonl"):
+        (run / old).parent.mkdir(parents=True, exist_ok=True)
+        (run / old).write_text("old")
+    create_run_dir(parse(REQUIRED[:4] + ["--out", str(run), "--overwrite"]))
+    assert sorted(p.name for p in run.iterdir()) == [".lock", "config.yaml"]  # no file of the old run left
+    assert "old" not in (run / "config.yaml").read_text()
+
+
+def test_out_that_cannot_be_created_is_one_line(tmp_path):
+    (tmp_path / "file").write_text("")
+    with pytest.raises(UserError, match=r"--out .*/file/run: cannot create it \(Not a directory\)"):
+        create_run_dir(parse(REQUIRED[:4] + ["--out", str(tmp_path / "file" / "run")]))

@@ -46,6 +46,16 @@ BAD_CASES = {
     "csv_empty_output.csv": ":2: field 'output': empty string",
     "unknown_extension.txt": ": unknown file type '.txt'; use .jsonl, .json, .csv or .parquet",
     "many_bad_records.jsonl": ":1: field 'messages': empty list",
+    # wrong JSON types anywhere, invalid Unicode, nesting no reader takes
+    "message_role_not_string.jsonl": ":1: field 'messages[0].role': expected a string, got array",
+    "sharegpt_from_not_string.jsonl": ":1: field 'conversations[0].from': expected a string, got number",
+    "alpaca_instruction_null.jsonl": ":1: field 'instruction': expected a string, got null",
+    "completion_message_not_an_object.jsonl": ":1: field 'completion[0]': expected an object with role and "
+                                              "content, got array",
+    "lone_surrogate.jsonl": ":1: field 'messages[0].content': not valid Unicode (a lone surrogate \\ud800 at "
+                            "character 3); remove it or write the whole character",
+    "deeply_nested.jsonl": ":1: invalid JSON: nested too deeply for Python's JSON reader (about 1,000 levels); "
+                           "a record is a flat object",
 }
 
 
@@ -63,8 +73,8 @@ def test_bad_file(name):
     assert first == f"{path}{BAD_CASES[name]}"
 
 
-def test_unknown_format_names_the_keys_and_the_way_out():
-    with pytest.raises(UserError, match=r"cannot tell the data format from the first record \(keys: answer, "
+def test_unknown_format_names_the_file_the_keys_and_the_way_out():
+    with pytest.raises(UserError, match=r"unknown_format.jsonl:1: cannot tell the data format from the first record \(keys: answer, "
                                         r"question\); .* pass --format"):
         load(BAD / "unknown_format.jsonl")
 
@@ -202,3 +212,17 @@ def test_unknown_choices_name_the_flag(tmp_path):
         load(path, fmt="yaml")
     with pytest.raises(UserError, match="--on_bad_record ignore: choose error or skip"):
         load(path, on_bad_record="ignore")
+
+
+HOSTILE = ["message_role_not_string.jsonl", "lone_surrogate.jsonl", "deeply_nested.jsonl"]  # after a good messages record
+
+
+@pytest.mark.parametrize("name", HOSTILE)
+def test_with_skip_a_hostile_record_becomes_a_written_reject(tmp_path, name):
+    good = '{"messages": [{"role": "user", "content": "Hi?"}, {"role": "assistant", "content": "Hello."}]}\n'
+    path = tmp_path / "mixed.jsonl"
+    path.write_bytes(good.encode() + (BAD / name).read_bytes())
+    loaded = load(path, on_bad_record="skip")
+    assert len(loaded.examples) == 1 and [r.source for r in loaded.rejects] == [f"{path}:2"]
+    row = json.loads(loaded.rejects[0].to_json())  # what rejects.jsonl gets: valid JSON, UTF-8 encodable
+    assert row["reason"] == BAD_CASES[name].split(": ", 1)[1] and row["reason"].encode("utf-8")

@@ -1,7 +1,10 @@
 """The run directory knows its contents: run.json, the data as trained, and refusals that say what changed."""
 
 import json
+import os
 import shutil
+import subprocess
+import sys
 
 import pytest
 
@@ -84,3 +87,25 @@ def test_old_runs_and_other_folders_are_refused_with_how_to_rerun(tmp_path):
     (tmp_path / "config.yaml").write_text("model: tiny\n")
     with pytest.raises(UserError, match="made by an older fasttune.*--overwrite"):
         rundir.load(tmp_path)
+
+
+def test_a_second_process_on_a_run_is_refused_naming_the_holder(tmp_path):
+    rundir.lock(tmp_path)  # held by this process until it exits
+    code = f"from fasttune import cli, rundir; cli.run(lambda: rundir.lock({str(tmp_path)!r}))"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert f"is in use by process {os.getpid()} (`" in done.stderr and "wait for it to finish" in done.stderr
+
+
+def test_the_next_process_removes_what_a_killed_one_left(tmp_path):
+    leftovers = [tmp_path / "gguf" / "candidates" / "run-q6_k.gguf", tmp_path / "gguf" / "run-bf16.gguf.partial",
+                 tmp_path / "merged.tmp12ab" / "model.safetensors", tmp_path / ".run.json.123.partial"]
+    kept = [tmp_path / "gguf" / "run-bf16.gguf", tmp_path / "merged" / "model.safetensors"]
+    for path in leftovers + kept:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(b"x")
+    done = subprocess.run([sys.executable, "-c", f"from fasttune import rundir; rundir.lock({str(tmp_path)!r})"],
+                          capture_output=True, text=True, timeout=120, check=True)
+    assert not any(p.exists() for p in leftovers) and all(p.exists() for p in kept)
+    assert not (tmp_path / "gguf" / "candidates").exists() and not (tmp_path / "merged.tmp12ab").exists()
+    assert "removed 4 leftovers of an interrupted run" in done.stderr

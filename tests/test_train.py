@@ -124,3 +124,27 @@ def test_out_of_memory_advice_names_what_to_lower_with_the_planners_numbers(qwen
     small = parse(["--data", "d.jsonl", "--out", "o", "--batch_size", "1", "--lora_r", "8", "--model", str(qwen7b_config)])
     assert "--batch_size" not in out_of_memory_advice(small, 8 * 2**30)
     assert "--lora_r" not in out_of_memory_advice(small, 8 * 2**30)
+
+
+@pytest.mark.parametrize("key", ["loss", "grad_norm"])
+def test_a_diverged_run_stops_at_the_step_with_the_value(tmp_path, key):
+    from types import SimpleNamespace
+
+    from fasttune import UserError
+    from fasttune.train import MetricsLog
+
+    log = MetricsLog(tmp_path / "metrics.jsonl", learning_rate=0.5)
+    state = SimpleNamespace(global_step=7, epoch=0.5)
+    log.on_log(None, state, None, logs={"loss": 2.0, "grad_norm": 1.0})  # finite: logged, goes on
+    with pytest.raises(UserError, match=rf"diverged at step 7: {key} is nan\. Nothing was exported.*"
+                                        r"--learning_rate 0.5: try a tenth"):
+        log.on_log(None, state, None, logs={"loss": 2.0, "grad_norm": 1.0, key: float("nan")})
+    assert (tmp_path / "metrics.jsonl").read_text().count("\n") == 2  # the bad step is in the log too
+
+
+def test_a_metrics_line_cut_by_a_kill_is_left_out(tmp_path):
+    from fasttune.train import read_metrics
+
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"step": 1, "loss": 3.0}\n{"step": 2, "loss": 2.5}\n{"step": 3, "lo')
+    assert read_metrics(path)["loss"] == [3.0, 2.5]
