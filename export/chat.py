@@ -55,6 +55,9 @@ def main(argv=None):
                 question = input("\nyou> ").strip()
             except EOFError:
                 break
+            except KeyboardInterrupt:  # at the prompt: a fresh prompt, as a shell does (/exit or Ctrl-D quits)
+                print()
+                continue
             if question in ("/exit", "/quit"):
                 break
             if question == "/reset":
@@ -63,8 +66,11 @@ def main(argv=None):
                 continue
             if question.startswith("/save"):
                 path = Path(question[5:].strip() or f"chat-{time.strftime('%Y%m%d-%H%M%S')}.json")
-                path.write_text(json.dumps(history, indent=2, ensure_ascii=False))
-                print(f"(saved {len(history)} messages to {path})")
+                try:
+                    path.write_text(json.dumps(history, indent=2, ensure_ascii=False))
+                    print(f"(saved {len(history)} messages to {path})")
+                except OSError as e:  # a bad path or a full disk: say so, keep the conversation
+                    print(f"(could not save to {path}: {e.strerror}; the conversation goes on)")
                 continue
             if not question:
                 continue
@@ -78,14 +84,17 @@ def main(argv=None):
                 print(f"(context full: dropped the {dropped} oldest turn{'s' * (dropped > 1)})")
             print("model> ", end="", flush=True)
             answer, tokens, began = [], 0, time.perf_counter()
-            for chunk in infer.chat(llm, history, max_tokens=args.max_tokens, stream=True,
-                                    temperature=args.temperature):
-                piece = chunk["choices"][0]["delta"].get("content")
-                if piece:
-                    tokens += 1  # llama-cpp-python streams one chunk per generated token
-                    answer.append(piece)
-                    sys.stdout.write(piece)
-                    sys.stdout.flush()
+            try:
+                for chunk in infer.chat(llm, history, max_tokens=args.max_tokens, stream=True,
+                                        temperature=args.temperature):
+                    piece = chunk["choices"][0]["delta"].get("content")
+                    if piece:
+                        tokens += 1  # llama-cpp-python streams one chunk per generated token
+                        answer.append(piece)
+                        sys.stdout.write(piece)
+                        sys.stdout.flush()
+            except KeyboardInterrupt:  # Ctrl-C stops this answer, not the chat
+                print("\n(stopped)", end="")
             elapsed = time.perf_counter() - began
             print(f"\n[{tokens} tokens, {tokens / elapsed:.1f} tokens/s]")
             history.append({"role": "assistant", "content": "".join(answer).strip()})

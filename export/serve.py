@@ -8,13 +8,17 @@ Any OpenAI client works: `OpenAI(base_url="http://127.0.0.1:8000/v1", api_key="S
 `client.chat.completions.create(model=NAME, messages=[...])`, streaming included. Chat requests use
 the template inside the GGUF and stop at its end-of-turn token. Binds to 127.0.0.1 unless --host
 says otherwise; with --api-key every request must carry `Authorization: Bearer SECRET`.
+
+Safe by default, like Ollama: browsers may call it only from loopback pages (http://localhost:*,
+http://127.0.0.1:*; --allow-origin adds others), the Host header must name the address it is bound
+to (a DNS-rebinding page cannot reach it), and binding beyond loopback needs --api-key.
 """
 
 import argparse
 import os
 from pathlib import Path
 
-from fasttune import cli, cpu_threads, infer
+from fasttune import UserError, cli, cpu_threads, infer
 
 
 def main(argv=None):
@@ -26,10 +30,15 @@ def main(argv=None):
                         help="require this key (default: $FASTTUNE_API_KEY; none: no key needed)")
     parser.add_argument("--name", help="model name clients pass as `model` (default: the file name without .gguf)")
     parser.add_argument("--ctx", type=int, default=4096, help="context window in tokens")
+    parser.add_argument("--allow-origin", action="append", default=[], metavar="URL",
+                        help="a web origin (https://app.example.com) whose pages may call the API from a browser, "
+                             "besides loopback ones; repeatable")
     args = parser.parse_args(argv)
     infer.check_runnable(args.gguf)
-    if args.host not in ("127.0.0.1", "localhost", "::1") and not args.api_key:
-        print(f"warning: serving on {args.host} without --api-key: anyone who can reach this port can use the model")
+    loopback = args.host in LOOPBACK
+    if not loopback and not args.api_key:
+        raise UserError(f"--host {args.host} makes the model reachable from the network: pass --api-key KEY (or set "
+                        "$FASTTUNE_API_KEY) so that only clients with the key can use it")
 
     import uvicorn
     from llama_cpp.server.app import create_app
@@ -42,9 +51,33 @@ def main(argv=None):
         model_settings=[ModelSettings(model=str(args.gguf), model_alias=name, n_ctx=args.ctx, chat_format=None,
                                       n_threads=cpu_threads(), n_threads_batch=cpu_threads(), verbose=False)],
     )
+    guard(app, args.host, args.allow_origin)
     print(f"serving {args.gguf} as '{name}' on http://{args.host}:{args.port}/v1 "
           f"({'key required' if args.api_key else 'no key'}); Ctrl-C stops")
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+
+
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
+# Pages a browser may call the API from by default: the machine's own (any port), as Ollama allows.
+LOOPBACK_ORIGINS = r"https?://(localhost|127\.0\.0\.1|\[::1\])(:\d+)?"
+
+
+def guard(app, host: str, allow_origins: list[str]) -> None:
+    """Replace llama-cpp-python's CORS policy (every origin, with credentials: any web page the user
+    opens could read the answers) with loopback origins plus `allow_origins`, and accept only requests
+    whose Host header names the bound address (DNS rebinding). Starlette builds the middleware stack
+    on the first request, so editing the list here takes effect."""
+    from starlette.middleware import Middleware
+    from starlette.middleware.cors import CORSMiddleware
+    from starlette.middleware.trustedhost import TrustedHostMiddleware
+
+    hosts = ["*"] if host in ("0.0.0.0", "::") else (list(LOOPBACK) + ["[::1]"] if host in LOOPBACK else [host])
+    app.user_middleware = [m for m in app.user_middleware if m.cls is not CORSMiddleware] + [
+        Middleware(CORSMiddleware, allow_origins=allow_origins, allow_origin_regex=LOOPBACK_ORIGINS,
+                   allow_credentials=False, allow_methods=["GET", "POST", "OPTIONS"],
+                   allow_headers=["Authorization", "Content-Type"]),
+        Middleware(TrustedHostMiddleware, allowed_hosts=hosts),
+    ]
 
 
 if __name__ == "__main__":

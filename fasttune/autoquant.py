@@ -53,7 +53,7 @@ def choose(run_dir: Path, rows: list[dict], tolerance: float, calibrated: str | 
               "why": why, "imatrix": calibrated, "candidates": rows}
     gguf_dir = Path(run_dir) / "gguf"
     rundir.write_json(gguf_dir / "auto.json", result)
-    (gguf_dir / "auto.md").write_text(markdown(result))
+    rundir.write_text(gguf_dir / "auto.md", markdown(result))
     chart(result, gguf_dir / "auto.png")
     logger.info("quant auto: %s", why)
     return winner

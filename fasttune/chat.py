@@ -146,8 +146,10 @@ def prepare(examples: list[Example], tokenizer, max_length: int, truncation: str
         kept.append(ex)
         tokens += len(rows[-1]["input_ids"])
         trained += n_kept
+    marked = special_tokens_in_text(tokenizer, kept)
     stats = {
         "records": len(examples), "kept": len(kept), "tokens": tokens, "trained_tokens": trained,
+        "special_tokens_in_text": len(marked),
         "trained_fraction": round(trained / max(tokens, 1), 4),
         "nothing_trained": n_empty, "answers_cut": n_cut, "truncation": truncation, "max_length": max_length,
         "length_percentiles": _percentiles(lengths),
@@ -158,9 +160,26 @@ def prepare(examples: list[Example], tokenizer, max_length: int, truncation: str
                        else "trained on the part that fits (--truncation keep); they never see their <|im_end|>")
     if n_empty:
         logger.warning("%d examples have nothing to train within max_seq_length=%d: left out", n_empty, max_length)
+    if marked:
+        logger.warning("%d examples have a control token written in their text (first: %s, %s): the tokenizer reads "
+                       "it as the token itself, so the model learns to stop or switch roles there; remove it from "
+                       "the data if it was meant as text", len(marked), marked[0][0], marked[0][1])
     if not rows:
         raise UserError(f"no example is left to train on: {rejects[0].source}: {rejects[0].reason}")
     return Prepared(rows, kept, rejects, stats)
+
+
+def special_tokens_in_text(tokenizer, examples: list[Example]) -> list[tuple[str, str]]:
+    """(source, token) for every example whose message text contains a special token's spelling
+    (<|im_end|>, <|im_start|>, <|endoftext|>, ...)."""
+    specials = sorted({t.content for t in tokenizer.added_tokens_decoder.values() if t.special}, key=len, reverse=True)
+    found = []
+    for ex in examples:
+        text = "\n".join(m["content"] for m in ex.messages)
+        hit = next((t for t in specials if t in text), None)
+        if hit:
+            found.append((ex.source, hit))
+    return found
 
 
 def _percentiles(lengths: list[int]) -> dict:

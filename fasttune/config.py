@@ -247,6 +247,9 @@ def parse(argv: list[str] | None = None, defaults: dict | None = None, prog: str
             raise UserError(f"{flag} {value}: must be above 0")
     for flag, template in (("--user_template", data.user_template), ("--assistant_template", data.assistant_template)):
         _check_template(flag, template)
+    if data.system_prompt and '"""' in data.system_prompt:
+        raise UserError('--system_prompt contains """, which would end the SYSTEM block of the Ollama Modelfile '
+                        "written beside every GGUF; write it without three double quotes in a row")
     if export.quants == ["none"]:
         export.quants = []
     recipe = Path(prog).stem if prog else "sft"

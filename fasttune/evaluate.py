@@ -21,6 +21,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from fasttune import UserError
+from fasttune.rundir import write_json, write_text
 
 logger = logging.getLogger(__name__)
 
@@ -274,8 +275,8 @@ def evaluate(run_dir: Path, examples, metric: str, variants: list[str], base: st
         })
     report = {"metric": metric, "tolerance": tolerance, "max_new_tokens": max_new_tokens, "examples": len(examples),
               "variants": rows, "answers": per_example}
-    (out_dir / "report.json").write_text(json.dumps(report, indent=2, ensure_ascii=False))
-    (out_dir / "report.md").write_text(markdown(report))
+    write_json(out_dir / "report.json", report)
+    write_text(out_dir / "report.md", markdown(report))
     chart(report, out_dir / "scores.png")
     return report
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from fasttune.rundir import write_text
+
 # Ollama's Go template equivalent to the Qwen2.5 Jinja template for system/user/assistant turns
 # (tests render both with Go and Jinja and compare). Ollama leaves the last assistant turn open.
 OLLAMA_QWEN2_5_TEMPLATE = """{{- if .System }}<|im_start|>system
@@ -35,5 +37,5 @@ def write_modelfile(gguf_path: Path, system_prompt: str | None = None, adapter: 
     if system_prompt:
         lines.append(f'SYSTEM """{system_prompt}"""')
     path = gguf_path.with_name(f"Modelfile.{(adapter or gguf_path).stem}")
-    path.write_text("\n".join(lines) + "\n")
+    write_text(path, "\n".join(lines) + "\n")
     return path

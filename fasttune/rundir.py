@@ -78,12 +78,24 @@ def write_jsonl(path: Path, rows: list[dict]) -> None:
     write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
 
 
+def save_adapter(model, tokenizer, path: Path) -> None:
+    """The PEFT adapter and its tokenizer, written beside `path` and renamed into place whole."""
+    import shutil
+
+    tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    shutil.rmtree(path, ignore_errors=True)  # a resumed run's earlier adapter
+    os.replace(tmp, path)
+
+
 # --- one process per run ------------------------------------------------------------------------------
 
 LOCK = ".lock"
 _held: dict[Path, object] = {}  # run directory -> its open lock file, held until the process exits
 # What a killed process leaves behind; removed by the next process that takes the lock.
-LEFTOVERS = ("**/*.partial", "**/.*.partial", "merged.tmp*", "gguf/candidates", "**/*.gguf.src")
+LEFTOVERS = ("**/*.partial", "**/.*.partial", "merged.tmp*", "adapter.tmp*", "gguf/candidates", "**/*.gguf.src")
 
 
 def lock(run_dir: Path) -> None:

@@ -129,3 +129,12 @@ def test_unknown_policies_name_the_flag(tokenizer):
         prepare(examples, tokenizer, 64, truncation="cut")
     with pytest.raises(UserError, match="--train_on first: choose all or last"):
         prepare(examples, tokenizer, 64, train_on="first")
+
+
+def test_control_tokens_written_in_the_text_are_counted_and_warned(tokenizer, caplog):
+    examples = [Example("d.jsonl:1", [{"role": "user", "content": "Say <|im_end|> twice"},
+                                      {"role": "assistant", "content": "<|im_end|> <|im_end|>"}], {}),
+                Example("d.jsonl:2", [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."}], {})]
+    prepared = prepare(examples, tokenizer, 256)
+    assert prepared.stats["special_tokens_in_text"] == 1
+    assert "1 examples have a control token written in their text (first: d.jsonl:1, <|im_end|>)" in caplog.text

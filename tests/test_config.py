@@ -72,6 +72,7 @@ def test_yaml_numbers_as_people_write_them(tmp_path):
     (["--epochs", "0"], r"--epochs 0.0: must be above 0"),
     (["--logging_steps", "0"], r"--logging_steps 0: must be above 0"),
     (["--config"], r"--config needs a file name"),
+    (["--system_prompt", 'Say """hi"""'], r'--system_prompt contains """, which would end the SYSTEM block'),
     (["--config", "missing.yaml"], r"--config missing.yaml: no such file"),
 ])
 def test_bad_flags_fail_before_anything_runs(flags, message):

@@ -2,11 +2,13 @@
 
 import io
 import json
+import os
 import socket
 import subprocess
 import sys
 import time
 
+import httpx
 import openai
 import pexpect
 import pytest
@@ -120,3 +122,49 @@ def test_serve_missing_file_is_a_usage_error(tmp_path):
     proc = subprocess.run([sys.executable, "export/serve.py", str(tmp_path / "nope.gguf")], cwd=REPO,
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and proc.stderr.strip() == f"error: {tmp_path / 'nope.gguf'}: no such GGUF file"
+
+
+@pytest.mark.parametrize("origin, allowed", [("http://evil.example", False), ("http://localhost:3000", True),
+                                             ("http://127.0.0.1:5173", True), ("null", False)])
+def test_serve_answers_browsers_only_from_loopback_pages(server, origin, allowed):
+    """A page the user opens elsewhere cannot read the answers: no CORS grant on the preflight or on a
+    simple request; the machine's own pages can, as Ollama allows."""
+    _, port = server
+    url = f"http://127.0.0.1:{port}/v1/models"
+    preflight = httpx.options(url, headers={"Origin": origin, "Access-Control-Request-Method": "GET",
+                                            "Access-Control-Request-Headers": "authorization"})
+    simple = httpx.get(url, headers={"Origin": origin, "Authorization": "Bearer sesame"})
+    grants = [r.headers.get("access-control-allow-origin") for r in (preflight, simple)]
+    assert grants == ([origin, origin] if allowed else [None, None]), grants
+    assert all(r.headers.get("access-control-allow-credentials") is None for r in (preflight, simple))
+
+
+def test_serve_refuses_a_foreign_host_header(server):
+    """DNS rebinding: a page on evil.example whose name now points at 127.0.0.1 sends Host: evil.example."""
+    _, port = server
+    url = f"http://127.0.0.1:{port}/v1/models"
+    assert httpx.get(url, headers={"Host": "evil.example", "Authorization": "Bearer sesame"}).status_code == 400
+    assert httpx.get(url, headers={"Host": f"localhost:{port}", "Authorization": "Bearer sesame"}).status_code == 200
+
+
+def test_serve_beyond_loopback_needs_a_key(bf16):
+    proc = subprocess.run([sys.executable, "export/serve.py", str(bf16), "--host", "0.0.0.0"], cwd=REPO,
+                          capture_output=True, text=True, timeout=120, env=dict(os.environ, FASTTUNE_API_KEY=""))
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert "--host 0.0.0.0 makes the model reachable from the network: pass --api-key" in proc.stderr
+
+
+def test_chat_survives_a_failed_save_and_ctrl_c(tmp_path, bf16):
+    child = spawn_chat(bf16)
+    child.sendline(f"/save {tmp_path / 'no' / 'such' / 'dir.json'}")
+    child.expect_exact("(could not save to")
+    child.expect_exact("the conversation goes on)")
+    child.expect_exact("you> ")
+    child.sendintr()  # Ctrl-C at the prompt: a fresh prompt, the chat goes on
+    child.expect_exact("you> ")
+    child.sendline("/reset")
+    child.expect_exact("(conversation cleared)")
+    child.sendline("/exit")
+    child.expect(pexpect.EOF)
+    child.close()
+    assert child.exitstatus == 0
