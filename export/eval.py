@@ -30,7 +30,8 @@ def main(argv=None):
     args = parser.parse_args(argv)
 
     rundir.load(args.run_dir)  # refuses a directory that is not a run, or an older layout
-    rundir.lock(args.run_dir)  # one process per run: a training or an export is refused, naming it
+    if args.out is None:  # writing into the run: one process per run (a training or an export is refused)
+        rundir.lock(args.run_dir)
     cfg = config.load_run(args.run_dir)
     if args.data:  # a user file: read with the run's format and templates, bad records left out and counted
         from fasttune import data
@@ -53,10 +54,8 @@ def main(argv=None):
             raise UserError(f"--variants {v}: not base, adapter, merged or an existing .gguf file")
     base = cfg.model.model
     if any(v in ("base", "adapter") for v in variants):
-        from fasttune import base_model
-
         rundir.check_base(args.run_dir)
-        base = base_model.resolve(cfg.model.model)
+        base = rundir.base_dir(args.run_dir)
     report = evaluate.evaluate(args.run_dir, examples, args.metric or cfg.eval.metric, variants, base,
                                args.max_new_tokens or cfg.eval.max_new_tokens, cfg.eval.tolerance, args.out)
     out = args.out or args.run_dir / "eval"

@@ -40,7 +40,7 @@ def main(argv=None):
                         help="also write gguf/lora/: the adapter as a GGUF LoRA and the base model in the first type")
     args = parser.parse_args(argv)
 
-    from fasttune import base_model, export  # after --help: these import torch and transformers
+    from fasttune import export  # after --help: it imports torch and transformers
 
     manifest = rundir.load(args.run_dir)  # refuses a directory that is not a run, or an older layout
     rundir.lock(args.run_dir)  # one process per run: a training or another export is refused, naming it
@@ -63,10 +63,10 @@ def main(argv=None):
                             "(continue it with the recipe's --resume)")
         from fasttune import merge
 
-        merge.merge(adapter, merged, base=base_model.resolve(cfg.model.model))  # a lost or deleted merge, made again
+        merge.merge(adapter, merged, base=rundir.base_dir(args.run_dir))  # a lost or deleted merge, made again
         rundir.add_file(args.run_dir, merged, "merged")
     result = export.export_run(args.run_dir, cfg, quants, tolerance=args.tolerance,
-                               lora_base=base_model.resolve(cfg.model.model) if lora else None)
+                               lora_base=rundir.base_dir(args.run_dir) if lora else None)
     cli.print_export(args.run_dir, result)
 
 

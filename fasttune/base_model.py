@@ -1,7 +1,7 @@
 """Which base model a run starts from: where its files are, and what exactly it was.
 
-A path lookup and a few hashes: no Unsloth, no torch, so the export scripts start without the
-training stack.
+A path lookup and a few hashes, without Unsloth, so the export scripts start without the training
+stack.
 """
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ from __future__ import annotations
 import hashlib
 from pathlib import Path
 
-from fasttune import UserError
+from fasttune import UserError, rundir
 
 
 def resolve(name: str) -> str:
@@ -21,14 +21,6 @@ def resolve(name: str) -> str:
     if Path(name).exists() and not (Path(name) / "config.json").is_file():
         raise UserError(f"--model {name}: a directory without config.json; pass a Hugging Face model directory")
     return name
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def identity(name: str) -> dict:
@@ -56,13 +48,13 @@ def identity(name: str) -> dict:
             size = int.from_bytes(f.read(8), "little")
             digest.update(f.read(min(size, 100 << 20)))
     return {"name": name, "path": str(path.resolve()), "revision": revision,
-            "config_sha256": _sha256(path / "config.json") if (path / "config.json").is_file() else None,
+            "config_sha256": rundir.sha256(path / "config.json") if (path / "config.json").is_file() else None,
             "weights_sha256": digest.hexdigest() if weights else None}
 
 
-def changed(recorded: dict, name: str | None = None) -> str | None:
+def changed(recorded: dict) -> str | None:
     """How the base model differs from what the run recorded (None when it does not)."""
-    now = identity(name or recorded["name"])
+    now = identity(recorded["path"] if recorded.get("path") and Path(recorded["path"]).exists() else recorded["name"])
     if recorded.get("path") and now["path"] is None:
         return f"base model {recorded['name']}: not found (the run used {recorded['path']})"
     for key, what in (("config_sha256", "config.json"), ("weights_sha256", "weights (safetensors headers)"),

@@ -106,7 +106,7 @@ def print_export(run_dir, result) -> None:
         print(f"quant chosen by measurement ({run_dir / 'gguf' / 'auto.md'}):")
         print("  " + autoquant.table(auto).replace("\n", "\n  "))
     rows = [m.row for m in result.measured.values() if "tokenization_identical" in m.row
-            and (m.row["file"] in {p.name for p, _ in result.files} or " on " in m.row["file"])]
+            and (m.row["file"] in {p.name for p, _ in result.files} or m.row["type"] == "lora")]
     if rows:
         print(f"fidelity against the merged model ({run_dir / 'gguf' / 'report.json'}):")
         for row in rows:

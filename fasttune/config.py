@@ -349,14 +349,9 @@ def read_config(path: str | Path) -> dict:
 
 
 def read_task(path: str | Path) -> dict:
-    """A recipe's task (recipes/<name>.yaml: system prompt, templates, metric...) as parse() defaults.
-
-    Plain data, so tests and benchmarks read a task without running its script; every key must be a
-    config field (parse() checks)."""
-    task = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
-    if not isinstance(task, dict):
-        raise UserError(f"{path}: a task file is a mapping of config fields (format, system_prompt, ...)")
-    return task
+    """A recipe's task (recipes/<name>.yaml: system prompt, templates, metric...) as parse() defaults:
+    plain data, so tests and benchmarks read a task without running its script. Checked as --config is."""
+    return read_config(path)
 
 
 # Flags that say how to start, not what to train: they may differ when a run is resumed.
@@ -370,7 +365,7 @@ def create_run_dir(cfg: Config) -> Path:
     from fasttune import rundir
 
     run_dir = Path(cfg.train.out)
-    is_run = (run_dir / "config.yaml").is_file() or (run_dir / rundir.MANIFEST).is_file()
+    is_run = rundir.is_run(run_dir)
     if cfg.train.resume:
         if not is_run:
             raise UserError(f"--resume: {run_dir} holds no run (no config.yaml); start it without --resume")
@@ -385,7 +380,7 @@ def create_run_dir(cfg: Config) -> Path:
         raise UserError(f"--out {run_dir}: a run already lives there; pass --resume to continue it, --overwrite "
                         "to replace it, or choose another --out")
     if run_dir.is_dir() and not is_run:
-        other = sorted(p.name for p in run_dir.iterdir() if p.name not in ("inspect", rundir.LOCK))
+        other = sorted(p.name for p in run_dir.iterdir() if p.name not in (rundir.INSPECT, rundir.LOCK))
         if other:
             raise UserError(f"--out {run_dir}: a folder that is not a fasttune run (it holds "
                             f"{', '.join(other[:5])}{' ...' if len(other) > 5 else ''}); nothing was changed. "
@@ -395,10 +390,13 @@ def create_run_dir(cfg: Config) -> Path:
     except OSError as e:
         raise UserError(f"--out {run_dir}: cannot create it ({e.strerror}); choose a folder you can write to") from None
     rundir.lock(run_dir)
-    if is_run:  # --overwrite: the whole previous run goes, so no file of it can pass for the new one's
-        for path in run_dir.iterdir():
-            if path.name not in (rundir.LOCK, "inspect"):
-                shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
+    if is_run:  # --overwrite: all a run wrote goes, so no file of the old run can pass for the new one's
+        for name in rundir.RUN_CONTENTS:
+            path = run_dir / name
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path)
+            elif path.exists() or path.is_symlink():
+                path.unlink()
     cfg.save(run_dir / "config.yaml")
     return run_dir
 

@@ -146,7 +146,7 @@ def _write_report(run_dir: Path, measured: list[measure.Measured], kept: set[str
     of files measured by an earlier export that are still there kept."""
     path = run_dir / "gguf" / "report.json"
     earlier = json.loads(path.read_text())["files"] if path.is_file() else []
-    rows = [dict(m.row, kept=m.row["file"] in kept or " on " in m.row["file"]) for m in measured]
+    rows = [dict(m.row, kept=m.row["file"] in kept or m.row["type"] == "lora") for m in measured]
     names = {row["file"] for row in rows}
     listed = {p.name for p, _ in rundir.models(run_dir)}
     rows = [r for r in earlier if r["file"] not in names and r["file"] in listed] + rows

@@ -43,7 +43,7 @@ def run(cfg: config.Config) -> Path | None:
     train.train(model, tokenizer, td, cfg, run_dir)
 
     # Save: adapter, merged 16-bit model.
-    rundir.save_adapter(model, tokenizer, run_dir / "adapter")
+    train.save_adapter(model, tokenizer, run_dir / "adapter")
     base = base_model.resolve(cfg.model.model)
     merge.merge(run_dir / "adapter", run_dir / "merged", base=base)
     rundir.add_file(run_dir, run_dir / "adapter", "adapter")

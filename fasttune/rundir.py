@@ -78,24 +78,30 @@ def write_jsonl(path: Path, rows: list[dict]) -> None:
     write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
 
 
-def save_adapter(model, tokenizer, path: Path) -> None:
-    """The PEFT adapter and its tokenizer, written beside `path` and renamed into place whole."""
-    import shutil
-
-    tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    shutil.rmtree(path, ignore_errors=True)  # a resumed run's earlier adapter
-    os.replace(tmp, path)
-
-
 # --- one process per run ------------------------------------------------------------------------------
 
 LOCK = ".lock"
+INSPECT = "inspect"  # what --inspect writes into --out before any run exists
+# Everything a run writes at its top level: what --overwrite removes (nothing else in the folder).
+RUN_CONTENTS = ("run.json", "config.yaml", "data", "data_stats.json", "rejects.jsonl", "metrics.jsonl", "loss.png",
+                "checkpoints", "adapter", "merged", "gguf", "eval")
+
+
+def is_run(path: Path) -> bool:
+    """A fasttune run: its run.json, or (a run from before run.json) a config.yaml fasttune wrote."""
+    path = Path(path)
+    if (path / MANIFEST).is_file():
+        return True
+    try:
+        import yaml
+
+        saved = yaml.safe_load((path / "config.yaml").read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError):
+        return False
+    return isinstance(saved, dict) and "recipe" in saved and "quants" in saved
 _held: dict[Path, object] = {}  # run directory -> its open lock file, held until the process exits
 # What a killed process leaves behind; removed by the next process that takes the lock.
-LEFTOVERS = ("**/*.partial", "**/.*.partial", "merged.tmp*", "adapter.tmp*", "gguf/candidates", "**/*.gguf.src")
+LEFTOVERS = ("**/*.partial", "**/.*.partial", "merged.tmp*", "gguf/candidates", "**/*.gguf.src")
 
 
 def lock(run_dir: Path) -> None:
@@ -223,6 +229,16 @@ def check_sources(run_dir: Path, sources: list[dict]) -> None:
             raise UserError(f"--resume: {now['given']} changed since the run started (sha256 {str(then['sha256'])[:12]}"
                             f"... then, {str(now['sha256'])[:12]}... now; {then['records']} records then, "
                             f"{now['records']} now); resume with the original file or start again with --overwrite")
+
+
+def base_dir(run_dir: Path) -> str:
+    """Where the run's base model is: the absolute path recorded at training (so a relative --model
+    still works from another directory), else its name as given (a hub name not in the cache)."""
+    from fasttune import base_model
+
+    recorded = load(run_dir)["base_model"]
+    path = recorded.get("path")
+    return path if path and Path(path).exists() else base_model.resolve(recorded["name"])
 
 
 def check_base(run_dir: Path) -> None:

@@ -27,8 +27,8 @@ CUDA_ONLY_OPTIMIZERS = ("paged_", "adamw_8bit", "adamw_bnb_8bit", "lion_8bit")
 
 class MetricsLog(TrainerCallback):
     """Appends every trainer log (loss, lr, eval_loss) to metrics.jsonl as it happens, and stops the
-    run at the first loss or gradient norm that is not a finite number: nothing is saved, merged or
-    exported from a diverged run."""
+    run at the first training or eval loss that is not a finite number: nothing is merged or exported
+    from a diverged run."""
 
     def __init__(self, path: Path, learning_rate: float):
         self.path, self.learning_rate = path, learning_rate
@@ -38,7 +38,7 @@ class MetricsLog(TrainerCallback):
             return
         with self.path.open("a") as f:
             f.write(json.dumps({"step": state.global_step, "epoch": state.epoch, **logs}) + "\n")
-        for key in ("loss", "grad_norm", "eval_loss"):
+        for key in ("loss", "eval_loss"):  # not grad_norm: in fp16 an inf norm is a step the loss scaler skips
             value = logs.get(key)
             if isinstance(value, (int, float)) and not math.isfinite(value):
                 raise UserError(f"training diverged at step {state.global_step}: {key} is {value}. Nothing was "
@@ -143,6 +143,23 @@ def train(model, tokenizer, td: TrainingData, cfg: Config, run_dir: Path):
         raise UserError(out_of_memory_advice(cfg)) from None
     plot_loss(run_dir / "metrics.jsonl", run_dir / "loss.png")
     return trainer
+
+
+def save_adapter(model, tokenizer, path: Path) -> None:
+    """The PEFT adapter and its tokenizer, written beside `path` and renamed into place whole: a kill
+    leaves either the old adapter or the new one under `path`, never half of one."""
+    import os
+    import shutil
+
+    tmp, old = path.with_name(f"{path.name}.tmp"), path.with_name(f"{path.name}.old")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    if path.exists():  # a resumed run's earlier adapter: set aside until the new one is in place
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(path, old)
+    os.replace(tmp, path)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def out_of_memory_advice(cfg: Config, gpu_bytes: int | None = None) -> str:

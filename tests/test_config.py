@@ -111,9 +111,10 @@ def test_model_data_and_out_are_required_except_for_plan():
 def test_out_that_is_not_a_run_is_refused_and_left_untouched(tmp_path):
     (tmp_path / "merged").mkdir()
     (tmp_path / "notes.txt").write_text("mine")
+    (tmp_path / "config.yaml").write_text("name: my other project\n")  # a config.yaml, but not fasttune's
     before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
     for extra in ([], ["--overwrite"]):
-        with pytest.raises(UserError, match=r"not a fasttune run \(it holds merged, notes.txt\); nothing was changed"):
+        with pytest.raises(UserError, match=r"not a fasttune run \(it holds config.yaml, merged, notes.txt\); nothing was changed"):
             create_run_dir(parse(REQUIRED[:4] + ["--out", str(tmp_path), *extra]))
     assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before
 
@@ -121,11 +122,12 @@ def test_out_that_is_not_a_run_is_refused_and_left_untouched(tmp_path):
 def test_overwrite_replaces_the_whole_run(tmp_path):
     run = tmp_path / "run"
     for old in ("config.yaml", "run.json", "adapter/adapter_model.safetensors", "merged/model.safetensors",
-                "gguf/run-q4_k_m.gguf", "eval/report.md", "data/train.jsonl"):
+                "gguf/run-q4_k_m.gguf", "eval/report.md", "data/train.jsonl", "notes.txt"):
         (run / old).parent.mkdir(parents=True, exist_ok=True)
         (run / old).write_text("old")
     create_run_dir(parse(REQUIRED[:4] + ["--out", str(run), "--overwrite"]))
-    assert sorted(p.name for p in run.iterdir()) == [".lock", "config.yaml"]  # no file of the old run left
+    # no file of the old run left; what the user put there themselves is not fasttune's to delete
+    assert sorted(p.name for p in run.iterdir()) == [".lock", "config.yaml", "notes.txt"]
     assert "old" not in (run / "config.yaml").read_text()
 
 

@@ -126,7 +126,7 @@ def test_out_of_memory_advice_names_what_to_lower_with_the_planners_numbers(qwen
     assert "--lora_r" not in out_of_memory_advice(small, 8 * 2**30)
 
 
-@pytest.mark.parametrize("key", ["loss", "grad_norm"])
+@pytest.mark.parametrize("key", ["loss", "eval_loss"])
 def test_a_diverged_run_stops_at_the_step_with_the_value(tmp_path, key):
     from types import SimpleNamespace
 
@@ -135,7 +135,7 @@ def test_a_diverged_run_stops_at_the_step_with_the_value(tmp_path, key):
 
     log = MetricsLog(tmp_path / "metrics.jsonl", learning_rate=0.5)
     state = SimpleNamespace(global_step=7, epoch=0.5)
-    log.on_log(None, state, None, logs={"loss": 2.0, "grad_norm": 1.0})  # finite: logged, goes on
+    log.on_log(None, state, None, logs={"loss": 2.0, "grad_norm": float("inf")})  # fp16's skipped step: goes on
     with pytest.raises(UserError, match=rf"diverged at step 7: {key} is nan\. Nothing was exported.*"
                                         r"--learning_rate 0.5: try a tenth"):
         log.on_log(None, state, None, logs={"loss": 2.0, "grad_norm": 1.0, key: float("nan")})
