@@ -27,6 +27,8 @@ from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 
+import yaml
+
 from fasttune import UserError
 
 logger = logging.getLogger(__name__)
@@ -84,7 +86,7 @@ LOCK = ".lock"
 INSPECT = "inspect"  # what --inspect writes into --out before any run exists
 # Everything a run writes at its top level: what --overwrite removes (nothing else in the folder).
 RUN_CONTENTS = ("run.json", "config.yaml", "data", "data_stats.json", "rejects.jsonl", "metrics.jsonl", "loss.png",
-                "checkpoints", "adapter", "merged", "gguf", "eval")
+                "checkpoints", "adapter", "adapter.tmp", "adapter.old", "merged", "gguf", "eval")
 
 
 def is_run(path: Path) -> bool:
@@ -93,12 +95,12 @@ def is_run(path: Path) -> bool:
     if (path / MANIFEST).is_file():
         return True
     try:
-        import yaml
-
         saved = yaml.safe_load((path / "config.yaml").read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, ValueError):
+    except (OSError, UnicodeDecodeError, yaml.YAMLError):
         return False
     return isinstance(saved, dict) and "recipe" in saved and "quants" in saved
+
+
 _held: dict[Path, object] = {}  # run directory -> its open lock file, held until the process exits
 # What a killed process leaves behind; removed by the next process that takes the lock.
 LEFTOVERS = ("**/*.partial", "**/.*.partial", "merged.tmp*", "gguf/candidates", "**/*.gguf.src")
