@@ -195,13 +195,20 @@ def answer_gguf(path: Path, prompts: list[list[dict]], max_new_tokens: int) -> l
     """Greedy answers from a GGUF through llama-cpp-python's chat completion (the file's own template)."""
     from fasttune import infer
 
-    out = []
     with infer.load(path) as llm:
-        for prompt in tqdm(prompts, desc=path.name, unit="example", leave=False):
-            reply = infer.chat(llm, prompt, max_tokens=max_new_tokens)
-            choice = reply["choices"][0]
-            out.append(Answer(choice["message"]["content"].strip(), choice["finish_reason"] == "stop",
-                              reply["usage"]["completion_tokens"]))
+        return answer_llm(llm, prompts, max_new_tokens, desc=path.name)
+
+
+def answer_llm(llm, prompts: list[list[dict]], max_new_tokens: int, desc: str) -> list[Answer]:
+    """Greedy answers from a loaded llama_cpp.Llama, one prompt after another."""
+    from fasttune import infer
+
+    out = []
+    for prompt in tqdm(prompts, desc=desc, unit="example", leave=False):
+        reply = infer.chat(llm, prompt, max_tokens=max_new_tokens)
+        choice = reply["choices"][0]
+        out.append(Answer(choice["message"]["content"].strip(), choice["finish_reason"] == "stop",
+                          reply["usage"]["completion_tokens"]))
     return out
 
 

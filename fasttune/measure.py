@@ -188,12 +188,7 @@ def measure_file(path: Path, qtype: str, reference: Reference | None, drift_case
             # vocabulary-sized row per prompt token would be most of the time on a small model
             llm._logits_all = False  # llama-cpp-python 0.3.36 (pinned): read in eval() alone
             start = time.perf_counter()
-            for prompt in tqdm(task.prompts, desc=f"answering with {path.name}", unit="example", leave=False):
-                reply = infer.chat(llm, prompt, max_tokens=task.max_new_tokens)
-                choice = reply["choices"][0]
-                out.answers.append(evaluate.Answer(choice["message"]["content"].strip(),
-                                                   choice["finish_reason"] == "stop",
-                                                   reply["usage"]["completion_tokens"]))
+            out.answers = evaluate.answer_llm(llm, task.prompts, task.max_new_tokens, desc=f"answering with {path.name}")
             out.answer_seconds = time.perf_counter() - start
             scores = [evaluate.METRICS[task.metric](a.text, r, task.tolerance)
                       for a, r in zip(out.answers, task.references)]
