@@ -112,8 +112,7 @@ def export_run(run_dir: Path, cfg, quants: list[str], lora_base: str | None = No
 
     # Choose: auto keeps one candidate in gguf/ and deletes the rest.
     if auto:
-        rows = [result.measured[p.name].row for p, _ in [reference] + [pq for pq in files + candidates
-                                                                      if pq != reference]]
+        rows = [result.measured[p.name].row for p, _ in files + candidates]  # the 16-bit reference first
         tol = cfg.export.quant_tolerance if tolerance is None else tolerance
         winner = autoquant.choose(run_dir, rows, tol, calibrated=matrix.source if matrix else None)
         chosen = next(pq for pq in files + candidates if pq[0].name == winner["file"])
