@@ -12,13 +12,12 @@ recipe's) is used.
 """
 
 import argparse
-import json
 import re
 import sys
 import time
 from pathlib import Path
 
-from fasttune import UserError, cli, infer
+from fasttune import UserError, cli, infer, rundir
 
 
 def recipe_system_prompt(gguf_path: Path) -> str | None:
@@ -67,7 +66,7 @@ def main(argv=None):
             if question.startswith("/save"):
                 path = Path(question[5:].strip() or f"chat-{time.strftime('%Y%m%d-%H%M%S')}.json")
                 try:
-                    path.write_text(json.dumps(history, indent=2, ensure_ascii=False))
+                    rundir.write_json(path, history)
                     print(f"(saved {len(history)} messages to {path})")
                 except OSError as e:  # a bad path or a full disk: say so, keep the conversation
                     print(f"(could not save to {path}: {e.strerror}; the conversation goes on)")

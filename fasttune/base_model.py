@@ -7,6 +7,7 @@ stack.
 from __future__ import annotations
 
 import hashlib
+import json
 from pathlib import Path
 
 from fasttune import UserError, rundir
@@ -18,9 +19,95 @@ def resolve(name: str) -> str:
         from fasttune.tiny import tiny_model_dir
 
         return str(tiny_model_dir())
-    if Path(name).exists() and not (Path(name) / "config.json").is_file():
-        raise UserError(f"--model {name}: a directory without config.json; pass a Hugging Face model directory")
     return name
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json")  # any one: fast, sentencepiece, BPE
+
+
+def check(name: str, weights: bool = True) -> Path:
+    """The folder --model names holds a model transformers can read, or a one-line error saying what is
+    wrong with which file. Runs before anything is loaded; `weights=False` for --plan (config only).
+
+    A model folder that is not one (a file, no config.json, broken JSON, no tokenizer, no or cut-off
+    weights: an interrupted download) would otherwise fail deep in transformers or Unsloth with a traceback.
+    """
+    path = Path(resolve(name))
+    if not path.exists():
+        path, weights = _from_hub(name), False  # the hub's weights: checked by the download itself
+    if not path.is_dir():
+        raise UserError(f"--model {name}: a file, not a model directory; pass the folder that holds config.json")
+    config = path / "config.json"
+    try:
+        values = json.loads(config.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise UserError(f"--model {name}: {path} has no config.json; pass a Hugging Face model directory") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        where = f"{config}:{e.lineno}" if isinstance(e, json.JSONDecodeError) else str(config)
+        raise UserError(f"{where}: not valid JSON ({e}); download the model again") from None
+    if not isinstance(values, dict) or not isinstance(values.get("model_type"), str):
+        raise UserError(f"{config}: no 'model_type' string in it: not a transformers model config")
+    from transformers import AutoConfig
+
+    try:
+        AutoConfig.from_pretrained(path)
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:  # what transformers raises for a bad config
+        raise UserError(f"{config}: transformers cannot read it ({type(e).__name__}: {str(e).splitlines()[0]})") \
+            from None
+    if not any((path / f).is_file() for f in TOKENIZER_FILES):
+        raise UserError(f"--model {name}: {path} has no tokenizer (none of {', '.join(TOKENIZER_FILES)}); "
+                        "copy the tokenizer files next to the weights")
+    if weights:
+        _check_weights(name, path)
+    return path
+
+
+def _from_hub(name: str) -> Path:
+    """A hub name's snapshot folder: from the cache, or (online) its config and tokenizer files alone;
+    the weights are then downloaded by the training step."""
+    from huggingface_hub import constants, snapshot_download
+
+    try:
+        return Path(snapshot_download(name, local_files_only=True))
+    except Exception:  # noqa: BLE001  (any hub error means: not in the cache)
+        pass
+    if constants.HF_HUB_OFFLINE:
+        raise UserError(f"--model {name}: no such directory, and not in the Hugging Face cache (HF_HUB_OFFLINE is "
+                        f"set); download it with `hf download {name}` where there is a network, or pass a directory")
+    try:
+        return Path(snapshot_download(name, allow_patterns=["*.json", "*.jinja", "*.model", "*.txt"]))
+    except Exception as e:  # noqa: BLE001  (no network, unknown name, gated repo: the hub raises many types)
+        raise UserError(f"--model {name}: not a local directory, and the hub cannot give it "
+                        f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
+
+
+def _check_weights(name: str, path: Path) -> None:
+    """Every safetensors file the folder has (or its index names) is there and complete."""
+    index = path / "model.safetensors.index.json"
+    try:
+        shards = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.is_file() else []
+    except (json.JSONDecodeError, KeyError, TypeError, AttributeError, UnicodeDecodeError) as e:
+        raise UserError(f"{index}: not a safetensors index ({type(e).__name__}: {e}); download the model again") \
+            from None
+    files = [path / s for s in shards] or sorted(path.glob("*.safetensors"))
+    if not files and not list(path.glob("pytorch_model*.bin")):
+        raise UserError(f"--model {name}: {path} has no weights (*.safetensors or pytorch_model*.bin)")
+    for file in files:
+        if not file.is_file():
+            raise UserError(f"{index}: names {file.name}, which is missing; download the model again")
+        size = file.stat().st_size
+        with open(file, "rb") as f:
+            n = int.from_bytes(f.read(8), "little")  # the header's length, then the header (JSON)
+            try:
+                header = json.loads(f.read(n)) if 8 + n <= size else None
+                end = max((int(t["data_offsets"][1]) for k, t in header.items() if k != "__metadata__"), default=0)
+            except (json.JSONDecodeError, UnicodeDecodeError, AttributeError, KeyError, TypeError, IndexError,
+                    ValueError):
+                raise UserError(f"{file}: not a safetensors file (unreadable header); download the model again") \
+                    from None
+        if 8 + n + end > size:
+            raise UserError(f"{file}: cut off ({size} bytes, its header needs {8 + n + end}); an interrupted "
+                            "download? download the model again")
 
 
 def identity(name: str) -> dict:

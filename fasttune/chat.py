@@ -9,7 +9,9 @@ plus its `<|im_end|>`, so the model learns to stop.
 
 from __future__ import annotations
 
+import functools
 import logging
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -49,12 +51,64 @@ def tokenize_chat(tokenizer, messages: list[dict], template: str | None = None,
     return tokenize_chats(tokenizer, [messages], template or training_template(tokenizer), train_on)[0]
 
 
-def tokenize_chats(tokenizer, conversations: list[list[dict]], template: str,
-                   train_on: str = "all") -> list[tuple[list[int], list[int]]]:
-    """tokenize_chat for many conversations in one batched tokenizer call (faster)."""
+def tokenize_chats(tokenizer, conversations: list[list[dict]], template: str, train_on: str = "all",
+                   special: str = "control") -> list[tuple[list[int], list[int]]]:
+    """tokenize_chat for many conversations in one batched tokenizer call (faster).
+
+    special="literal": a special token's spelling inside a message is tokenized as plain text.
+    """
     out = tokenizer.apply_chat_template(
         conversations, chat_template=template, tokenize=True, return_dict=True, return_assistant_tokens_mask=True)
-    return [_labels(list(ids), list(mask), train_on) for ids, mask in zip(out["input_ids"], out["assistant_masks"])]
+    pairs = zip(out["input_ids"], out["assistant_masks"])
+    if special == "literal":
+        specials = special_spellings(tokenizer)
+        pairs = [_literal(tokenizer, conversation, template, specials) if _has_special(conversation, specials)
+                 else pair for conversation, pair in zip(conversations, pairs)]
+    return [_labels(list(ids), list(mask), train_on) for ids, mask in pairs]
+
+
+def special_spellings(tokenizer) -> list[str]:
+    """The text of every special token (<|im_end|>, <|im_start|>, <|endoftext|>, ...), longest first."""
+    return sorted({t.content for t in tokenizer.added_tokens_decoder.values() if t.special}, key=len, reverse=True)
+
+
+def _has_special(messages: list[dict], specials: list[str]) -> bool:
+    return any(s in m["content"] for m in messages for s in specials)
+
+
+def _literal(tokenizer, messages: list[dict], template: str, specials: list[str]) -> tuple[list[int], list[int]]:
+    """(input_ids, assistant mask) with the template's special tokens as tokens and the messages' as text.
+
+    Written by hand because a tokenizer either parses every special spelling (the template's and the
+    text's alike) or none (split_special_tokens). The chat is rendered twice, the second time with each
+    special spelling in the text blanked to the same length: the spellings left there are the template's.
+    The text between them is tokenized with split_special_tokens, as the tokenizer splits at special
+    tokens anyway.
+    """
+    from transformers.utils.chat_template_utils import render_jinja_template
+
+    def render(conversation):
+        texts, spans = render_jinja_template(conversations=[conversation], chat_template=template,
+                                             return_assistant_tokens_mask=True, **tokenizer.special_tokens_map)
+        return texts[0], spans[0]
+
+    blank = lambda text: functools.reduce(lambda t, s: t.replace(s, "\0" * len(s)), specials, text)  # noqa: E731
+    text, generation = render(messages)
+    template_only, _ = render([dict(m, content=blank(m["content"])) for m in messages])
+    marks = re.compile("|".join(map(re.escape, specials)))
+    ids, starts, pos = [], [], 0
+    for mark in [*marks.finditer(template_only), None]:
+        end = mark.start() if mark else len(text)
+        piece = tokenizer(text[pos:end], add_special_tokens=False, split_special_tokens=True,
+                          return_offsets_mapping=True)
+        ids += piece["input_ids"]
+        starts += [pos + a for a, _ in piece["offset_mapping"]]
+        if mark:
+            ids.append(tokenizer.convert_tokens_to_ids(mark.group()))
+            starts.append(mark.start())
+            pos = mark.end()
+    mask = [int(any(a <= s < b for a, b in generation)) for s in starts]
+    return ids, mask
 
 
 def _labels(ids: list[int], mask: list[int], train_on: str) -> tuple[list[int], list[int]]:
@@ -74,16 +128,19 @@ _FORK_STATE: dict = {}
 
 def _tokenize_chunk(bounds: tuple[int, int]):
     s = _FORK_STATE
-    return tokenize_chats(s["tokenizer"], s["conversations"][bounds[0]:bounds[1]], s["template"], s["train_on"])
+    return tokenize_chats(s["tokenizer"], s["conversations"][bounds[0]:bounds[1]], s["template"], s["train_on"],
+                          s["special"])
 
 
-def tokenize_all(tokenizer, conversations: list[list[dict]], template: str, train_on: str = "all"):
+def tokenize_all(tokenizer, conversations: list[list[dict]], template: str, train_on: str = "all",
+                 special: str = "control"):
     """tokenize_chats over a whole dataset, in chunks, on every core for large inputs."""
     import multiprocessing
 
     bounds = [(i, min(i + CHUNK, len(conversations))) for i in range(0, len(conversations), CHUNK)]
     workers = min(cpu_threads(), len(bounds))
-    _FORK_STATE.update(tokenizer=tokenizer, conversations=conversations, template=template, train_on=train_on)
+    _FORK_STATE.update(tokenizer=tokenizer, conversations=conversations, template=template, train_on=train_on,
+                       special=special)
     try:
         if workers > 1 and len(conversations) >= PARALLEL_MIN:
             with multiprocessing.get_context("fork").Pool(workers) as pool:
@@ -106,7 +163,7 @@ class Prepared:
 
 
 def prepare(examples: list[Example], tokenizer, max_length: int, truncation: str = "drop",
-            train_on: str = "all") -> Prepared:
+            train_on: str = "all", special: str = "control") -> Prepared:
     """Tokenize every example as training will, apply the truncation policy, count everything.
 
     An example whose answer does not fit in max_length is left out (truncation="drop") or trained
@@ -118,7 +175,10 @@ def prepare(examples: list[Example], tokenizer, max_length: int, truncation: str
         raise UserError(f"--truncation {truncation}: choose drop or keep")
     if train_on not in ("all", "last"):
         raise UserError(f"--train_on {train_on}: choose all or last")
-    encoded = tokenize_all(tokenizer, [ex.messages for ex in examples], training_template(tokenizer), train_on)
+    if special not in ("control", "literal"):
+        raise UserError(f"--special_tokens_in_text {special}: choose control or literal")
+    encoded = tokenize_all(tokenizer, [ex.messages for ex in examples], training_template(tokenizer), train_on,
+                           special)
     rows, kept, rejects = [], [], []
     lengths, n_cut, n_empty, tokens, trained = [], 0, 0, 0, 0
     for ex, (ids, labels) in zip(examples, encoded):
@@ -146,7 +206,7 @@ def prepare(examples: list[Example], tokenizer, max_length: int, truncation: str
         kept.append(ex)
         tokens += len(rows[-1]["input_ids"])
         trained += n_kept
-    marked = special_tokens_in_text(tokenizer, kept)
+    marked = special_tokens_in_text(tokenizer, kept)  # counted either way; warned about where they are tokens
     stats = {
         "records": len(examples), "kept": len(kept), "tokens": tokens, "trained_tokens": trained,
         "special_tokens_in_text": len(marked),
@@ -160,10 +220,11 @@ def prepare(examples: list[Example], tokenizer, max_length: int, truncation: str
                        else "trained on the part that fits (--truncation keep); they never see their <|im_end|>")
     if n_empty:
         logger.warning("%d examples have nothing to train within max_seq_length=%d: left out", n_empty, max_length)
-    if marked:
+    if marked and special == "control":
         logger.warning("%d examples have a control token written in their text (first: %s, %s): the tokenizer reads "
-                       "it as the token itself, so the model learns to stop or switch roles there; remove it from "
-                       "the data if it was meant as text", len(marked), marked[0][0], marked[0][1])
+                       "it as the token itself, so the model learns to stop or switch roles there; if it was meant "
+                       "as text, pass --special_tokens_in_text literal (or remove it from the data)",
+                       len(marked), marked[0][0], marked[0][1])
     if not rows:
         raise UserError(f"no example is left to train on: {rejects[0].source}: {rejects[0].reason}")
     return Prepared(rows, kept, rejects, stats)
@@ -172,7 +233,7 @@ def prepare(examples: list[Example], tokenizer, max_length: int, truncation: str
 def special_tokens_in_text(tokenizer, examples: list[Example]) -> list[tuple[str, str]]:
     """(source, token) for every example whose message text contains a special token's spelling
     (<|im_end|>, <|im_start|>, <|endoftext|>, ...)."""
-    specials = sorted({t.content for t in tokenizer.added_tokens_decoder.values() if t.special}, key=len, reverse=True)
+    specials = special_spellings(tokenizer)
     found = []
     for ex in examples:
         text = "\n".join(m["content"] for m in ex.messages)

@@ -82,6 +82,10 @@ class DataConfig:
                                                               "part that fits)."})
     train_on: str = field(default="all", metadata={"help": "Which assistant turns carry the loss: all, or only "
                                                            "the last one of each conversation."})
+    special_tokens_in_text: str = field(default="control", metadata={
+        "help": "What a special token's spelling written inside a message (<|im_end|>, <|im_start|>, ...) "
+                "becomes: control (the tokenizer's default: the token itself, so the model learns to stop or "
+                "switch roles there; counted and warned about) or literal (tokenized as the plain text it is)."})
     inspect: bool = field(default=False, metadata={"help": "Show the training mask and data statistics, write "
                                                            "OUT/inspect/ (HTML page, length histogram), and exit "
                                                            "without training."})

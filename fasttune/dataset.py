@@ -74,7 +74,7 @@ class TrainingData:
         path = folder / "rejects.jsonl"
         path.unlink(missing_ok=True)
         if rejects:
-            path.write_text("".join(r.to_json() + "\n" for r in rejects))
+            rundir.write_text(path, "".join(r.to_json() + "\n" for r in rejects))
             logger.warning("%d records not trained on; reasons in %s", len(rejects), path)
 
 
@@ -83,7 +83,8 @@ def build(cfg: Config, tokenizer) -> TrainingData:
     d, max_len = cfg.data, cfg.model.max_seq_length
     templates = data.Templates(d.user_template, d.assistant_template, d.system_prompt)
     load = lambda source: data.load(source, templates, d.format, d.on_bad_record, d.dedupe, d.split)  # noqa: E731
-    prepare = lambda examples: chat.prepare(examples, tokenizer, max_len, d.truncation, d.train_on)  # noqa: E731
+    prepare = lambda examples: chat.prepare(examples, tokenizer, max_len, d.truncation, d.train_on,  # noqa: E731
+                                                 d.special_tokens_in_text)
 
     records = lambda loaded: len(loaded.examples) + len(loaded.rejects)  # noqa: E731
     train_loaded = load(d.data)

@@ -21,7 +21,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from fasttune import UserError
-from fasttune.rundir import write_json, write_text
+from fasttune.rundir import replacing, write_json, write_text
 
 logger = logging.getLogger(__name__)
 
@@ -337,7 +337,8 @@ def chart(report: dict, path: Path) -> Path:
     ax.set_title(f"{report['metric']} on {report['examples']} held-out examples")
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    with replacing(path) as tmp:
+        fig.savefig(tmp, dpi=120, format="png")
     plt.close(fig)
     return path
 

@@ -13,6 +13,7 @@ import unsloth  # noqa: F401  (must come first: it patches transformers, peft an
 import torch
 from unsloth import FastLanguageModel
 
+from fasttune import UserError
 from fasttune.base_model import resolve
 from fasttune.chat import ensure_chat_template
 from fasttune.config import ModelConfig
@@ -24,7 +25,11 @@ def load_tokenizer(name: str):
     """The model's tokenizer alone (fast): for --inspect and data preparation."""
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(resolve(name))
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(resolve(name))
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:  # a broken tokenizer file
+        raise UserError(f"--model {name}: cannot read its tokenizer ({type(e).__name__}: "
+                        f"{str(e).splitlines()[0] if str(e) else ''})") from None
     ensure_chat_template(tokenizer)
     return tokenizer
 

@@ -10,6 +10,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.text import Text
 
+from fasttune import rundir
 from fasttune.chat import IGNORE
 from fasttune.dataset import TrainingData
 
@@ -81,7 +82,8 @@ def length_histogram(td: TrainingData, out_png: Path) -> None:
     ax.set_ylabel("examples")
     ax.legend()
     fig.tight_layout()
-    fig.savefig(out_png, dpi=110)
+    with rundir.replacing(out_png) as tmp:
+        fig.savefig(tmp, dpi=110, format="png")
     plt.close(fig)
 
 
@@ -90,6 +92,6 @@ def inspect(td: TrainingData, tokenizer, out_dir: Path, n: int = 3, console: Con
     out_dir.mkdir(parents=True, exist_ok=True)
     terminal(console or Console(), tokenizer, td, n)
     length_histogram(td, out_dir / "lengths.png")
-    (out_dir / "mask.html").write_text(html_page(tokenizer, td, n))
+    rundir.write_text(out_dir / "mask.html", html_page(tokenizer, td, n))
     td.save_stats(out_dir)
     return out_dir / "mask.html"

@@ -23,6 +23,8 @@ import hashlib
 import json
 import logging
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
@@ -62,14 +64,22 @@ def _versions() -> dict:
     return out
 
 
-def write_text(path: Path, text: str) -> None:
-    """Write under a temporary name, then rename: a reader (or a kill) never leaves half a file."""
+@contextmanager
+def replacing(path: Path) -> Iterator[Path]:
+    """A temporary name to write `path` under; renamed to `path` when the block ends without an error,
+    so a reader (or a kill) never sees half a file. For writers that take a path (savefig)."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.partial")
     try:
-        tmp.write_text(text, encoding="utf-8")
+        yield tmp
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def write_text(path: Path, text: str) -> None:
+    """Write under a temporary name, then rename: a reader (or a kill) never leaves half a file."""
+    with replacing(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
 
 
 def write_json(path: Path, value) -> None:

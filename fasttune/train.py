@@ -16,7 +16,7 @@ from datasets import Dataset
 from transformers import TrainerCallback
 from trl import SFTConfig, SFTTrainer
 
-from fasttune import UserError
+from fasttune import UserError, rundir
 from fasttune.config import Config
 from fasttune.dataset import TrainingData
 
@@ -45,6 +45,19 @@ class MetricsLog(TrainerCallback):
                                 f"exported. Usual causes: a learning rate too high (--learning_rate "
                                 f"{self.learning_rate:g}: try a tenth), fp16 overflow on a GPU without bf16, or "
                                 "a broken base model; start again with --overwrite")
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        # A checkpoint may fall between two logs: never write one from weights a diverged step left
+        # non-finite (DefaultFlowCallback, which runs first, has just decided whether to save).
+        if not control.should_save or model is None:
+            return
+        bad = next((name for name, p in model.named_parameters() if p.requires_grad and not torch.isfinite(p).all()),
+                   None)
+        if bad:
+            raise UserError(f"training diverged by step {state.global_step}: {bad} is not finite; no checkpoint "
+                            f"was written from it. Usual causes: a learning rate too high (--learning_rate "
+                            f"{self.learning_rate:g}: try a tenth), fp16 overflow on a GPU without bf16; start "
+                            "again with --overwrite")
 
 
 class KeepAdapterDtype(TrainerCallback):
@@ -191,7 +204,7 @@ def _forget_metrics_after(metrics_path: Path, step: int) -> None:
     """Drop log lines written after the checkpoint: training repeats those steps."""
     if metrics_path.is_file():
         kept = [row for row in _rows(metrics_path) if row["step"] <= step]
-        metrics_path.write_text("".join(json.dumps(row) + "\n" for row in kept))
+        rundir.write_jsonl(metrics_path, kept)
 
 
 def _rows(metrics_path: Path) -> list[dict]:
@@ -231,5 +244,6 @@ def plot_loss(metrics_path: Path, out_png: Path) -> None:
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    fig.savefig(out_png, dpi=110)
+    with rundir.replacing(out_png) as tmp:
+        fig.savefig(tmp, dpi=110, format="png")
     plt.close(fig)

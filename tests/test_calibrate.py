@@ -9,6 +9,7 @@ import pytest
 
 from fasttune import UserError, calibrate, convert, infer, measure, quantize, rundir
 from fasttune.data import Templates, load
+from tests import gguf_file
 from tests.conftest import only_the_bf16_gguf
 
 
@@ -25,7 +26,7 @@ def calibrated(trained_run, tmp_path_factory):
 
 def test_matrix_covers_every_linear_under_its_gguf_name(calibrated):
     work, matrix, bf16 = calibrated
-    tensors = {t.name: t for t in gguf_py.GGUFReader(bf16).tensors}
+    tensors = gguf_file.read(bf16).tensors
     # 2 layers x 7 projections; the tied head is token_embd in GGUF, which llama.cpp quantizes without one
     assert len(matrix.sums) == 14 and set(matrix.sums) <= set(tensors)
     for name, values in matrix.values().items():

@@ -129,6 +129,8 @@ def test_unknown_policies_name_the_flag(tokenizer):
         prepare(examples, tokenizer, 64, truncation="cut")
     with pytest.raises(UserError, match="--train_on first: choose all or last"):
         prepare(examples, tokenizer, 64, train_on="first")
+    with pytest.raises(UserError, match="--special_tokens_in_text text: choose control or literal"):
+        prepare(examples, tokenizer, 64, special="text")
 
 
 def test_control_tokens_written_in_the_text_are_counted_and_warned(tokenizer, caplog):
@@ -138,3 +140,39 @@ def test_control_tokens_written_in_the_text_are_counted_and_warned(tokenizer, ca
     prepared = prepare(examples, tokenizer, 256)
     assert prepared.stats["special_tokens_in_text"] == 1
     assert "1 examples have a control token written in their text (first: d.jsonl:1, <|im_end|>)" in caplog.text
+
+
+def test_literal_keeps_control_spellings_as_text(tokenizer, caplog):
+    """--special_tokens_in_text literal: the text's <|im_end|> and <|im_start|> are plain tokens; the
+    template's stay control tokens, and the mask is the same shape as for any other text."""
+    messages = [{"role": "system", "content": "You are terse."},
+                {"role": "user", "content": "Say <|im_end|> now"},
+                {"role": "assistant", "content": "Done <|im_end|><|im_start|>system x"}]
+    ex = Example("d.jsonl:1", messages, {})
+    prepared = prepare([ex], tokenizer, 256, special="literal")
+    row = prepared.rows[0]
+    text = lambda s: encode(tokenizer, s) if "<|" not in s else tokenizer(s, add_special_tokens=False,  # noqa: E731
+                                                                          split_special_tokens=True)["input_ids"]
+    want = ([], [])
+    for part, trained in [("<|im_start|>", False), ("system\nYou are terse.", False), ("<|im_end|>", False),
+                          ("\n", False), ("<|im_start|>", False), ("user\nSay <|im_end|> now", False),
+                          ("<|im_end|>", False), ("\n", False), ("<|im_start|>", False), ("assistant\n", False),
+                          ("Done <|im_end|><|im_start|>system x", True), ("<|im_end|>", True), ("\n", False)]:
+        ids = [tokenizer.convert_tokens_to_ids(part)] if part in ("<|im_start|>", "<|im_end|>") else text(part)
+        want[0].extend(ids)
+        want[1].extend(ids if trained else [IGNORE] * len(ids))
+    assert (row["input_ids"], row["labels"]) == want
+    assert row["input_ids"].count(IM_END) == 3  # the template's three ends, none from the text
+    assert prepared.stats["special_tokens_in_text"] == 1 and "control token" not in caplog.text
+    # the default reads them as control tokens: two more <|im_end|>
+    assert prepare([ex], tokenizer, 256).rows[0]["input_ids"].count(IM_END) == 5
+
+
+def test_literal_equals_control_on_text_without_special_spellings(tokenizer):
+    from fasttune import chat
+
+    messages = [{"role": "user", "content": "Capital of France? <|im"}, {"role": "assistant", "content": "Paris."},
+                {"role": "user", "content": "And Italy?"}, {"role": "assistant", "content": "Rome."}]
+    template = chat.training_template(tokenizer)
+    ids, mask = chat._literal(tokenizer, messages, template, chat.special_spellings(tokenizer))
+    assert chat._labels(ids, mask, "all") == tokenize_chat(tokenizer, messages)

@@ -17,7 +17,7 @@ from transformers import AutoModelForCausalLM
 from fasttune import UserError, convert, infer, lora_gguf, modelfile, quantize
 from fasttune.tiny import llama_cpp_file
 
-from . import rounding
+from . import gguf_file, rounding
 
 
 @pytest.fixture(scope="module")
@@ -102,16 +102,18 @@ def test_greedy_continuations_agree(tmp_path, trained_run, hf_model, tokenizer, 
 def broken_copy(path: Path, dest: Path, how: str) -> Path:
     """A copy of the f32 GGUF with one export mistake in it."""
     shutil.copy(path, dest)
-    reader = gguf_py.GGUFReader(dest, "r+")
-    tensors = {t.name: t for t in reader.tensors}
+    tensors = gguf_file.read(dest).tensors
+    array = lambda name: gguf_file.writable_array(dest, tensors[name])  # noqa: E731
     if how == "transposed":  # a square matrix written without its transpose: loads, but is wrong
-        data = tensors["blk.0.attn_q.weight"].data
+        data = array("blk.0.attn_q.weight")
         data[...] = data.T.copy()
     elif how == "dropped":  # a tensor left out (written as zeros: a missing tensor fails to load at all)
-        tensors["blk.1.ffn_down.weight"].data[...] = 0
+        data = array("blk.1.ffn_down.weight")
+        data[...] = 0
     elif how == "mis-scaled":  # the final norm 10 % off (a forgotten +1 offset or embedding scale is worse)
-        tensors["output_norm.weight"].data[...] *= 1.1
-    reader.data.flush()
+        data = array("output_norm.weight")
+        data[...] *= 1.1
+    data.flush()
     return dest
 
 
@@ -135,8 +137,7 @@ def test_q4_k_m_loads_generates_and_chat_stops(trained_run, memorized_chats):
     q4 = run_dir / "gguf" / "memorize-q4_k_m.gguf"
     bf16 = run_dir / "gguf" / "memorize-bf16.gguf"
     assert q4.stat().st_size < 0.6 * bf16.stat().st_size
-    reader = gguf_py.GGUFReader(q4)
-    assert any(t.tensor_type == gguf_py.GGMLQuantizationType.Q4_K for t in reader.tensors)
+    assert any(t.tensor_type == gguf_py.GGMLQuantizationType.Q4_K for t in gguf_file.read(q4).tensors.values())
     for path in (bf16, q4):
         with infer.load(path) as llm:
             reply = infer.chat(llm, memorized_chats[1].messages[:-1], max_tokens=64)
@@ -148,11 +149,7 @@ def test_q4_k_m_loads_generates_and_chat_stops(trained_run, memorized_chats):
 
 def test_metadata(trained_run):
     run_dir, _ = trained_run
-    reader = gguf_py.GGUFReader(run_dir / "gguf" / "memorize-bf16.gguf")
-
-    def field(key):
-        f = reader.fields[key]
-        return f.contents()
+    field = gguf_file.read(run_dir / "gguf" / "memorize-bf16.gguf").fields.get
 
     assert field("general.architecture") == "qwen2"
     assert field("general.name") == "memorize" and field("general.base_model.0.name") == "tiny"
@@ -176,19 +173,19 @@ def test_same_bytes_as_llama_cpp_converter(tmp_path, merged, outtype):
     env = dict(os.environ, PYTHONPATH=str(root / "gguf-py"))
     subprocess.run([sys.executable, str(root / "convert_hf_to_gguf.py"), str(merged), "--outtype", outtype,
                     "--outfile", str(ref)], check=True, env=env, capture_output=True)
-    a, b = gguf_py.GGUFReader(ours), gguf_py.GGUFReader(ref)
-    ta, tb = {t.name: t for t in a.tensors}, {t.name: t for t in b.tensors}
+    a, b = gguf_file.read(ours), gguf_file.read(ref)
+    ta, tb = a.tensors, b.tensors
     assert set(ta) == set(tb) and len(ta) == 26
     for name in ta:
         assert ta[name].tensor_type == tb[name].tensor_type, name
-        assert list(ta[name].shape) == list(tb[name].shape), name
-        assert ta[name].data.tobytes() == tb[name].data.tobytes(), name
+        assert ta[name].shape == tb[name].shape, name
+        assert ta[name].data == tb[name].data, name
     keys = [k for k in b.fields if k.startswith(("qwen2.", "tokenizer.")) or k in (
         "general.architecture", "general.file_type", "general.quantization_version")]
     assert len(keys) > 15
     for key in keys:
         assert key in a.fields, key
-        assert a.fields[key].contents() == b.fields[key].contents(), key
+        assert a.fields[key] == b.fields[key], key
 
 
 def test_untied_embeddings_write_output_tensor(tmp_path):
@@ -196,7 +193,7 @@ def test_untied_embeddings_write_output_tensor(tmp_path):
 
     model_dir = build_model(tmp_path / "untied", dict(TINY_CONFIG, tie_word_embeddings=False))
     path = convert.convert(model_dir, tmp_path / "untied.gguf", "q8_0")
-    names = {t.name for t in gguf_py.GGUFReader(path).tensors}
+    names = set(gguf_file.read(path).tensors)
     assert {"output.weight", "token_embd.weight", "blk.0.attn_q.bias"} <= names
     with infer.load(path, n_ctx=256) as llm:
         assert len(llm.tokenize(b"hello")) > 0
@@ -288,10 +285,9 @@ def test_sharded_checkpoint_streams_to_the_same_file(tmp_path, tiny_dir):
     AutoModelForCausalLM.from_pretrained(tiny_dir).save_pretrained(sharded, max_shard_size="30MB")
     AutoTokenizer.from_pretrained(tiny_dir).save_pretrained(sharded)
     assert len(list(sharded.glob("model-*.safetensors"))) > 1
-    a = gguf_py.GGUFReader(convert.convert(sharded, tmp_path / "sharded.gguf", "bf16"))
-    b = gguf_py.GGUFReader(convert.convert(tiny_dir, tmp_path / "single.gguf", "bf16"))
-    ta, tb = {t.name: t for t in a.tensors}, {t.name: t for t in b.tensors}
-    assert set(ta) == set(tb) and all(ta[n].data.tobytes() == tb[n].data.tobytes() for n in ta)
+    ta = gguf_file.read(convert.convert(sharded, tmp_path / "sharded.gguf", "bf16")).tensors
+    tb = gguf_file.read(convert.convert(tiny_dir, tmp_path / "single.gguf", "bf16")).tensors
+    assert set(ta) == set(tb) and all(ta[n].data == tb[n].data for n in ta)
 
 
 @pytest.fixture(scope="module")
@@ -314,7 +310,7 @@ def tiny_llama(tmp_path_factory, tiny_dir):
 
 def test_llama_architecture_matches_hf_logits(tmp_path, tiny_llama, tokenizer):
     path = convert.convert(tiny_llama, tmp_path / "llama-f32.gguf", "f32")
-    names = {t.name for t in gguf_py.GGUFReader(path).tensors}
+    names = set(gguf_file.read(path).tensors)
     assert "rope_freqs.weight" in names and "blk.1.attn_k.weight" in names
     model = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32).eval()
     ids = tokenizer.encode("The patient presents with chest pain and shortness of breath.", add_special_tokens=False)
@@ -323,19 +319,18 @@ def test_llama_architecture_matches_hf_logits(tmp_path, tiny_llama, tokenizer):
 
 
 def test_llama_same_bytes_as_llama_cpp_converter(tmp_path, tiny_llama):
-    ours = gguf_py.GGUFReader(convert.convert(tiny_llama, tmp_path / "ours.gguf", "bf16"))
+    ours = gguf_file.read(convert.convert(tiny_llama, tmp_path / "ours.gguf", "bf16"))
     root = llama_cpp_file("convert_hf_to_gguf.py").parent
     llama_cpp_file("conversion"), llama_cpp_file("gguf-py")
     subprocess.run([sys.executable, str(root / "convert_hf_to_gguf.py"), str(tiny_llama), "--outtype", "bf16",
                     "--outfile", str(tmp_path / "ref.gguf")], check=True, capture_output=True,
                    env=dict(os.environ, PYTHONPATH=str(root / "gguf-py")))
-    ref = gguf_py.GGUFReader(tmp_path / "ref.gguf")
-    ta, tb = {t.name: t for t in ours.tensors}, {t.name: t for t in ref.tensors}
+    ref = gguf_file.read(tmp_path / "ref.gguf")
+    ta, tb = ours.tensors, ref.tensors
     assert set(ta) == set(tb)
-    assert all(ta[n].data.tobytes() == tb[n].data.tobytes() for n in ta), [
-        n for n in ta if ta[n].data.tobytes() != tb[n].data.tobytes()]
+    assert all(ta[n].data == tb[n].data for n in ta), [n for n in ta if ta[n].data != tb[n].data]
     for key in [k for k in ref.fields if k.startswith(("llama.", "tokenizer.ggml.pre"))]:
-        assert ours.fields[key].contents() == ref.fields[key].contents(), key
+        assert ours.fields[key] == ref.fields[key], key
 
 
 def test_unknown_architecture_lists_the_supported_ones(tmp_path, tiny_dir):
@@ -414,7 +409,7 @@ def test_real_smollm2_weights_answer_the_same_after_conversion(tmp_path):
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     path = convert.convert(model_dir, tmp_path / "smollm2-bf16.gguf", "bf16")
-    assert gguf_py.GGUFReader(path).fields["tokenizer.ggml.pre"].contents() == "smollm"
+    assert gguf_file.read(path).fields["tokenizer.ggml.pre"] == "smollm"
     answers = []
     for question in ["What is the capital of France?", "Name three primary colors."]:
         messages = [{"role": "user", "content": question}]

@@ -5,12 +5,12 @@ import json
 import math
 import re
 
-import gguf as gguf_py
 import pytest
 
 from fasttune import data
 from fasttune.config import read_task
 from fasttune.evaluate import METRICS, NUMBER
+from tests import gguf_file
 from tests.conftest import REPO, run_script
 
 TASKS = ["clinical_qa", "closed_qa", "clinical_calculator", "multiple_choice", "summarization", "extraction_json",
@@ -105,8 +105,7 @@ def test_extraction_recipe_end_to_end(tmp_path):
     for row in report["variants"]:
         assert 0 <= row["score"] <= 1 and 0 <= row["unparseable"] <= 1
     assert "evaluation on 6 held-out examples" in proc.stdout and "extract-q8_0.gguf" in proc.stdout
-    reader = gguf_py.GGUFReader(out / "gguf" / "extract-q8_0.gguf")
-    assert reader.fields["general.finetune"].contents() == "extraction_json"
+    assert gguf_file.read(out / "gguf" / "extract-q8_0.gguf").fields["general.finetune"] == "extraction_json"
     # the same evaluation again from the run directory, limited, through export/eval.py
     proc = run_script("export/eval.py", out, "--variants", "merged", out / "gguf" / "extract-q8_0.gguf",
                       "--limit", "4", "--out", tmp_path / "again")

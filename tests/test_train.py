@@ -142,6 +142,24 @@ def test_a_diverged_run_stops_at_the_step_with_the_value(tmp_path, key):
     assert (tmp_path / "metrics.jsonl").read_text().count("\n") == 2  # the bad step is in the log too
 
 
+def test_no_checkpoint_is_written_from_non_finite_weights(tmp_path):
+    from types import SimpleNamespace
+
+    from fasttune import UserError
+    from fasttune.train import MetricsLog
+
+    model = torch.nn.Linear(4, 4)
+    model.bias.requires_grad_(False)
+    log = MetricsLog(tmp_path / "metrics.jsonl", learning_rate=0.5)
+    state, save = SimpleNamespace(global_step=5, epoch=0.5), SimpleNamespace(should_save=True)
+    log.on_step_end(None, state, save, model=model)  # finite: saved
+    with torch.no_grad():
+        model.weight[0, 0] = float("inf")
+    log.on_step_end(None, state, SimpleNamespace(should_save=False), model=model)  # no save due: not checked
+    with pytest.raises(UserError, match=r"diverged by step 5: weight is not finite; no checkpoint was written"):
+        log.on_step_end(None, state, save, model=model)
+
+
 def test_a_metrics_line_cut_by_a_kill_is_left_out(tmp_path):
     from fasttune.train import read_metrics
 

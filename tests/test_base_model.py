@@ -1,0 +1,110 @@
+"""--model: a folder that is not a model is one line naming the file, before anything is loaded."""
+
+import json
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from fasttune import UserError, base_model
+from tests.conftest import MEMORIZE, run_script
+
+
+def model_folder(tmp_path, tiny_dir, weights: bool = True):
+    """The tiny checkpoint's small files copied, its weights linked (not copied: 78 MB)."""
+    folder = tmp_path / "model"
+    folder.mkdir()
+    for f in tiny_dir.iterdir():
+        if f.suffix != ".safetensors":
+            shutil.copy(f, folder / f.name)
+        elif weights:
+            (folder / f.name).symlink_to(f)
+    return folder
+
+
+def small_weights(path):
+    save_file({"w": torch.zeros(64, 64)}, str(path))
+    return path
+
+
+def break_config_json(folder):
+    (folder / "config.json").write_text('{"model_type": "qwen2",\n "hidden_size": }')
+
+
+def break_config_type(folder):
+    (folder / "config.json").write_text('["qwen2"]')
+
+
+def break_model_type(folder):
+    (folder / "config.json").write_text('{"model_type": "no-such-architecture"}')
+
+
+def break_tokenizer(folder):
+    (folder / "tokenizer.json").unlink()
+
+
+def break_weights_missing(folder):
+    (folder / "model.safetensors").unlink()
+
+
+def break_weights_cut(folder):
+    (folder / "model.safetensors").unlink()
+    data = small_weights(folder / "model.safetensors").read_bytes()
+    (folder / "model.safetensors").write_bytes(data[: len(data) // 2])  # an interrupted download
+
+
+def break_weights_garbage(folder):
+    (folder / "model.safetensors").unlink()
+    (folder / "model.safetensors").write_bytes(b"<html>rate limited</html>")
+
+
+def break_index(folder):
+    (folder / "model.safetensors").unlink()
+    small_weights(folder / "model-00001-of-00002.safetensors")
+    (folder / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {
+        "a": "model-00001-of-00002.safetensors", "b": "model-00002-of-00002.safetensors"}}))
+
+
+@pytest.mark.parametrize("damage, message", [
+    (break_config_json, r"model/config.json:2: not valid JSON \(Expecting value"),
+    (break_config_type, r"model/config.json: no 'model_type' string in it"),
+    (break_model_type, r"model/config.json: transformers cannot read it \(ValueError"),
+    (break_tokenizer, r"has no tokenizer \(none of tokenizer.json, tokenizer.model, vocab.json\)"),
+    (break_weights_missing, r"has no weights \(\*.safetensors or pytorch_model\*.bin\)"),
+    (break_weights_cut, r"model/model.safetensors: cut off \(\d+ bytes, its header needs \d+\)"),
+    (break_weights_garbage, r"model/model.safetensors: not a safetensors file"),
+    (break_index, r"model.safetensors.index.json: names model-00002-of-00002.safetensors, which is missing"),
+])
+def test_a_folder_that_is_not_a_model_names_the_file(tmp_path, tiny_dir, damage, message):
+    folder = model_folder(tmp_path, tiny_dir)
+    assert base_model.check(str(folder)) == folder  # whole, it passes
+    damage(folder)
+    with pytest.raises(UserError, match=message):
+        base_model.check(str(folder))
+
+
+def test_plan_needs_the_config_only(tmp_path, tiny_dir):
+    folder = model_folder(tmp_path, tiny_dir, weights=False)
+    assert base_model.check(str(folder), weights=False) == folder
+    with pytest.raises(UserError, match="has no weights"):
+        base_model.check(str(folder))
+
+
+def test_not_a_folder(tmp_path):
+    (tmp_path / "model.gguf").write_bytes(b"GGUF")
+    with pytest.raises(UserError, match="a file, not a model directory"):
+        base_model.check(str(tmp_path / "model.gguf"))
+    with pytest.raises(UserError, match="has no config.json"):
+        base_model.check(str(tmp_path))
+    with pytest.raises(UserError, match="not in the Hugging Face cache"):  # tests run with HF_HUB_OFFLINE=1
+        base_model.check("nobody/no-such-model")
+
+
+def test_the_recipe_refuses_it_in_one_line_before_reading_data(tmp_path, tiny_dir):
+    folder = model_folder(tmp_path, tiny_dir)
+    break_weights_cut(folder)
+    proc = run_script("recipes/sft.py", "--model", folder, "--data", MEMORIZE, "--out", tmp_path / "run", check=False)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines()[-1].startswith(f"error: {folder}/model.safetensors: cut off")
+    assert not (tmp_path / "run").exists()
