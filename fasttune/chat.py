@@ -12,7 +12,9 @@ from __future__ import annotations
 import functools
 import logging
 import re
-from dataclasses import dataclass
+from array import array
+from collections.abc import Iterable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from trl.chat_template_utils import get_training_chat_template
@@ -160,16 +162,26 @@ class Prepared:
     kept: list[Example]
     rejects: list[Reject]
     stats: dict
+    # tokens of every kept example, after truncation (an array: 4 bytes each, not a Python int)
+    kept_lengths: array = field(default_factory=lambda: array("I"))
 
 
 def prepare(examples: list[Example], tokenizer, max_length: int, truncation: str = "drop",
             train_on: str = "all", special: str = "control") -> Prepared:
+    """prepare_chunks for examples already in memory."""
+    return require_examples(prepare_chunks([examples], tokenizer, max_length, truncation, train_on, special))
+
+
+def prepare_chunks(chunks: Iterable[list[Example]], tokenizer, max_length: int, truncation: str = "drop",
+                   train_on: str = "all", special: str = "control", hold: int | None = None) -> Prepared:
     """Tokenize every example as training will, apply the truncation policy, count everything.
 
     An example whose answer does not fit in max_length is left out (truncation="drop") or trained
     on the part that fits (truncation="keep"); one with nothing left to train is always left out.
     Left-out examples are returned as rejects with the reason, never dropped silently (TRL itself
-    would drop fully masked examples without a word).
+    would drop fully masked examples without a word). `chunks` may be streamed from the file: only
+    the first `hold` kept examples stay in memory (None: all of them, for training); the statistics
+    count every one.
     """
     if truncation not in ("drop", "keep"):
         raise UserError(f"--truncation {truncation}: choose drop or keep")
@@ -177,45 +189,53 @@ def prepare(examples: list[Example], tokenizer, max_length: int, truncation: str
         raise UserError(f"--train_on {train_on}: choose all or last")
     if special not in ("control", "literal"):
         raise UserError(f"--special_tokens_in_text {special}: choose control or literal")
-    encoded = tokenize_all(tokenizer, [ex.messages for ex in examples], training_template(tokenizer), train_on,
-                           special)
-    rows, kept, rejects = [], [], []
-    lengths, n_cut, n_empty, tokens, trained = [], 0, 0, 0, 0
-    for ex, (ids, labels) in zip(examples, encoded):
-        lengths.append(len(ids))
-        n_total = sum(lab != IGNORE for lab in labels)
-        n_kept = sum(lab != IGNORE for lab in labels[:max_length])
-        if n_kept == 0:
-            n_empty += 1
-            if n_total:
-                first = next(i for i, lab in enumerate(labels) if lab != IGNORE)
-                why = (f"nothing to train within max_seq_length={max_length}: the answer starts at token {first}; "
-                       "raise --max_seq_length or shorten the prompt")
-            else:
-                why = "no assistant tokens to train"
-            rejects.append(Reject(ex.source, why, ex.record))
-            continue
-        if n_kept < n_total:
-            n_cut += 1
-            if truncation == "drop":
-                rejects.append(Reject(ex.source, f"answer cut by max_seq_length={max_length} (conversation is "
-                                                 f"{len(ids)} tokens); raise --max_seq_length, or pass "
-                                                 "--truncation keep to train on the part that fits", ex.record))
+    template = training_template(tokenizer)
+    out = Prepared([], [], [], {})
+    records, lengths, n_cut, n_empty, tokens, trained, marked = 0, array("I"), 0, 0, 0, 0, []
+    for examples in chunks:
+        encoded = tokenize_all(tokenizer, [ex.messages for ex in examples], template, train_on, special)
+        records += len(examples)
+        kept_here = []
+        for ex, (ids, labels) in zip(examples, encoded):
+            lengths.append(len(ids))
+            n_total = sum(lab != IGNORE for lab in labels)
+            n_kept = sum(lab != IGNORE for lab in labels[:max_length])
+            if n_kept == 0:
+                n_empty += 1
+                if n_total:
+                    first = next(i for i, lab in enumerate(labels) if lab != IGNORE)
+                    why = (f"nothing to train within max_seq_length={max_length}: the answer starts at token {first}; "
+                           "raise --max_seq_length or shorten the prompt")
+                else:
+                    why = "no assistant tokens to train"
+                out.rejects.append(Reject(ex.source, why, ex.record))
                 continue
-        rows.append({"input_ids": ids[:max_length], "labels": labels[:max_length]})
-        kept.append(ex)
-        tokens += len(rows[-1]["input_ids"])
-        trained += n_kept
-    marked = special_tokens_in_text(tokenizer, kept)  # counted either way; warned about where they are tokens
-    stats = {
-        "records": len(examples), "kept": len(kept), "tokens": tokens, "trained_tokens": trained,
+            if n_kept < n_total:
+                n_cut += 1
+                if truncation == "drop":
+                    out.rejects.append(Reject(ex.source, f"answer cut by max_seq_length={max_length} (conversation is "
+                                                         f"{len(ids)} tokens); raise --max_seq_length, or pass "
+                                                         "--truncation keep to train on the part that fits", ex.record))
+                    continue
+            kept_here.append(ex)
+            out.kept_lengths.append(min(len(ids), max_length))
+            tokens += out.kept_lengths[-1]
+            trained += n_kept
+            if hold is None or len(out.rows) < hold:
+                out.rows.append({"input_ids": ids[:max_length], "labels": labels[:max_length]})
+                out.kept.append(ex)
+        marked += special_tokens_in_text(tokenizer, kept_here)  # counted either way; warned about where tokens
+        del examples, encoded, kept_here  # this chunk is freed before the next one is read
+    n_kept_all = len(out.kept_lengths)
+    out.stats = {
+        "records": records, "kept": n_kept_all, "tokens": tokens, "trained_tokens": trained,
         "special_tokens_in_text": len(marked),
         "trained_fraction": round(trained / max(tokens, 1), 4),
         "nothing_trained": n_empty, "answers_cut": n_cut, "truncation": truncation, "max_length": max_length,
         "length_percentiles": _percentiles(lengths),
     }
     if n_cut:
-        logger.warning("%d of %d examples have answers longer than max_seq_length=%d: %s", n_cut, len(examples),
+        logger.warning("%d of %d examples have answers longer than max_seq_length=%d: %s", n_cut, records,
                        max_length, "left out (--truncation drop)" if truncation == "drop"
                        else "trained on the part that fits (--truncation keep); they never see their <|im_end|>")
     if n_empty:
@@ -225,9 +245,14 @@ def prepare(examples: list[Example], tokenizer, max_length: int, truncation: str
                        "it as the token itself, so the model learns to stop or switch roles there; if it was meant "
                        "as text, pass --special_tokens_in_text literal (or remove it from the data)",
                        len(marked), marked[0][0], marked[0][1])
-    if not rows:
-        raise UserError(f"no example is left to train on: {rejects[0].source}: {rejects[0].reason}")
-    return Prepared(rows, kept, rejects, stats)
+    return out
+
+
+def require_examples(prepared: Prepared) -> Prepared:
+    """One example left to train on, or the first reason there is none."""
+    if not prepared.stats["kept"]:
+        raise UserError(f"no example is left to train on: {prepared.rejects[0].source}: {prepared.rejects[0].reason}")
+    return prepared
 
 
 def special_tokens_in_text(tokenizer, examples: list[Example]) -> list[tuple[str, str]]:

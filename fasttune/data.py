@@ -19,10 +19,13 @@ dataset name (online only).
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
+import itertools
 import json
 import logging
 import string
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
@@ -32,6 +35,11 @@ from fasttune import UserError
 logger = logging.getLogger(__name__)
 
 MAX_LISTED_PROBLEMS = 20
+# Size limits: a line of a .jsonl file or a CSV cell (read one at a time, so memory holds one of these),
+# and a .json array (parsed whole, so it must fit in memory several times over).
+MAX_RECORD_BYTES = 64 << 20
+MAX_JSON_BYTES = 512 << 20
+TOO_LONG_NUMBER = f"invalid JSON: an integer of more than {sys.get_int_max_str_digits()} digits"
 TOO_DEEP = "invalid JSON: nested too deeply for Python's JSON reader (about 1,000 levels); a record is a flat object"
 FORMATS = ("messages", "sharegpt", "alpaca", "prompt_completion", "fields")
 ROLES = {"system", "user", "assistant", "tool"}
@@ -72,10 +80,13 @@ class Reject:
 
 @dataclass
 class Loaded:
-    examples: list[Example]
+    examples: list[Example]  # empty when the examples were streamed (data.stream)
     rejects: list[Reject] = field(default_factory=list)
     format: str = ""
     notes: list[str] = field(default_factory=list)  # harmless things fixed on the way (BOM, CRLF, ...)
+    records: int = 0  # records read, good and bad
+    kept: int = 0  # examples given out
+    duplicates: int = 0
 
 
 class RecordError(Exception):
@@ -107,29 +118,51 @@ def read_records(source: str | Path, split: str = "train", notes: list[str] | No
         raise UserError(f"{source}: no such file")
 
 
-def _strip_bom(path: Path, raw: bytes, notes: list[str]) -> bytes:
-    if raw.startswith(b"\xef\xbb\xbf"):
+def _bom(path: Path, f, notes: list[str]) -> None:
+    """Step over a UTF-8 byte-order mark at the start of an open binary file, with a note."""
+    if f.read(3) == b"\xef\xbb\xbf":
         notes.append(f"{path}: starts with a UTF-8 byte-order mark (BOM); ignored it")
-        return raw[3:]
-    return raw
+    else:
+        f.seek(0)
 
 
-def _decode(path: Path, raw: bytes, notes: list[str]) -> str:
-    raw = _strip_bom(path, raw, notes)
+def _lines(path: Path, notes: list[str]) -> Iterator[tuple[int, bytes | None]]:
+    """(line number, bytes without the newline) for every line of a file, read one at a time: memory
+    holds one line, never the file. A line over MAX_RECORD_BYTES is skipped unread: (number, None)."""
+    with open(path, "rb") as f:
+        _bom(path, f, notes)
+        for lineno in itertools.count(1):
+            line = f.readline(MAX_RECORD_BYTES + 1)
+            if not line:
+                return
+            if len(line) > MAX_RECORD_BYTES and not line.endswith(b"\n"):
+                while (rest := f.readline(1 << 20)) and not rest.endswith(b"\n"):
+                    pass  # the rest of the oversized line, a MiB at a time
+                yield lineno, None
+                continue
+            yield lineno, line.rstrip(b"\n")
+
+
+def _json(text: str | bytes):
+    """json.loads, with every way a JSON text can fail as a RecordError (positions included)."""
     try:
-        return raw.decode("utf-8")
-    except UnicodeDecodeError as e:
-        line = raw[: e.start].count(b"\n") + 1
-        raise UserError(f"{path}:{line}: not valid UTF-8 (byte 0x{raw[e.start]:02x}); save the file as UTF-8") from None
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise RecordError(f"invalid JSON: {e.msg} (column {e.colno})") from None
+    except RecursionError:
+        raise RecordError(TOO_DEEP) from None
+    except ValueError:  # the one other failure: an integer longer than Python reads
+        raise RecordError(TOO_LONG_NUMBER) from None
 
 
 def _read_jsonl(path: Path, notes: list[str]) -> Iterator[tuple[str, object]]:
-    lines = _strip_bom(path, path.read_bytes(), notes).split(b"\n")
-    if lines[-1] == b"":
-        lines.pop()  # the newline that ends the file
     blank, crlf = [], 0
-    for lineno, line_bytes in enumerate(lines, start=1):
+    for lineno, line_bytes in _lines(path, notes):
         where = f"{path}:{lineno}"
+        if line_bytes is None:
+            yield where, RecordError(f"longer than {MAX_RECORD_BYTES >> 20} MiB, the most one record may be; "
+                                     "split it (or check the file is really JSON Lines)")
+            continue
         if line_bytes.endswith(b"\r"):
             crlf += 1
             line_bytes = line_bytes[:-1]
@@ -143,11 +176,9 @@ def _read_jsonl(path: Path, notes: list[str]) -> Iterator[tuple[str, object]]:
             blank.append(lineno)
             continue
         try:
-            yield where, json.loads(line)
-        except json.JSONDecodeError as e:
-            yield where, RecordError(f"invalid JSON: {e.msg} (column {e.colno})")
-        except RecursionError:
-            yield where, RecordError(TOO_DEEP)
+            yield where, _json(line)
+        except RecordError as e:
+            yield where, e
     if crlf:
         notes.append(f"{path}: {crlf} lines end in CRLF (Windows line endings); read them as plain lines")
     if blank:
@@ -156,13 +187,28 @@ def _read_jsonl(path: Path, notes: list[str]) -> Iterator[tuple[str, object]]:
 
 
 def _read_json_array(path: Path, notes: list[str]) -> Iterator[tuple[str, object]]:
-    text = _decode(path, path.read_bytes(), notes)
+    size = path.stat().st_size
+    if size > MAX_JSON_BYTES:  # one JSON value is parsed whole: memory would hold the file several times
+        raise UserError(f"{path}: {size / 2**20:,.0f} MiB in one JSON array, which is read whole (the limit is "
+                        f"{MAX_JSON_BYTES >> 20} MiB); write it as .jsonl, one record per line, to stream it")
+    with open(path, "rb") as f:
+        _bom(path, f, notes)
+        raw = f.read()
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = raw[: e.start].count(b"\n") + 1
+        raise UserError(f"{path}:{line}: not valid UTF-8 (byte 0x{raw[e.start]:02x}); save the file as UTF-8") from None
+    del raw
     try:
         data = json.loads(text)
     except json.JSONDecodeError as e:
         raise UserError(f"{path}:{e.lineno}: invalid JSON: {e.msg} (column {e.colno})") from None
     except RecursionError:
         raise UserError(f"{path}: {TOO_DEEP}") from None
+    except ValueError:  # the one other failure: an integer longer than Python reads
+        raise UserError(f"{path}: {TOO_LONG_NUMBER}") from None
+    del text
     if not isinstance(data, list):
         raise UserError(f"{path}: expected a JSON array of records, got {_json_type(data)}; "
                         "for one record per line use .jsonl")
@@ -171,29 +217,58 @@ def _read_json_array(path: Path, notes: list[str]) -> Iterator[tuple[str, object
 
 
 def _read_csv(path: Path, notes: list[str]) -> Iterator[tuple[str, object]]:
-    text = _decode(path, path.read_bytes(), notes)
-    reader = csv.DictReader(io.StringIO(text, newline=""))
-    start = 2
-    for row in reader:
-        where = f"{path}:{start}"
-        start = reader.line_num + 1
-        if None in row:  # more cells than header columns
-            yield where, RecordError(f"{len(row) - 1 + len(row[None])} cells but the header has {len(row) - 1} columns")
-        elif any(v is None for v in row.values()):
-            yield where, RecordError(f"fewer cells than the header's {len(row)} columns")
-        else:
-            yield where, row
+    with open(path, "rb") as raw:
+        _bom(path, raw, notes)
+        text = io.TextIOWrapper(raw, encoding="utf-8", newline="")
+        reader = csv.DictReader(text)
+        limit = csv.field_size_limit(MAX_RECORD_BYTES)  # csv's own default is 128 KiB per cell
+        try:
+            start = 2
+            while True:
+                where = f"{path}:{start}"
+                try:
+                    row = next(reader)
+                except StopIteration:
+                    return
+                except UnicodeDecodeError:  # decoded ahead in blocks: find the line again
+                    raise UserError(_not_utf8(path)) from None
+                except csv.Error as e:  # a cell over the limit, a NUL byte: the reader cannot go on
+                    raise UserError(f"{where}: cannot read this CSV row ({e}); a cell may be at most "
+                                    f"{MAX_RECORD_BYTES >> 20} MiB") from None
+                start = reader.line_num + 1
+                if None in row:  # more cells than header columns
+                    yield where, RecordError(f"{len(row) - 1 + len(row[None])} cells but the header has "
+                                             f"{len(row) - 1} columns")
+                elif any(v is None for v in row.values()):
+                    yield where, RecordError(f"fewer cells than the header's {len(row)} columns")
+                else:
+                    yield where, row
+        finally:
+            csv.field_size_limit(limit)
+
+
+def _not_utf8(path: Path) -> str:
+    """The error for the first line of `path` that is not UTF-8."""
+    for lineno, line in _lines(path, []):
+        try:
+            (line or b"").decode("utf-8")
+        except UnicodeDecodeError as e:
+            return f"{path}:{lineno}: not valid UTF-8 (byte 0x{line[e.start]:02x}); save the file as UTF-8"
+    return f"{path}: not valid UTF-8; save the file as UTF-8"
 
 
 def _read_parquet(path: Path) -> Iterator[tuple[str, object]]:
     import pyarrow.parquet as pq
 
     try:
-        table = pq.read_table(path)
-    except Exception as e:  # pyarrow raises several types for a broken file
+        batches = pq.ParquetFile(path).iter_batches(batch_size=1000)  # a batch at a time, not the table
+        i = 0
+        for batch in batches:
+            for record in batch.to_pylist():
+                yield f"{path}: row {i}", record
+                i += 1
+    except Exception as e:  # noqa: BLE001  (pyarrow raises several types for a broken file)
         raise UserError(f"{path}: not a readable parquet file ({e})") from None
-    for i, record in enumerate(table.to_pylist()):
-        yield f"{path}: row {i}", record
 
 
 def _read_saved_dataset(path: Path, split: str) -> Iterator[tuple[str, object]]:
@@ -436,21 +511,35 @@ def load(
     dedupe: bool = False,
     split: str = "train",
 ) -> Loaded:
-    """Read, detect the format, validate and convert every record.
+    """Read, detect the format, validate and convert every record, into memory.
 
     on_bad_record="error" raises one UserError listing the problems (first 20 + a count);
     "skip" returns them in Loaded.rejects. Duplicates (same messages) are counted, and removed
     into the rejects when dedupe is set.
     """
+    check_policy(on_bad_record)
+    loaded = Loaded(examples=[])
+    loaded.examples = list(stream(source, loaded, templates, fmt, dedupe, split))
+    finish(loaded, source, on_bad_record)
+    return loaded
+
+
+def check_policy(on_bad_record: str) -> None:
+    if on_bad_record not in ("error", "skip"):
+        raise UserError(f"--on_bad_record {on_bad_record}: choose error or skip")
+
+
+def stream(source: str | Path, loaded: Loaded, templates: Templates | None = None, fmt: str = "auto",
+           dedupe: bool = False, split: str = "train") -> Iterator[Example]:
+    """Every usable example of `source`, one at a time as the file is read; the format, rejects, notes
+    and counts go into `loaded` (call finish() once the stream is spent). Memory holds one record, plus
+    16 bytes per record to find duplicates."""
     templates = templates or Templates()
     if fmt != "auto" and fmt not in CONVERTERS:
         raise UserError(f"--format {fmt}: unknown; choose auto or one of {', '.join(FORMATS)}")
-    if on_bad_record not in ("error", "skip"):
-        raise UserError(f"--on_bad_record {on_bad_record}: choose error or skip")
-    loaded = Loaded(examples=[])
-    seen: dict[str, str] = {}
-    duplicates = 0
+    seen: dict[bytes, str] = {}
     for where, record in read_records(source, split, loaded.notes):
+        loaded.records += 1
         if isinstance(record, RecordError):
             loaded.rejects.append(Reject(where, str(record)))
             continue
@@ -471,44 +560,50 @@ def load(
         except (TypeError, ValueError, AttributeError, KeyError, IndexError) as e:  # a shape no check foresaw
             loaded.rejects.append(Reject(where, f"cannot read this record ({type(e).__name__}: {e})", record))
             continue
-        key = json.dumps(messages, sort_keys=True, ensure_ascii=False)
+        text = json.dumps(messages, sort_keys=True, ensure_ascii=False)
+        key = hashlib.blake2b(text.encode(), digest_size=16).digest()
         if key in seen:
-            duplicates += 1
+            loaded.duplicates += 1
             if dedupe:
                 loaded.rejects.append(Reject(where, f"duplicate of {seen[key]} (--dedupe)", record))
                 continue
         else:
             seen[key] = where
-        loaded.examples.append(Example(where, messages, record))
+        loaded.kept += 1
+        yield Example(where, messages, record)
 
+
+def finish(loaded: Loaded, source: str | Path, on_bad_record: str = "error") -> None:
+    """After a stream: raise the bad records (on_bad_record="error"), or an empty result; log the notes."""
     bad = [r for r in loaded.rejects if not r.reason.startswith("duplicate of")]
     if bad and on_bad_record == "error":
         raise_problems([f"{r.source}: {r.reason}" for r in bad], skippable=True)
-    if duplicates:
-        loaded.notes.append(f"{source}: {duplicates} duplicate records" +
+    if loaded.duplicates:
+        dedupe = any(r.reason.startswith("duplicate of") for r in loaded.rejects)
+        loaded.notes.append(f"{source}: {loaded.duplicates} duplicate records" +
                             (" removed (--dedupe)" if dedupe else " kept (pass --dedupe to remove them)"))
-    if not loaded.examples:
+    if not loaded.kept:
         if bad:
             raise UserError(f"{source}: no usable records; all {len(bad)} were rejected (first: "
                             f"{bad[0].source}: {bad[0].reason})")
         raise UserError(f"{source}: no records (the file is empty)")
     for note in loaded.notes:
         logger.warning(note)
-    logger.info("%s: %d examples (%s format)%s", source, len(loaded.examples), loaded.format,
+    logger.info("%s: %d examples (%s format)%s", source, loaded.kept, loaded.format,
                 f", {len(loaded.rejects)} rejected" if loaded.rejects else "")
-    return loaded
 
 
-def split_off(loaded: Loaded, fraction: float, seed: int) -> tuple[list[Example], list[Example]]:
-    """(train, held out): a seeded shuffle, at least one example on each side."""
+def held_out(n: int, fraction: float, seed: int) -> set[int]:
+    """Which of n examples (by position in the file) are held out for evaluation: a seeded shuffle,
+    at least one on each side."""
     import random
 
-    examples = list(loaded.examples)
-    random.Random(seed).shuffle(examples)
-    n_eval = max(1, round(fraction * len(examples)))
-    if n_eval >= len(examples):
-        raise UserError(f"--eval_fraction {fraction}: {len(examples)} examples leave none to train on")
-    return examples[n_eval:], examples[:n_eval]
+    order = list(range(n))
+    random.Random(seed).shuffle(order)
+    n_eval = max(1, round(fraction * n))
+    if n_eval >= n:
+        raise UserError(f"--eval_fraction {fraction}: {n} examples leave none to train on")
+    return set(order[:n_eval])
 
 
 def _json_type(value) -> str:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from fasttune import chat, data, rundir
@@ -78,29 +79,70 @@ class TrainingData:
             logger.warning("%d records not trained on; reasons in %s", len(rejects), path)
 
 
-def build(cfg: Config, tokenizer) -> TrainingData:
-    """Load, validate, split and tokenize the training (and eval) data as training will see it."""
+# Examples tokenized at once: enough to keep every core busy (chat.PARALLEL_MIN), bounded in characters so
+# that a chunk of very long records stays small.
+CHUNK_EXAMPLES, CHUNK_CHARS = 8000, 16 << 20
+
+
+def _chunks(examples: Iterator[data.Example]) -> Iterator[list[data.Example]]:
+    chunk, size = [], 0
+    for ex in examples:
+        chunk.append(ex)
+        size += sum(len(m["content"]) for m in ex.messages)
+        if len(chunk) >= CHUNK_EXAMPLES or size >= CHUNK_CHARS:
+            yield chunk
+            chunk, size = [], 0
+    if chunk:
+        yield chunk
+
+
+def build(cfg: Config, tokenizer, hold: int | None = None,
+          check_eval: Callable[[list[data.Example]], None] | None = None) -> TrainingData:
+    """Load, validate, split and tokenize the training (and eval) data as training will see it.
+
+    The files are read as a stream, a chunk of examples at a time. hold: how many prepared examples
+    of each split stay in memory (None: all, as training needs; --inspect holds the few it shows, so
+    its memory grows with the longest record, not the file). check_eval sees every eval example.
+    With --eval_fraction the file is read three times (count, train side, eval side) instead of held.
+    """
     d, max_len = cfg.data, cfg.model.max_seq_length
     templates = data.Templates(d.user_template, d.assistant_template, d.system_prompt)
-    load = lambda source: data.load(source, templates, d.format, d.on_bad_record, d.dedupe, d.split)  # noqa: E731
-    prepare = lambda examples: chat.prepare(examples, tokenizer, max_len, d.truncation, d.train_on,  # noqa: E731
-                                                 d.special_tokens_in_text)
+    data.check_policy(d.on_bad_record)
 
-    records = lambda loaded: len(loaded.examples) + len(loaded.rejects)  # noqa: E731
-    train_loaded = load(d.data)
-    sources = [rundir.source("train", d.data, records(train_loaded))]
-    eval_split = None
-    if d.eval_data:
-        eval_loaded = load(d.eval_data)
-        sources.append(rundir.source("eval", d.eval_data, records(eval_loaded)))
-        eval_split = Split(eval_loaded, prepare(eval_loaded.examples))
-        train_examples = train_loaded.examples
-    elif d.eval_fraction:
-        train_examples, held_out = data.split_off(train_loaded, d.eval_fraction, cfg.train.seed)
-        eval_split = Split(None, prepare(held_out))
+    def read(source, keep=lambda i: True):  # keep: which examples, by their position in the file
+        loaded = data.Loaded(examples=[])
+        stream = data.stream(source, loaded, templates, d.format, d.dedupe, d.split)
+        return loaded, (ex for i, ex in enumerate(stream) if keep(i))
+
+    def prepare(examples, check=None):
+        chunks = _chunks(examples)
+        if check:
+            chunks = (check(chunk) or chunk for chunk in chunks)
+        return chat.prepare_chunks(chunks, tokenizer, max_len, d.truncation, d.train_on, d.special_tokens_in_text,
+                                   hold)
+
+    def done(loaded, source, prepared):  # bad records first, then "nothing left"
+        data.finish(loaded, source, d.on_bad_record)
+        return chat.require_examples(prepared)
+
+    if d.eval_fraction and not d.eval_data:
+        train_loaded, examples = read(d.data)
+        n = sum(1 for _ in examples)  # first pass: validate and count, nothing held
+        data.finish(train_loaded, d.data, d.on_bad_record)
+        eval_at = data.held_out(n, d.eval_fraction, cfg.train.seed)
+        train = Split(train_loaded, chat.require_examples(prepare(read(d.data, lambda i: i not in eval_at)[1])))
+        eval_split = Split(None, chat.require_examples(prepare(read(d.data, eval_at.__contains__)[1], check_eval)))
+        sources = [rundir.source("train", d.data, train_loaded.records)]
     else:
-        train_examples = train_loaded.examples
-    result = TrainingData(Split(train_loaded, prepare(train_examples)), eval_split, sources)
+        train_loaded, examples = read(d.data)
+        train = Split(train_loaded, done(train_loaded, d.data, prepare(examples)))
+        sources = [rundir.source("train", d.data, train_loaded.records)]
+        eval_split = None
+        if d.eval_data:
+            eval_loaded, examples = read(d.eval_data)
+            eval_split = Split(eval_loaded, done(eval_loaded, d.eval_data, prepare(examples, check_eval)))
+            sources.append(rundir.source("eval", d.eval_data, eval_loaded.records))
+    result = TrainingData(train, eval_split, sources)
     for line in result.summary().splitlines():
         logger.info(line)
     return result

@@ -27,9 +27,11 @@ def run(cfg: config.Config) -> Path | None:
     tokenizer = model_lib.load_tokenizer(cfg.model.model)
     if cfg.export.quants:  # an architecture the converter cannot write fails now, not after training
         convert.check_architecture(AutoConfig.from_pretrained(base_model.resolve(cfg.model.model)), cfg.model.model)
-    td = dataset.build(cfg, tokenizer)
-    if td.eval and (cfg.eval.evaluate or "auto" in cfg.export.quants):  # an unreadable reference, too
-        evaluate.check_references(td.eval.prepared.kept, cfg.eval.metric, cfg.eval.tolerance)
+    check = None
+    if cfg.eval.evaluate or "auto" in cfg.export.quants:  # an eval reference the metric cannot read fails now, too
+        check = lambda examples: evaluate.check_references(examples, cfg.eval.metric, cfg.eval.tolerance)  # noqa: E731
+    # --inspect holds only the examples it shows: its memory does not grow with the file
+    td = dataset.build(cfg, tokenizer, hold=cfg.data.inspect_examples if cfg.data.inspect else None, check_eval=check)
     if cfg.data.inspect:
         cli.inspect(td, tokenizer, cfg)
         return None

@@ -74,7 +74,7 @@ def length_histogram(td: TrainingData, out_png: Path) -> None:
     import matplotlib.pyplot as plt
 
     prepared = td.train.prepared
-    lengths = [len(r["input_ids"]) for r in prepared.rows]
+    lengths = prepared.kept_lengths
     fig, ax = plt.subplots(figsize=(7, 3.5))
     ax.hist(lengths, bins=min(50, max(5, len(lengths) // 4)), color="#4a8")
     ax.axvline(prepared.stats["max_length"], color="red", linestyle="--", label="max_seq_length")

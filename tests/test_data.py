@@ -56,6 +56,10 @@ BAD_CASES = {
                             "character 3); remove it or write the whole character",
     "deeply_nested.jsonl": ":1: invalid JSON: nested too deeply for Python's JSON reader (about 1,000 levels); "
                            "a record is a flat object",
+    # size limits (the line, cell and file limits: test_size_limits_are_one_line below)
+    "integer_too_long.jsonl": ":1: invalid JSON: an integer of more than 4300 digits",
+    "json_integer_too_long.json": ": invalid JSON: an integer of more than 4300 digits",
+    "csv_not_utf8.csv": ":3: not valid UTF-8 (byte 0xe9); save the file as UTF-8",
 }
 
 
@@ -214,7 +218,7 @@ def test_unknown_choices_name_the_flag(tmp_path):
         load(path, on_bad_record="ignore")
 
 
-HOSTILE = ["message_role_not_string.jsonl", "lone_surrogate.jsonl", "deeply_nested.jsonl"]  # after a good messages record
+HOSTILE = ["message_role_not_string.jsonl", "lone_surrogate.jsonl", "deeply_nested.jsonl", "integer_too_long.jsonl"]  # after a good messages record
 
 
 @pytest.mark.parametrize("name", HOSTILE)
@@ -226,3 +230,29 @@ def test_with_skip_a_hostile_record_becomes_a_written_reject(tmp_path, name):
     assert len(loaded.examples) == 1 and [r.source for r in loaded.rejects] == [f"{path}:2"]
     row = json.loads(loaded.rejects[0].to_json())  # what rejects.jsonl gets: valid JSON, UTF-8 encodable
     assert row["reason"] == BAD_CASES[name].split(": ", 1)[1] and row["reason"].encode("utf-8")
+
+
+def test_size_limits_are_one_line(tmp_path, monkeypatch):
+    """A .jsonl line or a CSV cell over MAX_RECORD_BYTES, a .json array over MAX_JSON_BYTES (limits
+    lowered here: the real ones are 64 MiB and 512 MiB)."""
+    from fasttune import data
+
+    monkeypatch.setattr(data, "MAX_RECORD_BYTES", 1 << 20)
+    monkeypatch.setattr(data, "MAX_JSON_BYTES", 2 << 20)
+    good = {"prompt": "Q", "completion": "A"}
+    huge = {"prompt": "Q", "completion": "x" * (3 << 20)}
+    lines = tmp_path / "d.jsonl"
+    lines.write_text("".join(json.dumps(r) + "\n" for r in (good, huge, dict(good, prompt="Q2"))))
+    loaded = load(lines, on_bad_record="skip")  # the line after the long one is read as usual
+    assert [ex.source for ex in loaded.examples] == [f"{lines}:1", f"{lines}:3"]
+    assert loaded.rejects[0].source == f"{lines}:2"
+    assert loaded.rejects[0].reason.startswith("longer than 1 MiB, the most one record may be")
+    table = tmp_path / "d.csv"
+    table.write_text(f"prompt,completion\nQ,A\nQ2,{'x' * (3 << 20)}\n")
+    with pytest.raises(UserError, match=rf"^{table}:3: cannot read this CSV row \(field larger than field limit"):
+        load(table)
+    array = tmp_path / "d.json"
+    array.write_text(json.dumps([huge]))
+    with pytest.raises(UserError, match=rf"^{array}: 3 MiB in one JSON array, which is read whole \(the limit is "
+                                        r"2 MiB\); write it as .jsonl"):
+        load(array)
