@@ -25,16 +25,17 @@ def resolve(name: str) -> str:
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json")  # any one: fast, sentencepiece, BPE
 
 
-def check(name: str, weights: bool = True) -> Path:
+def check(name: str, plan: bool = False) -> Path:
     """The folder --model names holds a model transformers can read, or a one-line error saying what is
-    wrong with which file. Runs before anything is loaded; `weights=False` for --plan (config only).
+    wrong with which file. Runs before anything is loaded; `plan=True` (--plan) needs config.json alone.
 
     A model folder that is not one (a file, no config.json, broken JSON, no tokenizer, no or cut-off
     weights: an interrupted download) would otherwise fail deep in transformers or Unsloth with a traceback.
     """
-    path = Path(resolve(name))
-    if not path.exists():
-        path, weights = _from_hub(name), False  # the hub's weights: checked by the download itself
+    path = Path(resolve(name)).expanduser()
+    from_hub = not path.exists()
+    if from_hub:
+        path = _from_hub(name, plan)
     if not path.is_dir():
         raise UserError(f"--model {name}: a file, not a model directory; pass the folder that holds config.json")
     config = path / "config.json"
@@ -45,35 +46,54 @@ def check(name: str, weights: bool = True) -> Path:
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         where = f"{config}:{e.lineno}" if isinstance(e, json.JSONDecodeError) else str(config)
         raise UserError(f"{where}: not valid JSON ({e}); download the model again") from None
+    except OSError as e:  # a directory, no permission
+        raise UserError(f"{config}: cannot read it ({e.strerror or type(e).__name__})") from None
     if not isinstance(values, dict) or not isinstance(values.get("model_type"), str):
         raise UserError(f"{config}: no 'model_type' string in it: not a transformers model config")
     from transformers import AutoConfig
 
-    try:
-        AutoConfig.from_pretrained(path)
+    try:  # never run a folder's own Python (auto_map): the families we train are built into transformers
+        AutoConfig.from_pretrained(path, trust_remote_code=False)
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:  # what transformers raises for a bad config
         raise UserError(f"{config}: transformers cannot read it ({type(e).__name__}: {str(e).splitlines()[0]})") \
             from None
-    if not any((path / f).is_file() for f in TOKENIZER_FILES):
+    if plan:
+        return path
+    if not _has_tokenizer(path):
         raise UserError(f"--model {name}: {path} has no tokenizer (none of {', '.join(TOKENIZER_FILES)}); "
                         "copy the tokenizer files next to the weights")
-    if weights:
+    if not from_hub:  # the hub's weights are checked by the download that brings them
         _check_weights(name, path)
     return path
 
 
-def _from_hub(name: str) -> Path:
+def _has_tokenizer(path: Path) -> bool:
+    return any((path / f).is_file() for f in TOKENIZER_FILES)
+
+
+def _looks_like_a_path(name: str) -> bool:
+    """'./m', '/data/m', '~/m', 'a/b/c' cannot be hub names ('org/name' or 'name')."""
+    return name.startswith((".", "/", "~")) or name.count("/") > 1 or name.endswith("/") or "\\" in name
+
+
+def _from_hub(name: str, plan: bool) -> Path:
     """A hub name's snapshot folder: from the cache, or (online) its config and tokenizer files alone;
     the weights are then downloaded by the training step."""
+    if _looks_like_a_path(name):
+        raise UserError(f"--model {name}: no such directory")
     from huggingface_hub import constants, snapshot_download
 
     try:
-        return Path(snapshot_download(name, local_files_only=True))
+        path = Path(snapshot_download(name, local_files_only=True))
     except Exception:  # noqa: BLE001  (any hub error means: not in the cache)
-        pass
+        path = None
+    if path is not None and (plan or _has_tokenizer(path)):
+        return path
     if constants.HF_HUB_OFFLINE:
-        raise UserError(f"--model {name}: no such directory, and not in the Hugging Face cache (HF_HUB_OFFLINE is "
-                        f"set); download it with `hf download {name}` where there is a network, or pass a directory")
+        where = "only partly in the Hugging Face cache (no tokenizer)" if path else \
+            "no such directory, and not in the Hugging Face cache"
+        raise UserError(f"--model {name}: {where} (HF_HUB_OFFLINE is set); download it with `hf download {name}` "
+                        "where there is a network, or pass a directory")
     try:
         return Path(snapshot_download(name, allow_patterns=["*.json", "*.jinja", "*.model", "*.txt"]))
     except Exception as e:  # noqa: BLE001  (no network, unknown name, gated repo: the hub raises many types)
@@ -81,25 +101,37 @@ def _from_hub(name: str) -> Path:
                         f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
 
 
+MAX_HEADER_BYTES = 100 << 20  # safetensors refuses headers over 100 MB; a larger length is not a header
+
+
 def _check_weights(name: str, path: Path) -> None:
-    """Every safetensors file the folder has (or its index names) is there and complete."""
-    index = path / "model.safetensors.index.json"
-    try:
-        shards = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.is_file() else []
-    except (json.JSONDecodeError, KeyError, TypeError, AttributeError, UnicodeDecodeError) as e:
-        raise UserError(f"{index}: not a safetensors index ({type(e).__name__}: {e}); download the model again") \
-            from None
-    files = [path / s for s in shards] or sorted(path.glob("*.safetensors"))
-    if not files and not list(path.glob("pytorch_model*.bin")):
+    """Every weight file the folder has (or its index names) is there, and every safetensors one complete."""
+    shards = []
+    for index in (path / "model.safetensors.index.json", path / "pytorch_model.bin.index.json"):
+        if not index.exists():
+            continue
+        try:
+            names = sorted(set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values()))
+        except (OSError, json.JSONDecodeError, KeyError, TypeError, AttributeError, UnicodeDecodeError) as e:
+            raise UserError(f"{index}: not a weight index ({type(e).__name__}: {e}); download the model again") \
+                from None
+        for shard in names:
+            if not (path / shard).is_file():
+                raise UserError(f"{index}: names {shard}, which is missing; download the model again")
+        shards += [path / s for s in names if s.endswith(".safetensors")]
+    files = shards or sorted(path.glob("*.safetensors"))
+    if not files and not [p for p in path.glob("pytorch_model*.bin") if p.is_file()]:
         raise UserError(f"--model {name}: {path} has no weights (*.safetensors or pytorch_model*.bin)")
     for file in files:
         if not file.is_file():
-            raise UserError(f"{index}: names {file.name}, which is missing; download the model again")
+            raise UserError(f"{file}: not a file; download the model again")
         size = file.stat().st_size
         with open(file, "rb") as f:
             n = int.from_bytes(f.read(8), "little")  # the header's length, then the header (JSON)
             try:
-                header = json.loads(f.read(n)) if 8 + n <= size else None
+                if not 8 + n <= size or n > MAX_HEADER_BYTES:
+                    raise ValueError
+                header = json.loads(f.read(n))
                 end = max((int(t["data_offsets"][1]) for k, t in header.items() if k != "__metadata__"), default=0)
             except (json.JSONDecodeError, UnicodeDecodeError, AttributeError, KeyError, TypeError, IndexError,
                     ValueError):

@@ -9,11 +9,10 @@ plus its `<|im_end|>`, so the model learns to stop.
 
 from __future__ import annotations
 
-import functools
 import logging
 import re
 from array import array
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -94,23 +93,34 @@ def _literal(tokenizer, messages: list[dict], template: str, specials: list[str]
                                              return_assistant_tokens_mask=True, **tokenizer.special_tokens_map)
         return texts[0], spans[0]
 
-    blank = lambda text: functools.reduce(lambda t, s: t.replace(s, "\0" * len(s)), specials, text)  # noqa: E731
     text, generation = render(messages)
-    template_only, _ = render([dict(m, content=blank(m["content"])) for m in messages])
-    marks = re.compile("|".join(map(re.escape, specials)))
-    ids, starts, pos = [], [], 0
-    for mark in [*marks.finditer(template_only), None]:
+    template_only, _ = render([dict(m, content=_blank(m["content"], specials)) for m in messages])
+    marks = list(re.finditer("|".join(map(re.escape, specials)), template_only))
+    if len(text) != len(template_only) or any(text[m.start():m.end()] != m.group() for m in marks):
+        raise UserError("this model's chat template changes the text of messages, so "
+                        "--special_tokens_in_text literal cannot find them in it; use control")
+    ids, spans, pos = [], [], 0  # spans: each token's [start, end) in text
+    for mark in [*marks, None]:
         end = mark.start() if mark else len(text)
         piece = tokenizer(text[pos:end], add_special_tokens=False, split_special_tokens=True,
                           return_offsets_mapping=True)
         ids += piece["input_ids"]
-        starts += [pos + a for a, _ in piece["offset_mapping"]]
+        spans += [(pos + a, pos + b) for a, b in piece["offset_mapping"]]
         if mark:
             ids.append(tokenizer.convert_tokens_to_ids(mark.group()))
-            starts.append(mark.start())
+            spans.append((mark.start(), mark.end()))
             pos = mark.end()
-    mask = [int(any(a <= s < b for a, b in generation)) for s in starts]
+    # A token is the assistant's when it overlaps a generation span, as transformers' own mask counts it
+    # (a token that merges "\n" before an answer with its first word is trained).
+    mask = [int(any(a < end and start < b for start, end in generation)) for a, b in spans]
     return ids, mask
+
+
+def _blank(text: str, specials: list[str]) -> str:
+    """Every special spelling in text replaced by as many NULs: the same length, no spelling left."""
+    for s in specials:
+        text = text.replace(s, "\0" * len(s))
+    return text
 
 
 def _labels(ids: list[int], mask: list[int], train_on: str) -> tuple[list[int], list[int]]:
@@ -122,9 +132,9 @@ def _labels(ids: list[int], mask: list[int], train_on: str) -> tuple[list[int], 
     return ids, [t if m else IGNORE for t, m in zip(ids, mask)]
 
 
-# Above this many examples, tokenization is spread over processes (forked: they inherit the
-# tokenizer instead of receiving an 11 MB pickle per chunk).
-PARALLEL_MIN, CHUNK = 8000, 1000
+# Above this many examples or characters, tokenization is spread over processes (forked: they inherit
+# the tokenizer instead of receiving an 11 MB pickle per piece). Below, a pool costs more than it saves.
+PARALLEL_MIN, PARALLEL_MIN_CHARS, CHUNK = 8000, 2 << 20, 1000
 _FORK_STATE: dict = {}
 
 
@@ -136,16 +146,19 @@ def _tokenize_chunk(bounds: tuple[int, int]):
 
 def tokenize_all(tokenizer, conversations: list[list[dict]], template: str, train_on: str = "all",
                  special: str = "control"):
-    """tokenize_chats over a whole dataset, in chunks, on every core for large inputs."""
+    """tokenize_chats over a whole dataset, in pieces, on every core for large inputs."""
     import multiprocessing
 
-    bounds = [(i, min(i + CHUNK, len(conversations))) for i in range(0, len(conversations), CHUNK)]
-    workers = min(cpu_threads(), len(bounds))
+    n, threads = len(conversations), cpu_threads()
+    chars = sum(len(m["content"]) for c in conversations for m in c)
+    parallel = threads > 1 and n > 1 and (n >= PARALLEL_MIN or chars >= PARALLEL_MIN_CHARS)
+    step = max(1, min(CHUNK, -(-n // threads))) if parallel else CHUNK  # a few long examples: one per core
+    bounds = [(i, min(i + step, n)) for i in range(0, n, step)]
     _FORK_STATE.update(tokenizer=tokenizer, conversations=conversations, template=template, train_on=train_on,
                        special=special)
     try:
-        if workers > 1 and len(conversations) >= PARALLEL_MIN:
-            with multiprocessing.get_context("fork").Pool(workers) as pool:
+        if parallel:
+            with multiprocessing.get_context("fork").Pool(min(threads, len(bounds))) as pool:
                 parts = pool.map(_tokenize_chunk, bounds)
         else:
             parts = map(_tokenize_chunk, bounds)
@@ -173,7 +186,8 @@ def prepare(examples: list[Example], tokenizer, max_length: int, truncation: str
 
 
 def prepare_chunks(chunks: Iterable[list[Example]], tokenizer, max_length: int, truncation: str = "drop",
-                   train_on: str = "all", special: str = "control", hold: int | None = None) -> Prepared:
+                   train_on: str = "all", special: str = "control", hold: int | None = None,
+                   check: Callable[[list[Example]], None] | None = None) -> Prepared:
     """Tokenize every example as training will, apply the truncation policy, count everything.
 
     An example whose answer does not fit in max_length is left out (truncation="drop") or trained
@@ -181,7 +195,7 @@ def prepare_chunks(chunks: Iterable[list[Example]], tokenizer, max_length: int, 
     Left-out examples are returned as rejects with the reason, never dropped silently (TRL itself
     would drop fully masked examples without a word). `chunks` may be streamed from the file: only
     the first `hold` kept examples stay in memory (None: all of them, for training); the statistics
-    count every one.
+    count every one. check: called with each chunk's kept examples (an eval set's references).
     """
     if truncation not in ("drop", "keep"):
         raise UserError(f"--truncation {truncation}: choose drop or keep")
@@ -191,7 +205,7 @@ def prepare_chunks(chunks: Iterable[list[Example]], tokenizer, max_length: int, 
         raise UserError(f"--special_tokens_in_text {special}: choose control or literal")
     template = training_template(tokenizer)
     out = Prepared([], [], [], {})
-    records, lengths, n_cut, n_empty, tokens, trained, marked = 0, array("I"), 0, 0, 0, 0, []
+    records, lengths, n_cut, n_empty, tokens, trained, marked, first_marked = 0, array("I"), 0, 0, 0, 0, 0, None
     for examples in chunks:
         encoded = tokenize_all(tokenizer, [ex.messages for ex in examples], template, train_on, special)
         records += len(examples)
@@ -224,12 +238,15 @@ def prepare_chunks(chunks: Iterable[list[Example]], tokenizer, max_length: int, 
             if hold is None or len(out.rows) < hold:
                 out.rows.append({"input_ids": ids[:max_length], "labels": labels[:max_length]})
                 out.kept.append(ex)
-        marked += special_tokens_in_text(tokenizer, kept_here)  # counted either way; warned about where tokens
+        if check:
+            check(kept_here)
+        found = special_tokens_in_text(tokenizer, kept_here)  # counted either way; warned about where tokens
+        marked, first_marked = marked + len(found), first_marked or (found[0] if found else None)
         del examples, encoded, kept_here  # this chunk is freed before the next one is read
     n_kept_all = len(out.kept_lengths)
     out.stats = {
         "records": records, "kept": n_kept_all, "tokens": tokens, "trained_tokens": trained,
-        "special_tokens_in_text": len(marked),
+        "special_tokens_in_text": marked,
         "trained_fraction": round(trained / max(tokens, 1), 4),
         "nothing_trained": n_empty, "answers_cut": n_cut, "truncation": truncation, "max_length": max_length,
         "length_percentiles": _percentiles(lengths),
@@ -244,7 +261,7 @@ def prepare_chunks(chunks: Iterable[list[Example]], tokenizer, max_length: int, 
         logger.warning("%d examples have a control token written in their text (first: %s, %s): the tokenizer reads "
                        "it as the token itself, so the model learns to stop or switch roles there; if it was meant "
                        "as text, pass --special_tokens_in_text literal (or remove it from the data)",
-                       len(marked), marked[0][0], marked[0][1])
+                       marked, *first_marked)
     return out
 
 

@@ -97,25 +97,25 @@ class RecordError(Exception):
 
 def read_records(source: str | Path, split: str = "train", notes: list[str] | None = None) \
         -> Iterator[tuple[str, object]]:
-    """(where, record) for every record; `record` is a RecordError for a line that cannot be read."""
+    """(where, record) for every record; `record` is a RecordError for a line that cannot be read.
+
+    A missing file or an unknown file type raises here, at the call, before a record is read: a
+    recipe checks its eval file this way before it spends time on the training file.
+    """
     notes = [] if notes is None else notes
     path = Path(source)
     if path.is_dir():
-        yield from _read_saved_dataset(path, split)
-    elif path.suffix == ".jsonl":
-        yield from _read_jsonl(path, notes)
-    elif path.suffix == ".json":
-        yield from _read_json_array(path, notes)
-    elif path.suffix == ".csv":
-        yield from _read_csv(path, notes)
-    elif path.suffix == ".parquet":
-        yield from _read_parquet(path)
-    elif path.exists():
-        raise UserError(f"{path}: unknown file type '{path.suffix}'; use .jsonl, .json, .csv or .parquet")
-    elif "/" in str(source) and not str(source).startswith((".", "/")) and path.suffix == "":
-        yield from _read_hub(str(source), split)
-    else:
+        return _read_saved_dataset(path, split)
+    if not path.exists():
+        if "/" in str(source) and not str(source).startswith((".", "/")) and path.suffix == "":
+            return _read_hub(str(source), split)
         raise UserError(f"{source}: no such file")
+    readers = {".jsonl": _read_jsonl, ".json": _read_json_array, ".csv": _read_csv}
+    if path.suffix in readers:
+        return readers[path.suffix](path, notes)
+    if path.suffix == ".parquet":
+        return _read_parquet(path)
+    raise UserError(f"{path}: unknown file type '{path.suffix}'; use .jsonl, .json, .csv or .parquet")
 
 
 def _bom(path: Path, f, notes: list[str]) -> None:
@@ -220,7 +220,7 @@ def _read_csv(path: Path, notes: list[str]) -> Iterator[tuple[str, object]]:
     with open(path, "rb") as raw:
         _bom(path, raw, notes)
         text = io.TextIOWrapper(raw, encoding="utf-8", newline="")
-        reader = csv.DictReader(text)
+        reader = csv.DictReader(_bounded_lines(text, path))
         limit = csv.field_size_limit(MAX_RECORD_BYTES)  # csv's own default is 128 KiB per cell
         try:
             start = 2
@@ -233,8 +233,8 @@ def _read_csv(path: Path, notes: list[str]) -> Iterator[tuple[str, object]]:
                 except UnicodeDecodeError:  # decoded ahead in blocks: find the line again
                     raise UserError(_not_utf8(path)) from None
                 except csv.Error as e:  # a cell over the limit, a NUL byte: the reader cannot go on
-                    raise UserError(f"{where}: cannot read this CSV row ({e}); a cell may be at most "
-                                    f"{MAX_RECORD_BYTES >> 20} MiB") from None
+                    hint = f"; a cell may be at most {MAX_RECORD_BYTES >> 20} MiB" if "field limit" in str(e) else ""
+                    raise UserError(f"{where}: cannot read this CSV row ({e}){hint}") from None
                 start = reader.line_num + 1
                 if None in row:  # more cells than header columns
                     yield where, RecordError(f"{len(row) - 1 + len(row[None])} cells but the header has "
@@ -245,6 +245,18 @@ def _read_csv(path: Path, notes: list[str]) -> Iterator[tuple[str, object]]:
                     yield where, row
         finally:
             csv.field_size_limit(limit)
+
+
+def _bounded_lines(text: io.TextIOWrapper, path: Path) -> Iterator[str]:
+    """The file's lines for csv, none longer than MAX_RECORD_BYTES characters: csv itself would read a
+    line of any length into memory before its cell limit applies."""
+    lineno = 0
+    while line := text.readline(MAX_RECORD_BYTES + 1):
+        lineno += 1
+        if len(line) > MAX_RECORD_BYTES:
+            raise UserError(f"{path}:{lineno}: a line longer than {MAX_RECORD_BYTES >> 20} MiB, the most one CSV "
+                            "row may be; write long texts as .jsonl")
+        yield line
 
 
 def _not_utf8(path: Path) -> str:
@@ -532,8 +544,8 @@ def check_policy(on_bad_record: str) -> None:
 def stream(source: str | Path, loaded: Loaded, templates: Templates | None = None, fmt: str = "auto",
            dedupe: bool = False, split: str = "train") -> Iterator[Example]:
     """Every usable example of `source`, one at a time as the file is read; the format, rejects, notes
-    and counts go into `loaded` (call finish() once the stream is spent). Memory holds one record, plus
-    16 bytes per record to find duplicates."""
+    and counts go into `loaded` (call finish() once the stream is spent). Memory holds one record, the
+    rejects, and about 150 bytes per record to find duplicates (a 16-byte digest and where it was)."""
     templates = templates or Templates()
     if fmt != "auto" and fmt not in CONVERTERS:
         raise UserError(f"--format {fmt}: unknown; choose auto or one of {', '.join(FORMATS)}")

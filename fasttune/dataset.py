@@ -96,52 +96,72 @@ def _chunks(examples: Iterator[data.Example]) -> Iterator[list[data.Example]]:
         yield chunk
 
 
+def _until_bad(examples: Iterator[data.Example], loaded: data.Loaded, on_bad_record: str) \
+        -> Iterator[data.Example]:
+    """The examples, until a bad record turns up when on_bad_record="error": the run stops then, so
+    nothing more is tokenized; the rest of the file is still read, for the error to list every one."""
+    seen = 0
+    for ex in examples:
+        if on_bad_record == "error":
+            if any(not r.reason.startswith("duplicate of") for r in loaded.rejects[seen:]):
+                break
+            seen = len(loaded.rejects)
+        yield ex
+    for _ in examples:
+        pass
+
+
+def _at(examples: Iterator[data.Example], positions: set[int], inside: bool) -> Iterator[data.Example]:
+    """The examples whose position in the file is (inside=True) or is not in `positions`."""
+    return (ex for i, ex in enumerate(examples) if (i in positions) == inside)
+
+
 def build(cfg: Config, tokenizer, hold: int | None = None,
           check_eval: Callable[[list[data.Example]], None] | None = None) -> TrainingData:
     """Load, validate, split and tokenize the training (and eval) data as training will see it.
 
     The files are read as a stream, a chunk of examples at a time. hold: how many prepared examples
     of each split stay in memory (None: all, as training needs; --inspect holds the few it shows, so
-    its memory grows with the longest record, not the file). check_eval sees every eval example.
-    With --eval_fraction the file is read three times (count, train side, eval side) instead of held.
+    its memory grows with the longest record, not the file). check_eval sees every eval example that
+    is kept. With --eval_fraction the file is read three times (count, train side, eval side) instead
+    of held; both sides keep the file's order.
     """
     d, max_len = cfg.data, cfg.model.max_seq_length
     templates = data.Templates(d.user_template, d.assistant_template, d.system_prompt)
     data.check_policy(d.on_bad_record)
+    for source in filter(None, (d.data, d.eval_data)):
+        data.read_records(source, d.split)  # no such file, unknown type: now, not after the train file is tokenized
 
-    def read(source, keep=lambda i: True):  # keep: which examples, by their position in the file
+    def read(source):
         loaded = data.Loaded(examples=[])
-        stream = data.stream(source, loaded, templates, d.format, d.dedupe, d.split)
-        return loaded, (ex for i, ex in enumerate(stream) if keep(i))
+        return loaded, data.stream(source, loaded, templates, d.format, d.dedupe, d.split)
 
-    def prepare(examples, check=None):
-        chunks = _chunks(examples)
-        if check:
-            chunks = (check(chunk) or chunk for chunk in chunks)
-        return chat.prepare_chunks(chunks, tokenizer, max_len, d.truncation, d.train_on, d.special_tokens_in_text,
-                                   hold)
+    def prepare(loaded, examples, check=None):
+        return chat.prepare_chunks(_chunks(_until_bad(examples, loaded, d.on_bad_record)), tokenizer, max_len,
+                                   d.truncation, d.train_on, d.special_tokens_in_text, hold, check)
 
     def done(loaded, source, prepared):  # bad records first, then "nothing left"
         data.finish(loaded, source, d.on_bad_record)
         return chat.require_examples(prepared)
 
+    train_loaded, examples = read(d.data)
+    eval_split = None
     if d.eval_fraction and not d.eval_data:
-        train_loaded, examples = read(d.data)
         n = sum(1 for _ in examples)  # first pass: validate and count, nothing held
         data.finish(train_loaded, d.data, d.on_bad_record)
         eval_at = data.held_out(n, d.eval_fraction, cfg.train.seed)
-        train = Split(train_loaded, chat.require_examples(prepare(read(d.data, lambda i: i not in eval_at)[1])))
-        eval_split = Split(None, chat.require_examples(prepare(read(d.data, eval_at.__contains__)[1], check_eval)))
-        sources = [rundir.source("train", d.data, train_loaded.records)]
+        again, examples = read(d.data)
+        train = Split(train_loaded, chat.require_examples(prepare(again, _at(examples, eval_at, inside=False))))
+        again, examples = read(d.data)
+        eval_split = Split(None, chat.require_examples(prepare(again, _at(examples, eval_at, inside=True),
+                                                               check_eval)))
     else:
-        train_loaded, examples = read(d.data)
-        train = Split(train_loaded, done(train_loaded, d.data, prepare(examples)))
-        sources = [rundir.source("train", d.data, train_loaded.records)]
-        eval_split = None
-        if d.eval_data:
-            eval_loaded, examples = read(d.eval_data)
-            eval_split = Split(eval_loaded, done(eval_loaded, d.eval_data, prepare(examples, check_eval)))
-            sources.append(rundir.source("eval", d.eval_data, eval_loaded.records))
+        train = Split(train_loaded, done(train_loaded, d.data, prepare(train_loaded, examples)))
+    sources = [rundir.source("train", d.data, train_loaded.records)]  # records: counted once the file is read
+    if d.eval_data:
+        eval_loaded, examples = read(d.eval_data)
+        eval_split = Split(eval_loaded, done(eval_loaded, d.eval_data, prepare(eval_loaded, examples, check_eval)))
+        sources.append(rundir.source("eval", d.eval_data, eval_loaded.records))
     result = TrainingData(train, eval_split, sources)
     for line in result.summary().splitlines():
         logger.info(line)

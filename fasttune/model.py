@@ -29,7 +29,7 @@ def load_tokenizer(name: str):
         tokenizer = AutoTokenizer.from_pretrained(resolve(name))
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:  # a broken tokenizer file
         raise UserError(f"--model {name}: cannot read its tokenizer ({type(e).__name__}: "
-                        f"{str(e).splitlines()[0] if str(e) else ''})") from None
+                        f"{str(e).splitlines()[0] if str(e) else ''}); copy its tokenizer files again") from None
     ensure_chat_template(tokenizer)
     return tokenizer
 

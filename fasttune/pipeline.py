@@ -18,7 +18,7 @@ from fasttune import base_model, cli, config, convert, dataset, evaluate, export
 
 def run(cfg: config.Config) -> Path | None:
     """Train, merge, export, measure and evaluate; returns the run directory (None for --inspect, --plan)."""
-    base_model.check(cfg.model.model, weights=not cfg.train.plan)  # a folder that is not a model: one line, now
+    base_model.check(cfg.model.model, plan=cfg.train.plan)  # a folder that is not a model: one line, now
     if cfg.train.plan:  # memory arithmetic from the model's config alone: nothing is loaded
         cli.print_plan(cfg)
         return None

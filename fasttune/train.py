@@ -49,15 +49,20 @@ class MetricsLog(TrainerCallback):
     def on_step_end(self, args, state, control, model=None, **kwargs):
         # A checkpoint may fall between two logs: never write one from weights a diverged step left
         # non-finite (DefaultFlowCallback, which runs first, has just decided whether to save).
-        if not control.should_save or model is None:
-            return
+        if control.should_save and model is not None:
+            self._check_finite(model, state.global_step, "no checkpoint was written from it")
+
+    def on_train_end(self, args, state, control, model=None, **kwargs):
+        if model is not None:  # the adapter is saved next: not from weights that diverged after the last log
+            self._check_finite(model, state.global_step, "the adapter was not saved")
+
+    def _check_finite(self, model, step: int, consequence: str) -> None:
         bad = next((name for name, p in model.named_parameters() if p.requires_grad and not torch.isfinite(p).all()),
                    None)
         if bad:
-            raise UserError(f"training diverged by step {state.global_step}: {bad} is not finite; no checkpoint "
-                            f"was written from it. Usual causes: a learning rate too high (--learning_rate "
-                            f"{self.learning_rate:g}: try a tenth), fp16 overflow on a GPU without bf16; start "
-                            "again with --overwrite")
+            raise UserError(f"training diverged by step {step}: {bad} is not finite; {consequence}. Usual causes: "
+                            f"a learning rate too high (--learning_rate {self.learning_rate:g}: try a tenth), fp16 "
+                            "overflow on a GPU without bf16; start again with --overwrite")
 
 
 class KeepAdapterDtype(TrainerCallback):

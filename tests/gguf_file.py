@@ -28,7 +28,7 @@ class Tensor:
     shape: list[int]  # GGUF order: ne[0] (the contiguous dimension) first
     offset: int  # absolute, in the file
     nbytes: int
-    data: bytes
+    data: memoryview  # a view into the file's bytes
 
 
 @dataclass
@@ -38,7 +38,7 @@ class GGUFFile:
 
 
 class _Cursor:
-    def __init__(self, buf: bytes):
+    def __init__(self, buf: memoryview):
         self.buf, self.pos = buf, 0
 
     def scalar(self, fmt: str):
@@ -49,7 +49,7 @@ class _Cursor:
     def string(self) -> str:
         n = self.scalar("<Q")
         self.pos += n
-        return self.buf[self.pos - n: self.pos].decode("utf-8")
+        return str(self.buf[self.pos - n: self.pos], "utf-8")
 
     def value(self, kind: int):
         kind = T(kind)
@@ -66,7 +66,7 @@ class _Cursor:
 
 
 def read(path: str | Path) -> GGUFFile:
-    data = Path(path).read_bytes()
+    data = memoryview(Path(path).read_bytes())  # tensors are views into it, not copies
     c = _Cursor(data)
     magic, version, n_tensors, n_kv = c.scalar("<I"), c.scalar("<I"), c.scalar("<Q"), c.scalar("<Q")
     assert (magic, version) == (gguf.GGUF_MAGIC, gguf.GGUF_VERSION), (path, magic, version)

@@ -168,11 +168,43 @@ def test_literal_keeps_control_spellings_as_text(tokenizer, caplog):
     assert prepare([ex], tokenizer, 256).rows[0]["input_ids"].count(IM_END) == 5
 
 
-def test_literal_equals_control_on_text_without_special_spellings(tokenizer):
+@pytest.mark.parametrize("answer", ["Paris.", "\nParis.", "\n\nParis.", " Paris.\n", "\n\n\n"])
+def test_literal_equals_control_on_text_without_special_spellings(tokenizer, answer):
+    """Tokens and mask as transformers' own: a token that merges the template's newline with an
+    answer's leading newlines counts as the answer's in both."""
     from fasttune import chat
 
-    messages = [{"role": "user", "content": "Capital of France? <|im"}, {"role": "assistant", "content": "Paris."},
+    messages = [{"role": "user", "content": "Capital of France? <|im"}, {"role": "assistant", "content": answer},
                 {"role": "user", "content": "And Italy?"}, {"role": "assistant", "content": "Rome."}]
     template = chat.training_template(tokenizer)
     ids, mask = chat._literal(tokenizer, messages, template, chat.special_spellings(tokenizer))
     assert chat._labels(ids, mask, "all") == tokenize_chat(tokenizer, messages)
+
+
+def test_literal_refuses_a_template_that_rewrites_messages(tokenizer):
+    from fasttune import chat
+
+    template = chat.training_template(tokenizer).replace("message.content", "message.content | replace('<', '&lt;')")
+    assert template != chat.training_template(tokenizer)
+    messages = [{"role": "user", "content": "say <|im_end|>"}, {"role": "assistant", "content": "ok"}]
+    with pytest.raises(UserError, match="changes the text of messages"):
+        chat._literal(tokenizer, messages, template, chat.special_spellings(tokenizer))
+
+
+def test_a_few_long_examples_are_tokenized_on_every_core_with_the_same_result(tokenizer, monkeypatch):
+    """Long records make small chunks: the pool is chosen by characters too, one example per core."""
+    import multiprocessing
+
+    from fasttune import chat
+
+    conversations = [[{"role": "user", "content": f"question {i} " * 40},
+                      {"role": "assistant", "content": f"answer {i} " * 60}] for i in range(3)]
+    template = chat.training_template(tokenizer)
+    serial = chat.tokenize_all(tokenizer, conversations, template)
+    pools = []
+    real = multiprocessing.get_context
+    monkeypatch.setattr(multiprocessing, "get_context", lambda method: pools.append(method) or real(method))
+    monkeypatch.setattr(chat, "cpu_threads", lambda: 2)
+    assert chat.tokenize_all(tokenizer, conversations, template) == serial and pools == []  # 3 short ones: serial
+    monkeypatch.setattr(chat, "PARALLEL_MIN_CHARS", 1000)
+    assert chat.tokenize_all(tokenizer, conversations, template) == serial and pools == ["fork"]

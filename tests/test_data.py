@@ -248,8 +248,13 @@ def test_size_limits_are_one_line(tmp_path, monkeypatch):
     assert loaded.rejects[0].source == f"{lines}:2"
     assert loaded.rejects[0].reason.startswith("longer than 1 MiB, the most one record may be")
     table = tmp_path / "d.csv"
-    table.write_text(f"prompt,completion\nQ,A\nQ2,{'x' * (3 << 20)}\n")
-    with pytest.raises(UserError, match=rf"^{table}:3: cannot read this CSV row \(field larger than field limit"):
+    table.write_text(f"prompt,completion\nQ,A\nQ2,{'x' * (3 << 20)}\n")  # one line: refused before it is held
+    with pytest.raises(UserError, match=rf"^{table}:3: a line longer than 1 MiB, the most one CSV row may be"):
+        load(table)
+    cell = "\n".join(["x" * (1 << 19)] * 6)  # a quoted cell over many short lines: csv's own limit
+    table.write_text(f'prompt,completion\nQ,A\nQ2,"{cell}"\n')
+    with pytest.raises(UserError, match=rf"^{table}:3: cannot read this CSV row \(field larger than field limit "
+                                        r".*\); a cell may be at most 1 MiB$"):
         load(table)
     array = tmp_path / "d.json"
     array.write_text(json.dumps([huge]))

@@ -59,3 +59,45 @@ def test_eval_fraction_streamed_holds_out_the_seeded_share(tmp_path, tokenizer):
     assert td.sources[0]["records"] == 30
     shown = dataset.build(cfg_for(path, "--eval_fraction", "0.2", "--seed", "7"), tokenizer, hold=2)
     assert shown.stats() == td.stats()
+
+
+def test_a_bad_record_stops_tokenizing_and_every_one_is_still_listed(tmp_path, tokenizer, monkeypatch):
+    """on_bad_record=error: the run stops at the end anyway, so nothing after the first bad record is
+    tokenized; the error still names each bad line of the file."""
+    import pytest
+
+    from fasttune import UserError
+
+    path = tmp_path / "d.jsonl"
+    lines = [json.dumps(r) + "\n" for r in records(60)]
+    lines[5], lines[50] = "not json\n", '{"prompt": 3}\n'
+    path.write_text("".join(lines))
+    monkeypatch.setattr(dataset, "CHUNK_EXAMPLES", 8)
+    tokenized, tokenize_all = [], chat.tokenize_all
+    monkeypatch.setattr(chat, "tokenize_all", lambda tok, conversations, *a: tokenized.append(len(conversations))
+                        or tokenize_all(tok, conversations, *a))
+    with pytest.raises(UserError, match=f"(?s){path}:6: .*{path}:51: ") as e:
+        dataset.build(cfg_for(path), tokenizer)
+    assert "2 bad records" in str(e.value) or str(e.value).count(str(path)) >= 2
+    assert sum(tokenized) <= 8  # at most the chunk the first bad record was found in
+    tokenized.clear()
+    assert dataset.build(cfg_for(path, "--on_bad_record", "skip"), tokenizer).stats()["train"]["kept"] == 58
+    assert sum(tokenized) == 58
+
+
+def test_a_missing_eval_file_is_reported_before_the_train_file_is_tokenized(tmp_path, tokenizer, monkeypatch):
+    import pytest
+
+    from fasttune import UserError
+
+    path = tmp_path / "d.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in records(20)))
+    tokenized = []
+    monkeypatch.setattr(chat, "tokenize_all", lambda *a: tokenized.append(a) or [])
+    for eval_file, message in (("missing.jsonl", "missing.jsonl: no such file"),
+                               (str(path.with_suffix(".txt")), "unknown file type")):
+        if eval_file.endswith(".txt"):
+            path.with_suffix(".txt").write_text("x")
+        with pytest.raises(UserError, match=message):
+            dataset.build(cfg_for(path, "--eval_data", eval_file), tokenizer)
+    assert tokenized == []

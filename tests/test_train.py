@@ -158,6 +158,12 @@ def test_no_checkpoint_is_written_from_non_finite_weights(tmp_path):
     log.on_step_end(None, state, SimpleNamespace(should_save=False), model=model)  # no save due: not checked
     with pytest.raises(UserError, match=r"diverged by step 5: weight is not finite; no checkpoint was written"):
         log.on_step_end(None, state, save, model=model)
+    with pytest.raises(UserError, match=r"weight is not finite; the adapter was not saved"):  # no save step at all
+        log.on_train_end(None, state, None, model=model)
+    with torch.no_grad():
+        model.weight[0, 0] = 0.0
+        model.bias[0] = float("nan")  # frozen: not the adapter's
+    log.on_train_end(None, state, None, model=model)
 
 
 def test_a_metrics_line_cut_by_a_kill_is_left_out(tmp_path):
