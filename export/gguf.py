@@ -3,14 +3,16 @@
 
     python export/gguf.py RUN_DIR                      # the types the recipe's config lists
     python export/gguf.py RUN_DIR --quant bf16 q8_0 q4_k_m
-    python export/gguf.py RUN_DIR --quant auto [--tolerance 1.0]   # the smallest that keeps the score
+    python export/gguf.py RUN_DIR --quant auto [--tolerance 1.0]   # chosen by measurement
 
 bf16/f16/f32/q8_0 are written by fasttune's own converter (the `gguf` package); k-quants and the
 other llama.cpp types are made from the 16-bit file by llama-cpp-python's bundled quantizer,
 calibrated by an importance matrix from the run's training conversations (unless the run says
-imatrix: false, or --no-imatrix). auto writes the candidates and keeps the smallest whose eval score
-is within --tolerance points of the 16-bit file (report: RUN_DIR/gguf/auto.md). Every file is
-measured once (fidelity, drift, task score: RUN_DIR/gguf/report.json) and listed in RUN_DIR/run.json.
+imatrix: false, or --no-imatrix). auto writes the candidates and keeps one: shown (95 % interval) to
+lose less than --tolerance points of eval score against the 16-bit file when the eval set can show
+that, else within a KL budget; a smaller file only when it is at least 10 % smaller (report, with
+the winner's score on eval examples the choice did not use: RUN_DIR/gguf/auto.md). Every file is
+measured (fidelity, drift, task score: RUN_DIR/gguf/report.json) and listed in RUN_DIR/run.json.
 Files land in RUN_DIR/gguf/<run name>-<type>.gguf. No network, no llama.cpp build.
 """
 
@@ -32,8 +34,8 @@ def main(argv=None):
     parser.add_argument("--quant", nargs="+", metavar="TYPE",
                         help="types to write (default: the recipe config's `quants`), e.g. bf16 q8_0 q4_k_m")
     parser.add_argument("--tolerance", type=float,
-                        help="auto: points of score a quant may lose against the 16-bit file (default: the run's "
-                             "quant_tolerance, 1.0)")
+                        help="auto: points of eval score a quant may lose against the 16-bit file (default: the "
+                             "run's quant_tolerance, 1.0); the score decides only where the eval set can resolve it")
     parser.add_argument("--imatrix", action=argparse.BooleanOptionalAction, default=None,
                         help="calibrate quantized types on the run's training texts (default: the run's setting)")
     parser.add_argument("--lora", action="store_true",

@@ -1,22 +1,34 @@
-"""`--quants auto`: choose the quant by measuring it.
+"""`--quants auto`: choose the quant by measuring it, and say how sure the choice is.
 
-The quant people pick by habit (q4_k_m) can lose most of a fine-tuned task's accuracy while q6_k
-keeps it, and which one holds depends on the model and the task. fasttune.export writes every
-candidate and fasttune.measure answers the run's eval set with each (the recipe's own metric,
-greedy, the same prompts, the same measurement the final evaluation shows); this module keeps
-the smallest file whose score is within `tolerance` points of the 16-bit file's. Without eval data
-the score is top-1 agreement with the 16-bit file on the training answers, in percent. Every
-candidate's size, real bits per weight, score, KL divergence from the 16-bit file and decode speed
-go to gguf/auto.md (+ .json, .png), with the reason the winner won.
+The quant people pick by habit (q4_k_m) can lose most of a fine-tuned task while q6_k keeps it, and
+which one holds depends on the model and the task. fasttune.export writes every candidate and
+fasttune.measure measures each against the 16-bit file; this module decides:
+
+1. Which files qualify. With enough eval examples to resolve --quant_tolerance, the task decides: a
+   file qualifies when the 95 % interval of its paired score difference from the 16-bit file, on
+   half of the eval set, rules out a loss of the tolerance or more (fasttune.intervals). A smaller
+   set cannot (12 examples cannot rule out a 30-point loss), so the low-variance signal decides
+   instead: the KL divergence from the 16-bit file over the answer positions of the training
+   examples, within KL_BUDGET times q8_0's own (8-bit rounding, the loss nobody can measure in a
+   task score, sets the scale).
+2. Which of them wins. Starting from the 16-bit file, walk the qualifying files from the most
+   faithful (lowest KL) down; a file replaces the current choice only when it is at least 10 %
+   smaller. A 1 % smaller file that is ten times less faithful buys nothing.
+3. What it scores. The chosen file's score is reported on eval examples that took no part in the
+   choice (the other half when the task decided; all of them when KL did), with its interval.
+
+gguf/auto.md (+ .json, .png) shows every candidate's size, bits per weight, KL, top-1 agreement,
+the paired differences that were measured, each file's verdict, and the reason for the winner.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import random
 from pathlib import Path
 
-from fasttune import rundir
+from fasttune import intervals, rundir
 from fasttune.convert import DIRECT_TYPES
 
 logger = logging.getLogger(__name__)
@@ -24,6 +36,8 @@ logger = logging.getLogger(__name__)
 # Largest first. The calibrated-only ones need an importance matrix (quantize.NEEDS_IMATRIX).
 CANDIDATES = ["q8_0", "q6_k", "q5_k_m", "q4_k_m", "q3_k_m"]
 CALIBRATED_CANDIDATES = ["iq4_xs", "q2_k"]
+KL_BUDGET = 10  # a file's KL from the 16-bit file may be at most this many times q8_0's
+SMALLER = 0.9  # a less faithful file wins only at this fraction of the size of the one it replaces, or less
 
 
 def candidates(calibrated: bool) -> list[str]:
@@ -31,95 +45,199 @@ def candidates(calibrated: bool) -> list[str]:
     return CANDIDATES + (CALIBRATED_CANDIDATES if calibrated else [])
 
 
-def choose(run_dir: Path, rows: list[dict], tolerance: float, calibrated: str | None) -> dict:
-    """Pick among measured rows (the 16-bit reference first; fasttune.measure) and write gguf/auto.json,
-    auto.md and auto.png. Returns the winning row. calibrated: the importance matrix's source, if any.
+def split(n: int, tolerance: float, seed: int) -> tuple[list[int], list[int]]:
+    """(choice, report): which of n eval examples (by position) the task decides on, and which report
+    the chosen file's score. When half the set cannot resolve the tolerance the task does not decide:
+    no choice examples, all n report."""
+    if n < 2 or intervals.resolution(n // 2) > tolerance:
+        return [], list(range(n))
+    order = list(range(n))
+    random.Random(seed).shuffle(order)
+    return sorted(order[: n // 2]), sorted(order[n // 2:])
 
-    The score is the task metric x 100 on the run's eval examples; without eval data, top-1 agreement
-    with the 16-bit file on the answer positions of the training examples."""
-    rows = [dict(r) for r in rows]
-    if "score" in rows[0]:
-        measure = f"task score x 100 on the run's eval examples ({rows[0]['file']} included)"
-    else:
-        measure = f"top-1 agreement with {rows[0]['file']} (%) on the training answers (no eval data)"
-        for r in rows:
-            r["score"] = r["top1"]
-    for r in rows:
-        r["calibrated"] = bool(calibrated) and r is not rows[0] and r["type"] not in DIRECT_TYPES
-    winner, why = pick(rows, tolerance)
+
+def examples_needed(tolerance: float) -> int:
+    """How many eval examples a task decision at `tolerance` points takes (half of them choose)."""
+    n = 1
+    while intervals.resolution(n) > tolerance and n < 10**7:
+        n *= 2
+    lo, hi = n // 2, n
+    while lo + 1 < hi:  # resolution falls with n: the smallest n that resolves
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if intervals.resolution(mid) > tolerance else (lo, mid)
+    return 2 * hi
+
+
+def pick(rows: list[dict], tolerance: float, choice: dict[str, list[float]] | None = None,
+         n_eval: int = 0) -> tuple[dict, str]:
+    """(winner, why) among measured rows, the 16-bit reference first. Each row gets `qualifies`,
+    `verdict` and, when the task decided, `difference` (its paired interval against the reference).
+
+    choice: each file's per-example scores on the choice examples (the task decides), or None (KL
+    decides; n_eval, the eval set's size, explains why in `why`)."""
+    ref, rest = rows[0], rows[1:]
+    q8 = next((r for r in rest if r["type"] == "q8_0" and "kl" in r), None)
+    budget = KL_BUDGET * q8["kl"] if q8 else None
+    for r in rest:
+        if choice is not None:
+            d = intervals.paired(choice[r["file"]], choice[ref["file"]])
+            r["difference"] = d.as_dict()
+            r["qualifies"] = d.lo > -tolerance
+            r["verdict"] = (f"loses less than {tolerance:g} points" if r["qualifies"] else
+                            f"may lose {-d.lo:.1f} points")
+        else:
+            r["qualifies"] = budget is not None and r.get("kl") is not None and r["kl"] <= budget
+            r["verdict"] = ("no q8_0 to set the KL budget" if budget is None else
+                            f"KL {'within' if r['qualifies'] else 'over'} the budget")
+    winner = ref
+    for r in sorted((r for r in rest if r["qualifies"]), key=lambda r: (r["kl"], -r["size_mb"])):
+        if r["size_mb"] <= SMALLER * winner["size_mb"]:
+            winner = r
+        else:
+            r["verdict"] += f"; not 10 % smaller than {winner['type']}"
     for r in rows:
         r["chosen"] = r is winner
-    result = {"measure": measure, "tolerance": tolerance, "reference": rows[0]["file"], "winner": winner["file"],
-              "why": why, "imatrix": calibrated, "candidates": rows}
+    if choice is not None:
+        n = len(choice[ref["file"]])
+        rule = (f"shown to lose less than {tolerance:g} points against {ref['file']} on {n} eval examples "
+                "(the lower end of its paired 95 % interval)")
+        detail = f": difference {intervals.Interval(**winner['difference'])}" if winner is not ref else ""
+    else:
+        rule = (f"within the KL budget of {KL_BUDGET} x q8_0's divergence from {ref['file']} ({budget:.4g})"
+                if budget is not None else "measured against q8_0")
+        detail = f": KL {winner['kl']:.4g}" if winner is not ref else ""
+        half = n_eval // 2
+        rule_out = ("the task score did not decide: no eval data" if not n_eval else
+                    f"the task score did not decide: {half} of the {n_eval} eval examples can only rule out a loss "
+                    f"of {intervals.resolution(half):.1f} points or more, not {tolerance:g} (that takes about "
+                    f"{examples_needed(tolerance)} eval examples)")
+    if winner is ref:
+        why = f"no quant was {rule}: keeping {ref['file']}"
+    else:
+        why = f"{winner['file']} is {rule}{detail}, and no other such file is at least 10 % smaller"
+    return winner, why + ("" if choice is not None else f"; {rule_out}")
+
+
+def choose(rows: list[dict], tolerance: float, calibrated: str | None, choice: dict[str, list[float]] | None,
+           n_eval: int) -> dict:
+    """The decision as gguf/auto.json records it; `report` adds the held-out score and writes it."""
+    rows = [dict(r) for r in rows]
+    for r in rows:
+        r["calibrated"] = bool(calibrated) and r is not rows[0] and r["type"] not in DIRECT_TYPES
+    winner, why = pick(rows, tolerance, choice, n_eval)
+    logger.info("quant auto: %s", why)
+    return {"decided_by": "task" if choice is not None else "kl", "tolerance": tolerance, "kl_budget": KL_BUDGET,
+            "reference": rows[0]["file"], "winner": winner["file"], "why": why, "imatrix": calibrated,
+            "choice_examples": len(next(iter(choice.values()))) if choice else 0, "eval_examples": n_eval,
+            "candidates": rows}
+
+
+def report(run_dir: Path, result: dict, held_out: tuple[list[float], list[float]] | None) -> dict:
+    """Add the chosen file's score on the examples that took no part in the choice (its scores and
+    the reference's there), and write gguf/auto.json, auto.md and auto.png."""
+    if held_out:
+        ref, win = held_out
+        result["held_out"] = {"examples": len(ref), "reference": intervals.mean(ref).as_dict(),
+                              "winner": intervals.mean(win).as_dict(),
+                              "difference": intervals.paired(win, ref).as_dict()}
     gguf_dir = Path(run_dir) / "gguf"
     rundir.write_json(gguf_dir / "auto.json", result)
     rundir.write_text(gguf_dir / "auto.md", markdown(result))
     chart(result, gguf_dir / "auto.png")
-    logger.info("quant auto: %s", why)
-    return winner
+    return result
 
 
-def pick(rows: list[dict], tolerance: float) -> tuple[dict, str]:
-    """(winner, why): the smallest candidate (rows[1:]) whose score is at least the reference's (rows[0])
-    minus tolerance; the reference itself when none is."""
-    ref = rows[0]
-    floor = ref["score"] - tolerance
-    within = [r for r in rows[1:] if r["score"] >= floor]
-    if not within:
-        return ref, f"no quant stayed within {tolerance:g} points of {ref['file']} ({ref['score']:.1f}): keeping it"
-    winner = min(within, key=lambda r: r["size_mb"])
-    smaller = [r for r in rows[1:] if r["size_mb"] < winner["size_mb"]]
-    why = (f"{winner['file']} is the smallest file within {tolerance:g} points of {ref['file']} "
-           f"({winner['score']:.1f} vs {ref['score']:.1f})")
-    if smaller:
-        why += f"; smaller ones fell below {floor:.1f}: " + ", ".join(f"{r['type']} {r['score']:.1f}" for r in smaller)
-    return winner, why
+def _interval(d: dict | None) -> str:
+    return str(intervals.Interval(**d)) if d else "-"
+
+
+def held_out_line(result: dict) -> str:
+    h = result.get("held_out")
+    if not h:
+        return "No eval data: the chosen file's task score is not measured."
+    return (f"On {h['examples']} eval examples that took no part in the choice: {result['winner']} scores "
+            f"{_interval(h['winner'])}, {result['reference']} {_interval(h['reference'])}; difference "
+            f"{_interval(h['difference'])} (points, 95 % intervals).")
 
 
 def markdown(result: dict) -> str:
+    by_task = result["decided_by"] == "task"
+    rule = (f"Qualifies: the paired 95 % interval of the file's score minus {result['reference']}'s, on "
+            f"{result['choice_examples']} of the {result['eval_examples']} eval examples, lies above "
+            f"-{result['tolerance']:g} points." if by_task else
+            f"Qualifies: mean KL({result['reference']} || file) per answer token of the training examples at most "
+            f"{result['kl_budget']} x q8_0's. The candidates did not answer the eval prompts: their score "
+            "differences could not have decided (only the files kept answer them, for the line above).")
     lines = [f"# Quant chosen by measurement: {result['winner']}", "", result["why"] + ".", "",
-             f"Score: {result['measure']}; tolerance {result['tolerance']:g} points. "
-             f"KL: mean KL({result['reference']} || file) per answer token. "
+             held_out_line(result), "",
+             rule + " Among the files that qualify, from the most faithful down, a file replaces the choice only "
+             "when it is at least 10 % smaller. "
              + (f"Quantized with an importance matrix from {result['imatrix']}." if result["imatrix"]
                 else "No importance matrix."), "",
-             "| file | size MB | bits/weight | score | KL | top-1 % | tokens/s | |", "|---|---|---|---|---|---|---|---|"]
+             "| file | size MB | bits/weight | KL | top-1 % |" + (" difference (choice examples) |" if by_task else "")
+             + " verdict | |", "|---|---|---|---|---|" + ("---|" if by_task else "") + "---|---|"]
     for r in result["candidates"]:
-        lines.append(f"| {r['file']} | {r['size_mb']} | {r['bits_per_weight']} | {r['score']:.1f} | {r['kl']:.4f} | "
-                     f"{r['top1']:.1f} | {r.get('tokens_per_s') or '-'} | {'**chosen**' if r['chosen'] else ''} |")
+        kl = f"{r['kl']:.4f}" if r.get("kl") is not None else "-"
+        top1 = f"{r['top1']:.1f}" if r.get("top1") is not None else "-"
+        lines.append(f"| {r['file']} | {r['size_mb']} | {r['bits_per_weight']} | {kl} | {top1} | "
+                     + (f"{_interval(r.get('difference'))} | " if by_task else "")
+                     + f"{r.get('verdict', 'reference')} | {'**chosen**' if r['chosen'] else ''} |")
     return "\n".join(lines) + "\n"
 
 
 def table(result: dict) -> str:
     """What a recipe and export/gguf.py print."""
-    head = f"{'file':<34} {'MB':>8} {'bits/w':>7} {'score':>7} {'KL':>8} {'tok/s':>7}"
+    by_task = result["decided_by"] == "task"
+    head = f"{'file':<34} {'MB':>8} {'bits/w':>7} {'KL':>8} {'top-1%':>7}" + (f" {'difference':>20}" if by_task else "")
     lines = [head, "-" * len(head)]
     for r in result["candidates"]:
-        lines.append(f"{r['file'][:34]:<34} {r['size_mb']:>8.1f} {r['bits_per_weight']:>7.2f} {r['score']:>7.1f} "
-                     f"{r['kl']:>8.4f} {r.get('tokens_per_s') or 0:>7.1f}" + ("  <- chosen" if r["chosen"] else ""))
-    return "\n".join(lines) + f"\n{result['why']}"
+        lines.append(f"{r['file'][:34]:<34} {r['size_mb']:>8.1f} {r['bits_per_weight']:>7.2f} "
+                     f"{r.get('kl') or 0:>8.4f} {r.get('top1') or 0:>7.1f}"
+                     + (f" {_interval(r.get('difference')):>20}" if by_task else "")
+                     + ("  <- chosen" if r["chosen"] else ""))
+    return "\n".join(lines) + f"\n{result['why']}\n{held_out_line(result)}"
 
 
 def chart(result: dict, path: Path) -> Path:
-    """Score against file size, the tolerance band shaded, the winner marked."""
+    """Left: KL from the 16-bit file against size, the budget drawn, each file in the legend (labels
+    next to points collide when sizes are nearly equal). Right: every measured score difference from
+    the 16-bit file with its 95 % interval as an error bar, the tolerance drawn."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     rows = result["candidates"]
-    fig, ax = plt.subplots(figsize=(7, 4))
-    ref = rows[0]["score"]
-    ax.axhspan(ref - result["tolerance"], max(ref, max(r["score"] for r in rows)) + 1, color="tab:green", alpha=0.12,
-               label=f"within {result['tolerance']:g} points of {rows[0]['type']}")
-    for r in rows:
-        ax.scatter(r["size_mb"], r["score"], s=80 if r["chosen"] else 30,
-                   color="tab:red" if r["chosen"] else "tab:blue", zorder=3)
-        ax.annotate(f"{r['type']} ({r['bits_per_weight']} b/w)", (r["size_mb"], r["score"]), fontsize=8,
-                    xytext=(4, 4), textcoords="offset points")
-    ax.set_xlabel("file size (MB)")
-    ax.set_ylabel(result["measure"][:60])
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
+    q8 = next((r for r in rows if r["type"] == "q8_0" and r.get("kl") is not None), None)
+    for i, r in enumerate(r for r in rows[1:] if r.get("kl") is not None):
+        left.scatter(r["size_mb"], max(r["kl"], 1e-6), s=90 if r["chosen"] else 40, marker="os^vD<>p*h"[i % 10],
+                     edgecolor="black" if r["chosen"] else "none", zorder=3,
+                     label=f"{r['type']}: {r['size_mb']} MB, {r['bits_per_weight']} b/w"
+                           + (" (chosen)" if r["chosen"] else ""))
+    if q8:
+        left.axhline(result["kl_budget"] * max(q8["kl"], 1e-6), color="tab:green", linestyle="--",
+                     label=f"budget: {result['kl_budget']} x q8_0's KL")
+    left.set_yscale("log")
+    left.set_xlabel("file size (MB)")
+    left.set_ylabel(f"KL from {rows[0]['type']} per answer token")
+    left.grid(alpha=0.3)
+    left.legend(fontsize=7)
+    bars = [(r["type"], r["difference"]) for r in rows[1:] if r.get("difference")]
+    held = result.get("held_out")
+    if held:
+        bars.append((f"{next(r['type'] for r in rows if r['chosen'])}\n(held out)", held["difference"]))
+    for x, (label, d) in enumerate(bars):
+        right.errorbar(x, d["value"], yerr=[[d["value"] - d["lo"]], [d["hi"] - d["value"]]], fmt="o", capsize=4,
+                       color="tab:red" if "held out" in label else "tab:blue")
+    right.axhline(-result["tolerance"], color="tab:green", linestyle="--", label=f"-{result['tolerance']:g} points")
+    right.axhline(0, color="gray", linewidth=0.8)
+    right.set_xticks(range(len(bars)), [label for label, _ in bars], fontsize=8)
+    right.set_xlim(-0.7, max(len(bars), 1) - 0.3)
+    right.set_ylabel(f"score minus {rows[0]['type']}'s (points, 95 % interval)")
+    right.set_title("task decided" if result["decided_by"] == "task" else "task: held-out check only", fontsize=9)
+    right.grid(alpha=0.3)
+    right.legend(fontsize=7)
     fig.tight_layout()
     with rundir.replacing(path) as tmp:
         fig.savefig(tmp, dpi=110, format="png")

@@ -20,7 +20,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from fasttune import UserError
+from fasttune import UserError, intervals
 from fasttune.rundir import replacing, write_json, write_text
 
 logger = logging.getLogger(__name__)
@@ -253,6 +253,7 @@ def evaluate(run_dir: Path, examples, metric: str, variants: list[str], base: st
 
     rows, per_example = [], [{"source": ex.source, "prompt": p[-1]["content"], "reference": r, "answers": {}}
                              for ex, p, r in zip(examples, prompts, references)]
+    by_variant = {}  # name -> per-example scores, for the paired intervals
     for variant in variants:
         name = Path(variant).name if str(variant).endswith(".gguf") else variant
         logger.info("evaluating %s on %d examples", name, len(examples))
@@ -272,9 +273,16 @@ def evaluate(run_dir: Path, examples, metric: str, variants: list[str], base: st
             item["answers"][name] = {"text": a.text, "score": round(s.score, 4), "parsed": s.parsed,
                                      "stopped": a.stopped, "tokens": a.tokens, "detail": s.detail}
         n = len(scores)
+        by_variant[name] = [s.score for s in scores]
+        interval = intervals.mean(by_variant[name])
         rows.append({
             "variant": name,
             "score": round(sum(s.score for s in scores) / n, 4),
+            "score_interval": [round(interval.lo / 100, 4), round(interval.hi / 100, 4)],
+            # paired, on the same examples: did fine-tuning help (vs base), did export keep it (vs merged)
+            **{f"vs_{other}": intervals.paired(by_variant[name], by_variant[other]).as_dict()
+               for other in ("base", "merged") if other in by_variant and other != name
+               and (other == "base" or name.endswith(".gguf"))},
             "unparseable": round(sum(not s.parsed for s in scores) / n, 4),
             "stopped": round(sum(a.stopped for a in answers) / n, 4),
             "mean_tokens": round(sum(a.tokens for a in answers) / n, 1),
@@ -290,21 +298,33 @@ def evaluate(run_dir: Path, examples, metric: str, variants: list[str], base: st
 
 def table(report: dict) -> str:
     """The compact table a recipe prints."""
-    head = f"{'variant':<28} {report['metric']:>8} {'stopped':>8} {'unparsed':>9} {'tokens':>7} {'s/ex':>6}"
+    head = (f"{'variant':<28} {report['metric']:>8} {'95 % interval':>15} {'stopped':>8} {'unparsed':>9} "
+            f"{'tokens':>7} {'s/ex':>6}")
     lines = [head, "-" * len(head)]
     for r in report["variants"]:
-        lines.append(f"{r['variant'][:28]:<28} {r['score']:>8.3f} {100 * r['stopped']:>7.0f}% "
-                     f"{100 * r['unparseable']:>8.0f}% {r['mean_tokens']:>7.1f} {r['seconds_per_example']:>6.2f}")
+        lo, hi = r.get("score_interval", (r["score"], r["score"]))
+        lines.append(f"{r['variant'][:28]:<28} {r['score']:>8.3f} {f'[{lo:.3f}, {hi:.3f}]':>15} "
+                     f"{100 * r['stopped']:>7.0f}% {100 * r['unparseable']:>8.0f}% {r['mean_tokens']:>7.1f} "
+                     f"{r['seconds_per_example']:>6.2f}")
     return "\n".join(lines)
+
+
+def _difference(d: dict | None) -> str:
+    return str(intervals.Interval(**d)) if d else ""
 
 
 def markdown(report: dict, examples_shown: int = 5) -> str:
     lines = [f"# Evaluation: {report['metric']} on {report['examples']} examples",
-             "", f"Greedy, at most {report['max_new_tokens']} new tokens, same prompts for every variant.", "",
-             f"| variant | {report['metric']} | stopped by itself | unparseable | mean tokens | s / example |",
-             "|---|---|---|---|---|---|"]
+             "", f"Greedy, at most {report['max_new_tokens']} new tokens, same prompts for every variant. "
+             "Intervals are 95 %; differences are paired (the same examples), in points (score x 100): "
+             "an interval that contains 0 shows no difference these examples can resolve.", "",
+             f"| variant | {report['metric']} [95 % interval] | vs base | vs merged | stopped by itself | unparseable "
+             "| mean tokens | s / example |",
+             "|---|---|---|---|---|---|---|---|"]
     for r in report["variants"]:
-        lines.append(f"| {r['variant']} | {r['score']:.3f} | {100 * r['stopped']:.0f}% | {100 * r['unparseable']:.0f}% "
+        lo, hi = r.get("score_interval", (r["score"], r["score"]))
+        lines.append(f"| {r['variant']} | {r['score']:.3f} [{lo:.3f}, {hi:.3f}] | {_difference(r.get('vs_base'))} | "
+                     f"{_difference(r.get('vs_merged'))} | {100 * r['stopped']:.0f}% | {100 * r['unparseable']:.0f}% "
                      f"| {r['mean_tokens']} | {r['seconds_per_example']} |")
     for item in report["answers"][:examples_shown]:
         lines += ["", f"## {item['source']}", "", "**Prompt**", "", _quote(item["prompt"]), "", "**Reference**", "",
@@ -330,7 +350,10 @@ def chart(report: dict, path: Path) -> Path:
     names = [r["variant"] for r in report["variants"]]
     x = np.arange(len(names))
     fig, ax = plt.subplots(figsize=(max(5, 1.6 * len(names)), 3.5))
-    ax.bar(x - 0.2, [r["score"] for r in report["variants"]], 0.4, label=report["metric"])
+    scores = np.array([r["score"] for r in report["variants"]])
+    spans = np.array([r.get("score_interval", (r["score"], r["score"])) for r in report["variants"]])
+    ax.bar(x - 0.2, scores, 0.4, label=f"{report['metric']} (95 % interval)",
+           yerr=[scores - spans[:, 0], spans[:, 1] - scores], capsize=3)
     ax.bar(x + 0.2, [r["stopped"] for r in report["variants"]], 0.4, label="stopped by itself")
     ax.set_xticks(x, names, rotation=15, ha="right", fontsize=8)
     ax.set_ylim(0, 1.05)

@@ -106,16 +106,21 @@ def export_run(run_dir: Path, cfg, quants: list[str], lora_base: str | None = No
         rundir.add_file(run_dir, base_path, "lora_base", base_type)
         lora = (adapter, base_path)
 
-    # Measure: every file once, the 16-bit one first (the others' KL is against it).
-    measured = measure_run(run_dir, cfg, files + candidates, lora, task_needed=auto or cfg.eval.evaluate)
+    # Measure: every file once, the 16-bit one first (the others' KL is against it). The eval prompts
+    # are answered where the answers count: by the files kept (the final evaluation reuses them) and,
+    # with auto, by the candidates on the examples the choice is made on, if the set can resolve it.
+    task = eval_task(run_dir, cfg) if auto or cfg.eval.evaluate else None
+    n_eval, tol = len(task.prompts) if task else 0, cfg.export.quant_tolerance if tolerance is None else tolerance
+    choice_at, report_at = autoquant.split(n_eval, tol, cfg.train.seed) if auto else ([], [])
+    answer_at = {p.name: list(range(n_eval)) for p, _ in files} | {p.name: choice_at for p, _ in candidates}
+    measured = measure_run(run_dir, cfg, files + candidates, lora, task, answer_at)
     result = Result(files, {m.row["file"]: m for m in measured}, lora)
 
     # Choose: auto keeps one candidate in gguf/ and deletes the rest.
     if auto:
-        rows = [result.measured[p.name].row for p, _ in files + candidates]  # the 16-bit reference first
-        tol = cfg.export.quant_tolerance if tolerance is None else tolerance
-        winner = autoquant.choose(run_dir, rows, tol, calibrated=matrix.source if matrix else None)
-        chosen = next(pq for pq in files + candidates if pq[0].name == winner["file"])
+        decision = _choose(run_dir, files + candidates, result, task, tol, matrix.source if matrix else None,
+                           choice_at, report_at)
+        chosen = next(pq for pq in files + candidates if pq[0].name == decision["winner"])
         if chosen in candidates:
             kept = gguf_dir / chosen[0].name
             chosen[0].replace(kept)
@@ -127,17 +132,37 @@ def export_run(run_dir: Path, cfg, quants: list[str], lora_base: str | None = No
     return result
 
 
+def _choose(run_dir: Path, files: list[tuple[Path, str]], result: Result, task: measure.Task | None,
+            tolerance: float, calibrated: str | None, choice_at: list[int], report_at: list[int]) -> dict:
+    """auto's decision (fasttune.autoquant) on the measured rows; the winner then answers the eval
+    prompts it has not (the final evaluation reuses them), and its score on the examples that took no
+    part in the choice goes into gguf/auto.*."""
+    measured = result.measured
+    choice = {p.name: [measured[p.name].scores[i] for i in choice_at] for p, _ in files} if choice_at else None
+    decision = autoquant.choose([measured[p.name].row for p, _ in files], tolerance, calibrated, choice,
+                                len(task.prompts) if task else 0)
+    if not task:
+        return autoquant.report(run_dir, decision, None)
+    winner = next(p for p, _ in files if p.name == decision["winner"])
+    measure.answer(winner, task, range(len(task.prompts)), into=measured[winner.name])
+    ref, win = (measured[name].scores for name in (decision["reference"], decision["winner"]))
+    return autoquant.report(run_dir, decision, ([ref[i] for i in report_at], [win[i] for i in report_at]))
+
+
+def eval_task(run_dir: Path, cfg) -> measure.Task | None:
+    """The run's eval examples as prompts and references for measure (None without eval data)."""
+    examples = rundir.examples(run_dir, "eval")
+    return measure.make_task(run_dir / "merged", examples, cfg.eval.metric, cfg.eval.tolerance,
+                             cfg.eval.max_new_tokens) if examples else None
+
+
 def measure_run(run_dir: Path, cfg, files: list[tuple[Path, str]], lora: tuple[Path, Path] | None,
-                task_needed: bool) -> list[measure.Measured]:
-    """measure.measure on the run's own data: its eval examples (training examples when it has none)."""
-    eval_examples = rundir.examples(run_dir, "eval")
-    conversations = [ex.messages for ex in (eval_examples or rundir.examples(run_dir, "train"))]
-    task = None
-    if eval_examples and task_needed:
-        task = measure.Task([ex.messages[:-1] for ex in eval_examples], [ex.messages[-1]["content"] for ex in
-                            eval_examples], cfg.eval.metric, cfg.eval.tolerance, cfg.eval.max_new_tokens)
+                task: measure.Task | None, answer_at: dict[str, list[int]]) -> list[measure.Measured]:
+    """measure.measure on the run's own data: fidelity and drift on its training answers (the eval
+    examples stay out of anything a choice is made on); answer_at: which eval prompts each file answers."""
+    conversations = [ex.messages for ex in rundir.examples(run_dir, "train")]
     return measure.measure(run_dir / "merged", files, conversations, task, fidelity=cfg.export.verify, lora=lora,
-                           drift=bool(files) and files[0][1] in SIXTEEN_BIT)
+                           drift=bool(files) and files[0][1] in SIXTEEN_BIT, task_at=answer_at)
 
 
 def _write_report(run_dir: Path, measured: list[measure.Measured], kept: set[str]) -> None:

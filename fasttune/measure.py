@@ -137,11 +137,23 @@ class Task:
     prompt_lengths: list[int] = field(default_factory=list)  # tokens, with the chat template and assistant cue
 
 
+def make_task(merged_dir: Path, examples, metric: str, tolerance: float, max_new_tokens: int) -> Task:
+    """The eval examples as prompts and references, each prompt's length in tokens counted."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(merged_dir)
+    prompts = [ex.messages[:-1] for ex in examples]
+    lengths = [len(tokenizer.apply_chat_template(p, add_generation_prompt=True, tokenize=True, return_dict=False))
+               for p in prompts]
+    return Task(prompts, [ex.messages[-1]["content"] for ex in examples], metric, tolerance, max_new_tokens, lengths)
+
+
 @dataclass
 class Measured:
     row: dict
-    answers: list = field(default_factory=list)  # evaluate.Answer per eval prompt
+    answers: list = field(default_factory=list)  # evaluate.Answer per eval prompt (None: not asked)
     answer_seconds: float = 0.0
+    scores: list = field(default_factory=list)  # the metric's score per eval prompt, in [0, 1] (None: not asked)
     logprobs: list[np.ndarray] | None = None  # the drift cases' log-probabilities (kept for the 16-bit file)
 
 
@@ -152,19 +164,19 @@ def _logits(llm, ids: list[int], span: list[int]) -> np.ndarray:
 
 
 def measure_file(path: Path, qtype: str, reference: Reference | None, drift_cases: list[Case],
-                 drift_ref: list[np.ndarray] | None, task: Task | None, adapter: Path | None = None) -> Measured:
+                 drift_ref: list[np.ndarray] | None, task: Task | None, adapter: Path | None = None,
+                 task_at=None) -> Measured:
     """Load `path` (with a GGUF LoRA `adapter` applied, if given) once and measure it.
 
     drift_ref None: this is the 16-bit reference; its log-probabilities are returned for the others.
+    task_at: which eval prompts to answer (None: all of them).
     """
-    from fasttune import evaluate
-
+    task_at = list(range(len(task.prompts)) if task and task_at is None else task_at or [])
     lengths = [256] + [len(c.ids) for c in drift_cases]
     if reference:
         lengths += [len(c.ids) + len(g) for c, g in zip(reference.cases, reference.greedy)]
         lengths.append(len(reference.cases[0].prompt_ids) + CHAT_TOKENS)
-    if task:
-        lengths += [t + task.max_new_tokens for t in task.prompt_lengths]
+    lengths += [task.prompt_lengths[i] + task.max_new_tokens for i in task_at]
     lora = {"lora_path": str(adapter)} if adapter else {}
     row = {"file": f"lora/{adapter.name} on {path.name}" if adapter else path.name, "type": qtype,
            "size_mb": round((adapter or path).stat().st_size / 1e6, 1)}
@@ -183,20 +195,43 @@ def measure_file(path: Path, qtype: str, reference: Reference | None, drift_case
             row.update(kl=round(float(np.mean(np.concatenate([x["kl"] for x in d]))), 5),
                        top1=round(100 * float(np.mean(np.concatenate([x["agree"] for x in d]))), 1),
                        drift_positions=sum(len(c.span) for c in drift_cases))
-        if task:
-            # sampling runs inside llama.cpp: the answers need no per-position logits, and copying a
-            # vocabulary-sized row per prompt token would be most of the time on a small model
-            llm._logits_all = False  # llama-cpp-python 0.3.36 (pinned): read in eval() alone
-            start = time.perf_counter()
-            out.answers = evaluate.answer_llm(llm, task.prompts, task.max_new_tokens, desc=f"answering with {path.name}")
-            out.answer_seconds = time.perf_counter() - start
-            scores = [evaluate.METRICS[task.metric](a.text, r, task.tolerance)
-                      for a, r in zip(out.answers, task.references)]
-            generated = sum(a.tokens for a in out.answers)
-            row.update(score=round(100 * float(np.mean([s.score for s in scores])), 2),
-                       stopped=round(float(np.mean([a.stopped for a in out.answers])), 4),
-                       tokens_per_s=round(generated / out.answer_seconds, 1) if out.answer_seconds else None)
+        if task_at:
+            _answer(llm, out, task, task_at, path.name)
     return out
+
+
+def answer(path: Path, task: Task, indices, into: Measured) -> None:
+    """Answer the eval prompts at `indices` that `into` (path's measurement) has no answer for yet,
+    with one more load of `path`; its row gets the score over every prompt answered so far."""
+    todo = [i for i in indices if not into.answers or into.answers[i] is None]
+    if todo:
+        n_ctx = max(task.prompt_lengths[i] + task.max_new_tokens for i in todo) + 64
+        with infer.load(path, n_ctx=n_ctx) as llm:
+            _answer(llm, into, task, todo, path.name)
+
+
+def _answer(llm, out: Measured, task: Task, indices, name: str) -> None:
+    """Greedy answers to the prompts at `indices`, scored; the row's score is over all answered."""
+    from fasttune import evaluate
+
+    indices = list(indices)
+    # sampling runs inside llama.cpp: the answers need no per-position logits, and copying a
+    # vocabulary-sized row per prompt token would be most of the time on a small model
+    llm._logits_all = False  # llama-cpp-python 0.3.36 (pinned): read in eval() alone
+    start = time.perf_counter()
+    got = evaluate.answer_llm(llm, [task.prompts[i] for i in indices], task.max_new_tokens,
+                              desc=f"answering with {name}")
+    out.answer_seconds += time.perf_counter() - start
+    if not out.answers:
+        out.answers, out.scores = [None] * len(task.prompts), [None] * len(task.prompts)
+    for i, a in zip(indices, got):
+        out.answers[i] = a
+        out.scores[i] = evaluate.METRICS[task.metric](a.text, task.references[i], task.tolerance).score
+    done = [(a, s) for a, s in zip(out.answers, out.scores) if a is not None]
+    generated = sum(a.tokens for a, _ in done)
+    out.row.update(score=round(100 * float(np.mean([s for _, s in done])), 2), score_examples=len(done),
+                   stopped=round(float(np.mean([a.stopped for a, _ in done])), 4),
+                   tokens_per_s=round(generated / out.answer_seconds, 1) if out.answer_seconds else None)
 
 
 def _fidelity(llm, ref: Reference) -> dict:
@@ -241,11 +276,13 @@ def _fidelity(llm, ref: Reference) -> dict:
 # --- a run's files ----------------------------------------------------------------------------------
 
 def measure(merged_dir: Path, files: list[tuple[Path, str]], conversations: list[list[dict]], task: Task | None,
-            fidelity: bool = True, lora: tuple[Path, Path] | None = None, drift: bool = True) -> list[Measured]:
+            fidelity: bool = True, lora: tuple[Path, Path] | None = None, drift: bool = True,
+            task_at: dict[str, list[int]] | None = None) -> list[Measured]:
     """Measure `files` ((path, quant type); with drift, the first is the 16-bit reference the others'
     KL and top-1 are against) and the (adapter, base) pair.
 
     conversations: where fidelity and drift are measured (the last message of each is the answer).
+    task_at: file name -> which eval prompts it answers (None: every file answers all).
     """
     from transformers import AutoTokenizer
 
@@ -254,14 +291,12 @@ def measure(merged_dir: Path, files: list[tuple[Path, str]], conversations: list
     if not drift_cases:
         raise RuntimeError("no conversation has a clean answer span to measure on")
     reference = merged_reference(merged_dir, drift_cases[:FIDELITY_CONVERSATIONS]) if fidelity else None
-    if task:
-        task.prompt_lengths = [len(tokenizer.apply_chat_template(p, add_generation_prompt=True, tokenize=True,
-                                                                 return_dict=False)) for p in task.prompts]
     results, drift_ref = [], None
     logger.info("measuring %d GGUF files, one load each: %d answer positions%s", len(files),
-                sum(len(c.span) for c in drift_cases), f", {len(task.prompts)} eval prompts" if task else "")
+                sum(len(c.span) for c in drift_cases), f", up to {len(task.prompts)} eval prompts" if task else "")
     for path, qtype in tqdm(files, desc="measuring GGUF files", unit="file"):
-        m = measure_file(path, qtype, reference, drift_cases if drift else [], drift_ref if drift else [], task)
+        m = measure_file(path, qtype, reference, drift_cases if drift else [], drift_ref if drift else [], task,
+                         task_at=None if task_at is None else task_at.get(path.name, []))
         drift_ref = drift_ref or m.logprobs
         m.logprobs = None
         results.append(m)

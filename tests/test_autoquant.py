@@ -10,29 +10,83 @@ from types import SimpleNamespace
 import pytest
 
 from fasttune import cli, config, evaluate, export, infer, rundir
-from fasttune.autoquant import CALIBRATED_CANDIDATES, CANDIDATES, pick
+from fasttune.autoquant import CALIBRATED_CANDIDATES, CANDIDATES, examples_needed, pick, split
 from fasttune.tiny import tiny_model_dir
 from tests.conftest import only_the_bf16_gguf, run_script
 
 
-def row(type_, size, score):
-    return {"file": f"x-{type_}.gguf", "type": type_, "size_mb": size, "score": score}
+def row(type_, size, kl):
+    return {"file": f"x-{type_}.gguf", "type": type_, "size_mb": size, "kl": kl, "top1": 100 - 100 * kl}
 
 
-def test_pick_keeps_the_smallest_within_tolerance():
-    rows = [row("bf16", 100, 80.0), row("q8_0", 53, 80.0), row("q6_k", 41, 79.5), row("q4_k_m", 30, 60.0)]
-    winner, why = pick(rows, tolerance=1.0)
+def table(*entries):
+    """bf16 at 100 MB first, then (type, MB, KL) per candidate."""
+    return [row("bf16", 100, 0.0)] + [row(*e) for e in entries]
+
+
+LADDER = [("q8_0", 53, 0.002), ("q6_k", 41, 0.006), ("q5_k_m", 38, 0.012), ("q4_k_m", 30, 0.05), ("q3_k_m", 29.5, 0.3)]
+
+
+def test_kl_decides_when_the_eval_set_cannot_resolve_the_tolerance():
+    """Budget 10 x q8_0's KL = 0.02: q8_0, q6_k, q5_k_m qualify; q5_k_m is under 10 % smaller than q6_k."""
+    rows = table(*LADDER)
+    winner, why = pick(rows, tolerance=1.0, n_eval=12)
     assert winner["type"] == "q6_k"
-    assert "smallest file within 1 points" in why and "q4_k_m 60.0" in why
-    assert pick(rows, tolerance=25)[0]["type"] == "q4_k_m"
-    assert pick(rows, tolerance=0)[0]["type"] == "q8_0"  # equal to the reference is within
-    # a quant that scores above the reference is within any tolerance
-    assert pick([row("bf16", 100, 50.0), row("q4_k_m", 30, 55.0)], tolerance=0)[0]["type"] == "q4_k_m"
+    assert [r["qualifies"] for r in rows[1:]] == [True, True, True, False, False]
+    assert "not 10 % smaller than q6_k" in rows[3]["verdict"] and rows[4]["verdict"] == "KL over the budget"
+    assert why.startswith("x-q6_k.gguf is within the KL budget of 10 x q8_0's divergence from x-bf16.gguf (0.02): "
+                          "KL 0.006, and no other such file is at least 10 % smaller")
+    assert "6 of the 12 eval examples can only rule out a loss of 51.8 points or more, not 1" in why
+    assert "no eval data" in pick(table(*LADDER), tolerance=1.0, n_eval=0)[1]
 
 
-def test_pick_keeps_the_reference_when_every_quant_loses():
-    winner, why = pick([row("bf16", 100, 80.0), row("q8_0", 53, 70.0)], tolerance=1.0)
-    assert winner["type"] == "bf16" and why.startswith("no quant stayed within 1 points")
+def test_a_file_barely_smaller_loses_to_the_more_faithful_one():
+    """The demo's case: q3_k_m 1 % smaller than q6_k, ten times its KL; both within a wide budget."""
+    rows = table(("q8_0", 48.5, 0.05), ("q6_k", 38.8, 0.02), ("q3_k_m", 38.4, 0.36))
+    assert pick(rows, tolerance=1.0)[0]["type"] == "q6_k"
+    # ties in KL: the larger is tried first, the smaller wins only by 10 %
+    rows = table(("q8_0", 53, 0.01), ("q6_k", 41, 0.01), ("q5_k_m", 40, 0.01))
+    assert pick(rows, tolerance=1.0)[0]["type"] == "q6_k"
+
+
+def test_without_q8_0_nothing_qualifies_by_kl():
+    rows = table(("q4_k_m", 30, 0.05))
+    winner, why = pick(rows, tolerance=1.0, n_eval=0)
+    assert winner["type"] == "bf16" and why.startswith("no quant was measured against q8_0: keeping x-bf16.gguf")
+
+
+def scores(n, wrong=()):
+    return [0.0 if i in wrong else 1.0 for i in range(n)]
+
+
+def test_the_task_decides_by_the_lower_end_of_the_paired_interval():
+    """500 choice examples: a file that loses no example qualifies; one that loses 10 (2 points) may not."""
+    rows = table(*LADDER)
+    choice = {"x-bf16.gguf": scores(500), "x-q8_0.gguf": scores(500), "x-q6_k.gguf": scores(500, wrong={1}),
+              "x-q5_k_m.gguf": scores(500), "x-q4_k_m.gguf": scores(500, wrong=set(range(10))),
+              "x-q3_k_m.gguf": scores(500, wrong=set(range(60)))}
+    winner, why = pick(rows, tolerance=1.0, choice=choice)
+    assert [r["qualifies"] for r in rows[1:]] == [True, False, True, False, False]
+    assert rows[2]["difference"]["lo"] < -1 < rows[1]["difference"]["lo"]  # one loss in 500 cannot show < 1 point
+    assert winner["type"] == "q5_k_m" and "on 500 eval examples" in why and "difference -0.0 [" not in why
+    # all pass (a tolerance of 100 points): from the most faithful down, 10 % steps
+    winner, _ = pick(table(*LADDER), tolerance=100, choice=choice)
+    assert winner["type"] == "q4_k_m"  # q3_k_m is 1.7 % smaller than q4_k_m
+    # all fail: the reference stays
+    every = {name: scores(500, wrong=set(range(100))) for name in choice}
+    every["x-bf16.gguf"] = scores(500)
+    winner, why = pick(table(*LADDER), tolerance=1.0, choice=every)
+    assert winner["type"] == "bf16" and why.startswith("no quant was shown to lose less than 1 points")
+
+
+def test_split_and_how_many_examples_a_decision_takes():
+    assert split(12, 1.0, seed=0) == ([], list(range(12)))  # 6 cannot resolve 1 point: KL decides, all 12 report
+    choice, report = split(1000, 1.0, seed=3)
+    assert len(choice) == len(report) == 500 and sorted(choice + report) == list(range(1000))
+    assert split(1000, 1.0, seed=3) == (choice, report) and split(1000, 1.0, seed=4) != (choice, report)
+    assert split(12, 70.0, seed=0)[0]  # a wide tolerance: 6 examples resolve it
+    n = examples_needed(1.0)
+    assert split(n, 1.0, 0)[0] and not split(n - 2, 1.0, 0)[0]
 
 
 @pytest.fixture
@@ -65,43 +119,49 @@ def counted(monkeypatch):
 
 
 def test_export_auto_measures_every_candidate_once_and_keeps_one(run_copy, counted, capsys):
+    """Tolerance 100 on the 4 eval examples: 2 of them can resolve it, so the candidates answer those 2,
+    the files kept answer all 4, and the winner's score is reported on the other 2."""
     cfg = config.load_run(run_copy)
     result = export.export_run(run_copy, cfg, ["auto"], tolerance=100)
     gguf_dir = run_copy / "gguf"
     auto = json.loads((gguf_dir / "auto.json").read_text())
     rows = auto["candidates"]
     assert [r["type"] for r in rows] == ["bf16", *CANDIDATES, *CALIBRATED_CANDIDATES]
-    assert auto["measure"].startswith("task score x 100 on the run's eval examples")
+    assert auto["decided_by"] == "task" and auto["choice_examples"] == 2 and auto["held_out"]["examples"] == 2
     assert rows[0]["score"] == 100.0  # the memorizing run answers its four cases exactly
     for r in rows:
         assert r["size_mb"] > 0 and r["bits_per_weight"] > 0 and r["tokens_per_s"] > 0 and r["kl"] >= 0
+    assert all("difference" in r and r["qualifies"] for r in rows[1:])  # within 100 points, every one
     assert rows[0]["bits_per_weight"] == 16.0 and rows[1]["bits_per_weight"] == 8.5  # q8_0: 34 bytes / 32 weights
     assert all(r["calibrated"] for r in rows[2:])  # every k-quant went through the importance matrix
-    # tolerance 100 lets every candidate through: the smallest wins, is kept, the rest are gone
-    smallest = min(rows[1:], key=lambda r: r["size_mb"])
-    assert auto["winner"] == smallest["file"] and (gguf_dir / smallest["file"]).is_file()
-    assert (gguf_dir / f"Modelfile.{smallest['file'].removesuffix('.gguf')}").is_file()
+    winner = next(r for r in rows if r["chosen"])
+    assert winner["type"] != "bf16" and auto["winner"] == winner["file"] and (gguf_dir / winner["file"]).is_file()
+    assert (gguf_dir / f"Modelfile.{winner['file'].removesuffix('.gguf')}").is_file()
     assert not (gguf_dir / "candidates").exists()
     assert sorted(p.name for p in gguf_dir.glob("*.gguf")) == sorted(
-        ["memorize-bf16.gguf", smallest["file"], "imatrix.gguf"])
+        ["memorize-bf16.gguf", winner["file"], "imatrix.gguf"])
     # run.json lists what is there, by kind and type; the importance matrix is not a model
     assert [(p.name, t) for p, t in rundir.models(run_copy)] == [("memorize-bf16.gguf", "bf16"),
-                                                                  (smallest["file"], smallest["type"])]
+                                                                  (winner["file"], winner["type"])]
     assert [p.name for p, _ in rundir.files(run_copy, "imatrix")] == ["imatrix.gguf"]
     for name in ("auto.md", "auto.png", "report.json"):
         assert (gguf_dir / name).is_file(), name
+    assert "On 2 eval examples that took no part in the choice" in (gguf_dir / "auto.md").read_text()
 
-    # Each file loaded once; answered once per eval prompt plus the one fidelity chat.
+    # One load per file; the winner once more for the prompts it had not answered. Each file answers
+    # the fidelity chat, then 2 prompts (candidates) or all 4 (the files kept).
     loads, chats = counted
     names = [r["file"] for r in rows]
-    assert loads == Counter({name: 1 for name in names}), loads
-    assert chats == Counter({name: 1 + 4 for name in names}), chats
+    assert loads == Counter({name: 1 + (name == winner["file"]) for name in names}), loads
+    kept = {"memorize-bf16.gguf", winner["file"]}
+    assert chats == Counter({name: 1 + (4 if name in kept else 2) for name in names}), chats
     # The final evaluation and the printed summary reuse those answers: no file is loaded again.
+    before = (Counter(loads), Counter(chats))
     files = [p for p, _ in result.files]
     report = evaluate.evaluate_run(run_copy, cfg, str(tiny_model_dir()), result.measured, files)
     cli.report_run(run_copy, result, SimpleNamespace(eval=None), report)
-    assert loads == Counter({name: 1 for name in names}) and chats == Counter({name: 5 for name in names})
-    # ... and show the same numbers auto decided on
+    assert (loads, chats) == before
+    # ... and show the same numbers the files were measured with
     scores = {r["variant"]: r["score"] for r in report["variants"]}
     assert {f.name: 100 * scores[f.name] for f in files} == pytest.approx(
         {r["file"]: r["score"] for r in rows if r["file"] in scores}, abs=0.01)
@@ -109,7 +169,7 @@ def test_export_auto_measures_every_candidate_once_and_keeps_one(run_copy, count
     assert "quant chosen by measurement" in out and "<- chosen" in out
 
 
-def test_export_auto_without_eval_data_scores_agreement_with_16_bit(run_copy):
+def test_export_auto_without_eval_data_decides_by_kl(run_copy):
     manifest = rundir.load(run_copy)
     del manifest["data"]["eval"]  # a run trained without --eval_data
     rundir.write_json(run_copy / rundir.MANIFEST, manifest)
@@ -117,10 +177,11 @@ def test_export_auto_without_eval_data_scores_agreement_with_16_bit(run_copy):
     run_script("export/gguf.py", run_copy, "--quant", "auto", "--tolerance", "0", "--no-imatrix")
     result = json.loads((run_copy / "gguf" / "auto.json").read_text())
     rows = result["candidates"]
-    assert result["measure"].startswith("top-1 agreement with memorize-bf16.gguf")
+    assert result["decided_by"] == "kl" and "no eval data" in result["why"] and "held_out" not in result
     assert result["imatrix"] is None and [r["type"] for r in rows] == ["bf16", *CANDIDATES]
-    assert all(r["score"] == r["top1"] for r in rows)
-    # tolerance 0: the smallest file that agrees with bf16 everywhere, else bf16 itself
+    assert all("score" not in r and r["kl"] >= 0 for r in rows) and rows[0]["kl"] == 0
+    budget = 10 * rows[1]["kl"]  # q8_0's
+    assert [r["qualifies"] for r in rows[1:]] == [r["kl"] <= budget for r in rows[1:]]
     winner = next(r for r in rows if r["chosen"])
-    perfect = [r for r in rows[1:] if r["score"] == 100.0]
-    assert winner == (min(perfect, key=lambda r: r["size_mb"]) if perfect else rows[0])
+    assert winner["type"] != "bf16" and winner["qualifies"]  # q8_0 is always within its own budget
+    assert "No eval data: the chosen file's task score is not measured." in (run_copy / "gguf" / "auto.md").read_text()

@@ -100,6 +100,13 @@ def test_report_files(tmp_path, trained_run, memorized_chats):
     assert rows["adapter"]["score"] == 1.0  # base + LoRA, unmerged (PEFT)
     assert rows["memorize-bf16.gguf"]["stopped"] == 1.0 and rows["base"]["score"] == 0.0
     assert json.loads((tmp_path / "report.json").read_text())["examples"] == len(memorized_chats)
-    assert "| merged | 1.000 | 100% |" in (tmp_path / "report.md").read_text()
+    # 4 of 4 right: exact interval [0.025^(1/4), 1]; paired differences on the same 4 prompts
+    assert rows["merged"]["score_interval"] == [pytest.approx(0.025 ** 0.25, abs=1e-4), 1.0]
+    # 4 wins in 4 cannot rule out "no difference": lo = 0.0125^(1/4) - (1 - 0.0125^(1/4)) (Bonferroni halves)
+    assert rows["merged"]["vs_base"]["value"] == 100
+    assert rows["merged"]["vs_base"]["lo"] == pytest.approx(100 * (2 * 0.0125 ** 0.25 - 1), abs=0.01)
+    gguf = rows["memorize-bf16.gguf"]["vs_merged"]
+    assert gguf["value"] == 0 and gguf["lo"] < 0 < gguf["hi"] and "vs_merged" not in rows["merged"]
+    assert "| merged | 1.000 [0.398, 1.000] | 100.0 [" in (tmp_path / "report.md").read_text()
     assert (tmp_path / "scores.png").stat().st_size > 5000
     assert "memorize-bf16.gguf" in table(report)
