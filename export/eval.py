@@ -56,8 +56,11 @@ def main(argv=None):
     if any(v in ("base", "adapter") for v in variants):
         rundir.check_base(args.run_dir)
         base = rundir.base_dir(args.run_dir)
+    files = [v for v in variants if str(v).endswith(".gguf")]
+    notes = None if args.data else evaluate.chosen_on_these(args.run_dir, files)  # auto chose on the run's set
     report = evaluate.evaluate(args.run_dir, examples, args.metric or cfg.eval.metric, variants, base,
-                               args.max_new_tokens or cfg.eval.max_new_tokens, cfg.eval.tolerance, args.out)
+                               args.max_new_tokens or cfg.eval.max_new_tokens, cfg.eval.tolerance, args.out,
+                               notes=notes)
     out = args.out or args.run_dir / "eval"
     print(evaluate.table(report))
     print(f"\n{out / 'report.md'}  (answers side by side; chart: {out / 'scores.png'})")

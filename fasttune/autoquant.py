@@ -4,13 +4,14 @@ The quant people pick by habit (q4_k_m) can lose most of a fine-tuned task while
 which one holds depends on the model and the task. fasttune.export writes every candidate and
 fasttune.measure measures each against the 16-bit file; this module decides:
 
-1. Which files qualify. With enough eval examples to resolve --quant_tolerance, the task decides: a
-   file qualifies when the 95 % interval of its paired score difference from the 16-bit file, on
-   half of the eval set, rules out a loss of the tolerance or more (fasttune.intervals). A smaller
-   set cannot (12 examples cannot rule out a 30-point loss), so the low-variance signal decides
-   instead: the KL divergence from the 16-bit file over the answer positions of the training
-   examples, within KL_BUDGET times q8_0's own (8-bit rounding, the loss nobody can measure in a
-   task score, sets the scale).
+1. Which files qualify. With enough eval examples to resolve --quant_tolerance, the task decides: the
+   files are tested in an order fixed by KL (then size), from the most faithful down, on half of the
+   eval set; a file qualifies when the 95 % interval of its paired score difference from the 16-bit
+   file rules out a loss of the tolerance or more (fasttune.intervals), and testing stops at the
+   first that does not. A smaller set cannot show that (12 examples cannot rule out a 30-point
+   loss), so the low-variance signal decides instead: the KL divergence from the 16-bit file over
+   the answer positions of the training examples, within KL_BUDGET times q8_0's own (8-bit
+   rounding, the loss nobody can measure in a task score, sets the scale).
 2. Which of them wins. Starting from the 16-bit file, walk the qualifying files from the most
    faithful (lowest KL) down; a file replaces the current choice only when it is at least 10 %
    smaller. A 1 % smaller file that is ten times less faithful buys nothing.
@@ -38,6 +39,9 @@ CANDIDATES = ["q8_0", "q6_k", "q5_k_m", "q4_k_m", "q3_k_m"]
 CALIBRATED_CANDIDATES = ["iq4_xs", "q2_k"]
 KL_BUDGET = 10  # a file's KL from the 16-bit file may be at most this many times q8_0's
 SMALLER = 0.9  # a less faithful file wins only at this fraction of the size of the one it replaces, or less
+# The task decides only when half the eval set could show a loss below this share of the tolerance: at
+# exactly the tolerance, one disagreement would fail every file.
+RESOLVE = 0.5
 
 
 def candidates(calibrated: bool) -> list[str]:
@@ -45,11 +49,15 @@ def candidates(calibrated: bool) -> list[str]:
     return CANDIDATES + (CALIBRATED_CANDIDATES if calibrated else [])
 
 
+def task_decides(n: int, tolerance: float) -> bool:
+    """Whether half of n eval examples can resolve `tolerance` points (with room for a few disagreements)."""
+    return n >= 2 and intervals.resolution(n // 2) <= RESOLVE * tolerance
+
+
 def split(n: int, tolerance: float, seed: int) -> tuple[list[int], list[int]]:
     """(choice, report): which of n eval examples (by position) the task decides on, and which report
-    the chosen file's score. When half the set cannot resolve the tolerance the task does not decide:
-    no choice examples, all n report."""
-    if n < 2 or intervals.resolution(n // 2) > tolerance:
+    the chosen file's score. When the task cannot decide: no choice examples, all n report."""
+    if not task_decides(n, tolerance):
         return [], list(range(n))
     order = list(range(n))
     random.Random(seed).shuffle(order)
@@ -57,15 +65,15 @@ def split(n: int, tolerance: float, seed: int) -> tuple[list[int], list[int]]:
 
 
 def examples_needed(tolerance: float) -> int:
-    """How many eval examples a task decision at `tolerance` points takes (half of them choose)."""
-    n = 1
-    while intervals.resolution(n) > tolerance and n < 10**7:
+    """How many eval examples it takes for the task to decide at `tolerance` points."""
+    n = 2
+    while not task_decides(n, tolerance) and n < 10**8:
         n *= 2
     lo, hi = n // 2, n
-    while lo + 1 < hi:  # resolution falls with n: the smallest n that resolves
+    while lo + 1 < hi:  # task_decides is monotone in n: the smallest n where it holds
         mid = (lo + hi) // 2
-        lo, hi = (mid, hi) if intervals.resolution(mid) > tolerance else (lo, mid)
-    return 2 * hi
+        lo, hi = (lo, mid) if task_decides(mid, tolerance) else (mid, hi)
+    return hi
 
 
 def pick(rows: list[dict], tolerance: float, choice: dict[str, list[float]] | None = None,
@@ -74,24 +82,36 @@ def pick(rows: list[dict], tolerance: float, choice: dict[str, list[float]] | No
     `verdict` and, when the task decided, `difference` (its paired interval against the reference).
 
     choice: each file's per-example scores on the choice examples (the task decides), or None (KL
-    decides; n_eval, the eval set's size, explains why in `why`)."""
+    decides; n_eval, the eval set's size, explains why in `why`).
+
+    The files are taken in one order, fixed before any eval score is seen: by KL (training answers),
+    then size. The task tests them along it and stops at the first one it cannot show within the
+    tolerance (fixed-sequence testing: the chance that any file passing really loses more stays at
+    2.5 %, without a correction for testing several).
+    """
     ref, rest = rows[0], rows[1:]
-    q8 = next((r for r in rest if r["type"] == "q8_0" and "kl" in r), None)
+    q8 = next((r for r in rest if r["type"] == "q8_0" and r.get("kl") is not None), None)
     budget = KL_BUDGET * q8["kl"] if q8 else None
-    for r in rest:
+    order = sorted(rest, key=lambda r: (r["kl"] if r.get("kl") is not None else float("inf"), r["size_mb"]))
+    stopped_at = None
+    for r in order:
         if choice is not None:
             d = intervals.paired(choice[r["file"]], choice[ref["file"]])
             r["difference"] = d.as_dict()
-            r["qualifies"] = d.lo > -tolerance
-            r["verdict"] = (f"loses less than {tolerance:g} points" if r["qualifies"] else
-                            f"may lose {-d.lo:.1f} points")
+            r["qualifies"] = stopped_at is None and d.lo > -tolerance
+            r["verdict"] = (f"not tested: {stopped_at['type']}, more faithful, was not shown within" if stopped_at
+                            else f"shown to lose less than {tolerance:g} points" if r["qualifies"]
+                            else f"may lose {-d.lo:.1f} points")
+            stopped_at = stopped_at or (None if r["qualifies"] else r)
         else:
             r["qualifies"] = budget is not None and r.get("kl") is not None and r["kl"] <= budget
             r["verdict"] = ("no q8_0 to set the KL budget" if budget is None else
                             f"KL {'within' if r['qualifies'] else 'over'} the budget")
     winner = ref
-    for r in sorted((r for r in rest if r["qualifies"]), key=lambda r: (r["kl"], -r["size_mb"])):
+    for r in (r for r in order if r["qualifies"]):
         if r["size_mb"] <= SMALLER * winner["size_mb"]:
+            if winner is not ref:
+                winner["verdict"] += f"; replaced by {r['type']}, at least 10 % smaller"
             winner = r
         else:
             r["verdict"] += f"; not 10 % smaller than {winner['type']}"
@@ -100,17 +120,17 @@ def pick(rows: list[dict], tolerance: float, choice: dict[str, list[float]] | No
     if choice is not None:
         n = len(choice[ref["file"]])
         rule = (f"shown to lose less than {tolerance:g} points against {ref['file']} on {n} eval examples "
-                "(the lower end of its paired 95 % interval)")
+                "(the lower end of its paired 95 % interval, files tested from the most faithful down)")
         detail = f": difference {intervals.Interval(**winner['difference'])}" if winner is not ref else ""
     else:
         rule = (f"within the KL budget of {KL_BUDGET} x q8_0's divergence from {ref['file']} ({budget:.4g})"
                 if budget is not None else "measured against q8_0")
         detail = f": KL {winner['kl']:.4g}" if winner is not ref else ""
-        half = n_eval // 2
         rule_out = ("the task score did not decide: no eval data" if not n_eval else
-                    f"the task score did not decide: {half} of the {n_eval} eval examples can only rule out a loss "
-                    f"of {intervals.resolution(half):.1f} points or more, not {tolerance:g} (that takes about "
-                    f"{examples_needed(tolerance)} eval examples)")
+                    "the task score did not decide: one eval example cannot be halved" if n_eval == 1 else
+                    f"the task score did not decide: at best, {n_eval // 2} of the {n_eval} eval examples can show "
+                    f"a file loses less than {intervals.resolution(n_eval // 2):.1f} points; deciding at "
+                    f"{tolerance:g} takes about {examples_needed(tolerance)} eval examples")
     if winner is ref:
         why = f"no quant was {rule}: keeping {ref['file']}"
     else:
@@ -135,11 +155,12 @@ def choose(rows: list[dict], tolerance: float, calibrated: str | None, choice: d
 def report(run_dir: Path, result: dict, held_out: tuple[list[float], list[float]] | None) -> dict:
     """Add the chosen file's score on the examples that took no part in the choice (its scores and
     the reference's there), and write gguf/auto.json, auto.md and auto.png."""
-    if held_out:
+    if held_out and held_out[0]:
         ref, win = held_out
-        result["held_out"] = {"examples": len(ref), "reference": intervals.mean(ref).as_dict(),
-                              "winner": intervals.mean(win).as_dict(),
-                              "difference": intervals.paired(win, ref).as_dict()}
+        result["held_out"] = {"examples": len(ref), "reference": intervals.mean(ref).as_dict()}
+        if result["winner"] != result["reference"]:  # a file against itself differs by exactly 0
+            result["held_out"] |= {"winner": intervals.mean(win).as_dict(),
+                                   "difference": intervals.paired(win, ref).as_dict()}
     gguf_dir = Path(run_dir) / "gguf"
     rundir.write_json(gguf_dir / "auto.json", result)
     rundir.write_text(gguf_dir / "auto.md", markdown(result))
@@ -155,6 +176,9 @@ def held_out_line(result: dict) -> str:
     h = result.get("held_out")
     if not h:
         return "No eval data: the chosen file's task score is not measured."
+    if "winner" not in h:
+        return (f"On {h['examples']} eval examples that took no part in the choice: {result['reference']} scores "
+                f"{_interval(h['reference'])} (points, 95 % interval).")
     return (f"On {h['examples']} eval examples that took no part in the choice: {result['winner']} scores "
             f"{_interval(h['winner'])}, {result['reference']} {_interval(h['reference'])}; difference "
             f"{_interval(h['difference'])} (points, 95 % intervals).")
@@ -166,8 +190,9 @@ def markdown(result: dict) -> str:
             f"{result['choice_examples']} of the {result['eval_examples']} eval examples, lies above "
             f"-{result['tolerance']:g} points." if by_task else
             f"Qualifies: mean KL({result['reference']} || file) per answer token of the training examples at most "
-            f"{result['kl_budget']} x q8_0's. The candidates did not answer the eval prompts: their score "
-            "differences could not have decided (only the files kept answer them, for the line above).")
+            f"{result['kl_budget']} x q8_0's. The eval set could not have decided, so no paired differences were "
+            "measured for the choice: only the files kept answer the eval prompts (the line above), and those "
+            "listed with --quants.")
     lines = [f"# Quant chosen by measurement: {result['winner']}", "", result["why"] + ".", "",
              held_out_line(result), "",
              rule + " Among the files that qualify, from the most faithful down, a file replaces the choice only "
@@ -225,7 +250,7 @@ def chart(result: dict, path: Path) -> Path:
     left.legend(fontsize=7)
     bars = [(r["type"], r["difference"]) for r in rows[1:] if r.get("difference")]
     held = result.get("held_out")
-    if held:
+    if held and "difference" in held:
         bars.append((f"{next(r['type'] for r in rows if r['chosen'])}\n(held out)", held["difference"]))
     for x, (label, d) in enumerate(bars):
         right.errorbar(x, d["value"], yerr=[[d["value"] - d["lo"]], [d["hi"] - d["value"]]], fmt="o", capsize=4,

@@ -135,14 +135,14 @@ class ExportConfig:
         default_factory=lambda: ["bf16", "auto"],
         metadata={"help": "GGUF files to write after training: bf16, f16, f32, q8_0 directly; q4_k_m, q5_k_m, "
                           "q6_k, ... via llama.cpp's quantizer; auto: write q8_0 down to q3_k_m (and iq4_xs, q2_k "
-                          "with --imatrix), score each on the eval data and keep the smallest within "
-                          "--quant_tolerance of the 16-bit file (gguf/auto.md). --quants none skips export."},
+                          "with --imatrix), measure each against the 16-bit file and keep one by the rule in "
+                          "gguf/auto.md (--quant_tolerance). --quants none skips export."},
     )
     quant_tolerance: float = field(
         default=1.0,
         metadata={"help": "auto: how many points (task score x 100) a quant may lose against the 16-bit file and "
                           "still be chosen. The task score decides only when half the eval set can show that "
-                          "(about 880 examples at 1 point); otherwise KL from the 16-bit file does (gguf/auto.md)."},
+                          "(about 1,750 examples at 1 point); otherwise KL from the 16-bit file does (gguf/auto.md)."},
     )
     imatrix: bool = field(
         default=True,

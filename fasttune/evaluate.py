@@ -233,12 +233,13 @@ def _hf_variant(name: str, run_dir: Path, base: str):
 # --- the evaluation -----------------------------------------------------------------------------------
 
 def evaluate(run_dir: Path, examples, metric: str, variants: list[str], base: str, max_new_tokens: int = 256,
-             tolerance: float = 0.02, out_dir: Path | None = None, answered: dict | None = None) -> dict:
+             tolerance: float = 0.02, out_dir: Path | None = None, answered: dict | None = None,
+             notes: list[str] | None = None) -> dict:
     """Answer `examples` (.source, .messages; the last message is the reference) with each variant and score them.
 
     variants: 'base', 'adapter', 'merged', or paths of GGUF files. answered: variant name -> (answers,
     seconds) already generated on these examples (fasttune.measure's, for GGUF files): scored, not
-    generated again. Returns (and writes) the report.
+    generated again. notes: lines the report shows under its title. Returns (and writes) the report.
     """
     if metric not in METRICS:
         raise UserError(f"unknown metric '{metric}'; known: {', '.join(METRICS)}")
@@ -289,7 +290,7 @@ def evaluate(run_dir: Path, examples, metric: str, variants: list[str], base: st
             "seconds_per_example": round(seconds / n, 3),
         })
     report = {"metric": metric, "tolerance": tolerance, "max_new_tokens": max_new_tokens, "examples": len(examples),
-              "variants": rows, "answers": per_example}
+              "notes": notes or [], "variants": rows, "answers": per_example}
     write_json(out_dir / "report.json", report)
     write_text(out_dir / "report.md", markdown(report))
     chart(report, out_dir / "scores.png")
@@ -318,6 +319,7 @@ def markdown(report: dict, examples_shown: int = 5) -> str:
              "", f"Greedy, at most {report['max_new_tokens']} new tokens, same prompts for every variant. "
              "Intervals are 95 %; differences are paired (the same examples), in points (score x 100): "
              "an interval that contains 0 shows no difference these examples can resolve.", "",
+             *(line for note in report.get("notes", []) for line in (note, "")),
              f"| variant | {report['metric']} [95 % interval] | vs base | vs merged | stopped by itself | unparseable "
              "| mean tokens | s / example |",
              "|---|---|---|---|---|---|---|---|"]
@@ -402,4 +404,17 @@ def evaluate_run(run_dir: Path, cfg, base: str, measured: dict, files: list[Path
     answered = {p.name: (measured[p.name].answers, measured[p.name].answer_seconds) for p in files
                 if p.name in measured and measured[p.name].answers}
     return evaluate(run_dir, examples, cfg.eval.metric, ["base", "merged", *files], base, cfg.eval.max_new_tokens,
-                    cfg.eval.tolerance, answered=answered)
+                    cfg.eval.tolerance, answered=answered, notes=chosen_on_these(run_dir, files))
+
+
+def chosen_on_these(run_dir: Path, files: list[Path]) -> list[str]:
+    """A warning for the report when --quants auto chose one of `files` on part of these eval examples:
+    its score here is biased up by that choice (gguf/auto.md has its score on the rest)."""
+    from fasttune import autoquant
+
+    auto = autoquant.load(run_dir)
+    if not auto or auto["decided_by"] != "task" or auto["winner"] not in {Path(f).name for f in files}:
+        return []
+    return [f"Note: {auto['winner']} was chosen by --quants auto on {auto['choice_examples']} of these "
+            f"{auto['eval_examples']} examples, so its score here is biased up by that choice; its score on the "
+            f"other {auto['eval_examples'] - auto['choice_examples']}: gguf/auto.md."]

@@ -112,7 +112,11 @@ def export_run(run_dir: Path, cfg, quants: list[str], lora_base: str | None = No
     task = eval_task(run_dir, cfg) if auto or cfg.eval.evaluate else None
     n_eval, tol = len(task.prompts) if task else 0, cfg.export.quant_tolerance if tolerance is None else tolerance
     choice_at, report_at = autoquant.split(n_eval, tol, cfg.train.seed) if auto else ([], [])
-    answer_at = {p.name: list(range(n_eval)) for p, _ in files} | {p.name: choice_at for p, _ in candidates}
+    # the reference answers all (it is the choice's baseline and the report's); the other listed files
+    # all only for the final evaluation, else like the candidates
+    everything = list(range(n_eval))
+    answer_at = {p.name: everything if cfg.eval.evaluate or (p, q) == files[0] else choice_at for p, q in files}
+    answer_at |= {p.name: choice_at for p, _ in candidates}
     measured = measure_run(run_dir, cfg, files + candidates, lora, task, answer_at)
     result = Result(files, {m.row["file"]: m for m in measured}, lora)
 
@@ -160,7 +164,8 @@ def measure_run(run_dir: Path, cfg, files: list[tuple[Path, str]], lora: tuple[P
                 task: measure.Task | None, answer_at: dict[str, list[int]]) -> list[measure.Measured]:
     """measure.measure on the run's own data: fidelity and drift on its training answers (the eval
     examples stay out of anything a choice is made on); answer_at: which eval prompts each file answers."""
-    conversations = [ex.messages for ex in rundir.examples(run_dir, "train")]
+    # at most one answer position per conversation counts towards MAX_POSITIONS: no more are read
+    conversations = [ex.messages for ex in rundir.examples(run_dir, "train", limit=measure.MAX_POSITIONS)]
     return measure.measure(run_dir / "merged", files, conversations, task, fidelity=cfg.export.verify, lora=lora,
                            drift=bool(files) and files[0][1] in SIXTEEN_BIT, task_at=answer_at)
 

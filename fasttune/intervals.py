@@ -1,13 +1,16 @@
 """95 % intervals for eval scores. One example is 8.3 points of a 12-example set and 1.1 of a
 90-example set: a score, or a difference between two files, means nothing without its interval.
 
-Scores come per example, in [0, 1] (a metric's score: 0/1 for exact, choice, numeric and json).
+Scores come per example, in [0, 1]: 0/1 for exact, choice, numeric and cot; fractions for rouge and
+json (the share of fields right).
     mean        exact (Clopper-Pearson) for 0/1 scores; a seeded percentile bootstrap otherwise.
     paired      the mean difference of two files' scores on the same examples. For 0/1 scores, exact
                 bounds on each kind of disagreement (A right where B is wrong, and the reverse), each at
                 97.5 % so that both hold together at 95 % (Bonferroni). Unlike McNemar's test, which
                 conditions on the disagreements seen, this stays honest when none was seen: 0 of 12 still
-                allows a 31 % rate. A paired bootstrap otherwise.
+                allows a 31 % rate. A paired bootstrap otherwise, which is not: it is as narrow as the
+                differences seen (zero-wide when there are none), so fasttune.autoquant lets a score
+                decide only on sets where the exact 0/1 bound is already small.
     resolution  the smallest loss n examples can rule out at all: the upper bound of a paired interval
                 with no disagreement seen. Below it, no score table can show a file is within tolerance.
 Values are in points (score x 100), as every report prints them.
@@ -51,10 +54,14 @@ def _exact(k: int, n: int, confidence: float) -> tuple[float, float]:
     return float(ci.low), float(ci.high)
 
 
-def _bootstrap(values: np.ndarray) -> tuple[float, float]:
-    """Percentile bootstrap of the mean, seeded: the same scores give the same interval everywhere."""
+def _bootstrap(values: np.ndarray, full: tuple[float, float]) -> tuple[float, float]:
+    """Percentile bootstrap of the mean, seeded: the same scores give the same interval everywhere.
+    One value says nothing about the spread: `full`, the widest interval possible, then."""
+    if len(values) < 2:
+        return full
     rng = np.random.default_rng(0)
-    means = values[rng.integers(0, len(values), (RESAMPLES, len(values)))].mean(1)
+    means = np.concatenate([values[rng.integers(0, len(values), (100, len(values)))].mean(1)
+                            for _ in range(RESAMPLES // 100)])  # 100 resamples at a time: memory stays small
     lo, hi = np.quantile(means, [(1 - CONFIDENCE) / 2, (1 + CONFIDENCE) / 2])
     return float(lo), float(hi)
 
@@ -64,7 +71,7 @@ def mean(scores) -> Interval:
     s = np.asarray(scores, dtype=np.float64)
     if not len(s):
         raise ValueError("no scores")
-    lo, hi = _exact(int(s.sum()), len(s), CONFIDENCE) if _binary(s) else _bootstrap(s)
+    lo, hi = _exact(int(s.sum()), len(s), CONFIDENCE) if _binary(s) else _bootstrap(s, (0.0, 1.0))
     return Interval(100 * float(s.mean()), 100 * lo, 100 * hi, len(s))
 
 
@@ -79,7 +86,7 @@ def paired(a, b) -> Interval:
         wins, losses = int(((a == 1) & (b == 0)).sum()), int(((a == 0) & (b == 1)).sum())
         (w_lo, w_hi), (l_lo, l_hi) = _exact(wins, n, each), _exact(losses, n, each)
         return Interval(100 * (wins - losses) / n, 100 * (w_lo - l_hi), 100 * (w_hi - l_lo), n)
-    lo, hi = _bootstrap(a - b)
+    lo, hi = _bootstrap(a - b, (-1.0, 1.0))
     return Interval(100 * float((a - b).mean()), 100 * lo, 100 * hi, n)
 
 

@@ -192,7 +192,7 @@ def measure_file(path: Path, qtype: str, reference: Reference | None, drift_case
             row.update(kl=0.0, top1=100.0, drift_positions=sum(len(c.span) for c in drift_cases))
         elif drift_cases:
             d = [distance(p, q) for p, q in zip(drift_ref, logprobs)]
-            row.update(kl=round(float(np.mean(np.concatenate([x["kl"] for x in d]))), 5),
+            row.update(kl=float(f"{np.mean(np.concatenate([x['kl'] for x in d])):.4g}"),  # 4 significant digits
                        top1=round(100 * float(np.mean(np.concatenate([x["agree"] for x in d]))), 1),
                        drift_positions=sum(len(c.span) for c in drift_cases))
         if task_at:

@@ -211,9 +211,9 @@ class Example:
     messages: list[dict]
 
 
-def examples(run_dir: str | Path, split: str) -> list[Example]:
-    """The run's own train or eval examples, as trained and evaluated; [] when the run has no such
-    split. The file is checked against its recorded hash first."""
+def examples(run_dir: str | Path, split: str, limit: int | None = None) -> list[Example]:
+    """The run's own train or eval examples, as trained and evaluated (the first `limit` of them); []
+    when the run has no such split. The file is checked against its recorded hash first."""
     run_dir = Path(run_dir)
     entry = load(run_dir)["data"].get(split)
     if entry is None:
@@ -224,8 +224,15 @@ def examples(run_dir: str | Path, split: str) -> list[Example]:
     if sha256(path) != entry["sha256"]:
         raise UserError(f"{path}: changed since training (sha256 {entry['sha256'][:12]}... then, "
                         f"{sha256(path)[:12]}... now); restore it, or train the run again with --overwrite")
-    rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-    return [Example(r["source"], r["messages"]) for r in rows]
+    out = []
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            if limit is not None and len(out) >= limit:
+                break
+            if line.strip():
+                row = json.loads(line)
+                out.append(Example(row["source"], row["messages"]))
+    return out
 
 
 def check_sources(run_dir: Path, sources: list[dict]) -> None:

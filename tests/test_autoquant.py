@@ -9,14 +9,15 @@ from types import SimpleNamespace
 
 import pytest
 
-from fasttune import cli, config, evaluate, export, infer, rundir
+from fasttune import autoquant, cli, config, evaluate, export, infer, rundir
 from fasttune.autoquant import CALIBRATED_CANDIDATES, CANDIDATES, examples_needed, pick, split
 from fasttune.tiny import tiny_model_dir
 from tests.conftest import only_the_bf16_gguf, run_script
 
 
 def row(type_, size, kl):
-    return {"file": f"x-{type_}.gguf", "type": type_, "size_mb": size, "kl": kl, "top1": 100 - 100 * kl}
+    return {"file": f"x-{type_}.gguf", "type": type_, "size_mb": size, "kl": kl, "top1": 100 - 100 * kl,
+            "bits_per_weight": round(16 * size / 100, 2)}
 
 
 def table(*entries):
@@ -36,7 +37,8 @@ def test_kl_decides_when_the_eval_set_cannot_resolve_the_tolerance():
     assert "not 10 % smaller than q6_k" in rows[3]["verdict"] and rows[4]["verdict"] == "KL over the budget"
     assert why.startswith("x-q6_k.gguf is within the KL budget of 10 x q8_0's divergence from x-bf16.gguf (0.02): "
                           "KL 0.006, and no other such file is at least 10 % smaller")
-    assert "6 of the 12 eval examples can only rule out a loss of 51.8 points or more, not 1" in why
+    assert ("at best, 6 of the 12 eval examples can show a file loses less than 51.8 points; deciding at 1 takes "
+            "about 1750 eval examples") in why
     assert "no eval data" in pick(table(*LADDER), tolerance=1.0, n_eval=0)[1]
 
 
@@ -44,9 +46,14 @@ def test_a_file_barely_smaller_loses_to_the_more_faithful_one():
     """The demo's case: q3_k_m 1 % smaller than q6_k, ten times its KL; both within a wide budget."""
     rows = table(("q8_0", 48.5, 0.05), ("q6_k", 38.8, 0.02), ("q3_k_m", 38.4, 0.36))
     assert pick(rows, tolerance=1.0)[0]["type"] == "q6_k"
-    # ties in KL: the larger is tried first, the smaller wins only by 10 %
+    # ties in KL: the smaller of equally faithful files is taken first
     rows = table(("q8_0", 53, 0.01), ("q6_k", 41, 0.01), ("q5_k_m", 40, 0.01))
-    assert pick(rows, tolerance=1.0)[0]["type"] == "q6_k"
+    assert pick(rows, tolerance=1.0)[0]["type"] == "q5_k_m"
+    assert rows[1]["verdict"] == "KL within the budget; not 10 % smaller than q5_k_m"
+    # a file that qualified and was replaced says by what
+    rows = table(*LADDER)
+    pick(rows, tolerance=1.0)
+    assert rows[1]["verdict"] == "KL within the budget; replaced by q6_k, at least 10 % smaller"
 
 
 def test_without_q8_0_nothing_qualifies_by_kl():
@@ -66,9 +73,11 @@ def test_the_task_decides_by_the_lower_end_of_the_paired_interval():
               "x-q5_k_m.gguf": scores(500), "x-q4_k_m.gguf": scores(500, wrong=set(range(10))),
               "x-q3_k_m.gguf": scores(500, wrong=set(range(60)))}
     winner, why = pick(rows, tolerance=1.0, choice=choice)
-    assert [r["qualifies"] for r in rows[1:]] == [True, False, True, False, False]
+    # tested from the most faithful down, stopping at the first that fails: q5_k_m is not tested
+    assert [r["qualifies"] for r in rows[1:]] == [True, False, False, False, False]
     assert rows[2]["difference"]["lo"] < -1 < rows[1]["difference"]["lo"]  # one loss in 500 cannot show < 1 point
-    assert winner["type"] == "q5_k_m" and "on 500 eval examples" in why and "difference -0.0 [" not in why
+    assert rows[3]["verdict"] == "not tested: q6_k, more faithful, was not shown within"
+    assert winner["type"] == "q8_0" and "on 500 eval examples" in why
     # all pass (a tolerance of 100 points): from the most faithful down, 10 % steps
     winner, _ = pick(table(*LADDER), tolerance=100, choice=choice)
     assert winner["type"] == "q4_k_m"  # q3_k_m is 1.7 % smaller than q4_k_m
@@ -81,12 +90,14 @@ def test_the_task_decides_by_the_lower_end_of_the_paired_interval():
 
 def test_split_and_how_many_examples_a_decision_takes():
     assert split(12, 1.0, seed=0) == ([], list(range(12)))  # 6 cannot resolve 1 point: KL decides, all 12 report
-    choice, report = split(1000, 1.0, seed=3)
-    assert len(choice) == len(report) == 500 and sorted(choice + report) == list(range(1000))
-    assert split(1000, 1.0, seed=3) == (choice, report) and split(1000, 1.0, seed=4) != (choice, report)
-    assert split(12, 70.0, seed=0)[0]  # a wide tolerance: 6 examples resolve it
+    assert split(1000, 1.0, seed=0)[0] == []  # 500 could show < 0.87 points at best: not half the tolerance
+    choice, report = split(4000, 1.0, seed=3)
+    assert len(choice) == len(report) == 2000 and sorted(choice + report) == list(range(4000))
+    assert split(4000, 1.0, seed=3) == (choice, report) and split(4000, 1.0, seed=4) != (choice, report)
+    assert split(40, 40.0, seed=0)[0]  # a wide tolerance: 20 examples resolve it
     n = examples_needed(1.0)
-    assert split(n, 1.0, 0)[0] and not split(n - 2, 1.0, 0)[0]
+    assert 1500 < n < 2000 and split(n, 1.0, 0)[0] and not split(n - 2, 1.0, 0)[0]
+    assert split(1, 100.0, 0) == ([], [0]) and split(0, 1.0, 0) == ([], [])
 
 
 @pytest.fixture
@@ -119,23 +130,31 @@ def counted(monkeypatch):
 
 
 def test_export_auto_measures_every_candidate_once_and_keeps_one(run_copy, counted, capsys):
-    """Tolerance 100 on the 4 eval examples: 2 of them can resolve it, so the candidates answer those 2,
-    the files kept answer all 4, and the winner's score is reported on the other 2."""
+    """The default tolerance on the run's 4 eval examples: they cannot resolve 1 point, so KL decides,
+    no candidate answers the eval prompts, the files kept answer all 4, and the winner's score is
+    reported on all 4 (none took part in the choice)."""
     cfg = config.load_run(run_copy)
-    result = export.export_run(run_copy, cfg, ["auto"], tolerance=100)
+    result = export.export_run(run_copy, cfg, ["auto"])
     gguf_dir = run_copy / "gguf"
     auto = json.loads((gguf_dir / "auto.json").read_text())
     rows = auto["candidates"]
     assert [r["type"] for r in rows] == ["bf16", *CANDIDATES, *CALIBRATED_CANDIDATES]
-    assert auto["decided_by"] == "task" and auto["choice_examples"] == 2 and auto["held_out"]["examples"] == 2
+    assert auto["decided_by"] == "kl" and auto["choice_examples"] == 0 and auto["eval_examples"] == 4
+    assert "at best, 2 of the 4 eval examples can show a file loses less than" in auto["why"]
     assert rows[0]["score"] == 100.0  # the memorizing run answers its four cases exactly
     for r in rows:
-        assert r["size_mb"] > 0 and r["bits_per_weight"] > 0 and r["tokens_per_s"] > 0 and r["kl"] >= 0
-    assert all("difference" in r and r["qualifies"] for r in rows[1:])  # within 100 points, every one
+        assert r["size_mb"] > 0 and r["bits_per_weight"] > 0 and r["kl"] >= 0 and "difference" not in r
     assert rows[0]["bits_per_weight"] == 16.0 and rows[1]["bits_per_weight"] == 8.5  # q8_0: 34 bytes / 32 weights
     assert all(r["calibrated"] for r in rows[2:])  # every k-quant went through the importance matrix
+    budget = 10 * rows[1]["kl"]
+    assert [r["qualifies"] for r in rows[1:]] == [r["kl"] <= budget for r in rows[1:]]
     winner = next(r for r in rows if r["chosen"])
-    assert winner["type"] != "bf16" and auto["winner"] == winner["file"] and (gguf_dir / winner["file"]).is_file()
+    assert winner["type"] != "bf16" and winner["qualifies"] and auto["winner"] == winner["file"]
+    assert auto["held_out"]["examples"] == 4 and auto["held_out"]["winner"]["n"] == 4
+    measured = {r["file"]: r for r in json.loads((gguf_dir / "report.json").read_text())["files"]}
+    assert measured[winner["file"]]["score"] == auto["held_out"]["winner"]["value"]  # all 4, after the choice
+    assert measured[winner["file"]]["score_examples"] == 4 and "score" not in measured["memorize-q2_k.gguf"]
+    assert (gguf_dir / winner["file"]).is_file()
     assert (gguf_dir / f"Modelfile.{winner['file'].removesuffix('.gguf')}").is_file()
     assert not (gguf_dir / "candidates").exists()
     assert sorted(p.name for p in gguf_dir.glob("*.gguf")) == sorted(
@@ -146,15 +165,15 @@ def test_export_auto_measures_every_candidate_once_and_keeps_one(run_copy, count
     assert [p.name for p, _ in rundir.files(run_copy, "imatrix")] == ["imatrix.gguf"]
     for name in ("auto.md", "auto.png", "report.json"):
         assert (gguf_dir / name).is_file(), name
-    assert "On 2 eval examples that took no part in the choice" in (gguf_dir / "auto.md").read_text()
+    assert "On 4 eval examples that took no part in the choice" in (gguf_dir / "auto.md").read_text()
 
-    # One load per file; the winner once more for the prompts it had not answered. Each file answers
-    # the fidelity chat, then 2 prompts (candidates) or all 4 (the files kept).
+    # One load per file, the winner once more for the eval prompts; each file answers the fidelity
+    # chat, and only the files kept answer the 4 eval prompts.
     loads, chats = counted
     names = [r["file"] for r in rows]
-    assert loads == Counter({name: 1 + (name == winner["file"]) for name in names}), loads
     kept = {"memorize-bf16.gguf", winner["file"]}
-    assert chats == Counter({name: 1 + (4 if name in kept else 2) for name in names}), chats
+    assert loads == Counter({name: 1 + (name == winner["file"]) for name in names}), loads
+    assert chats == Counter({name: 1 + 4 * (name in kept) for name in names}), chats
     # The final evaluation and the printed summary reuse those answers: no file is loaded again.
     before = (Counter(loads), Counter(chats))
     files = [p for p, _ in result.files]
@@ -164,9 +183,52 @@ def test_export_auto_measures_every_candidate_once_and_keeps_one(run_copy, count
     # ... and show the same numbers the files were measured with
     scores = {r["variant"]: r["score"] for r in report["variants"]}
     assert {f.name: 100 * scores[f.name] for f in files} == pytest.approx(
-        {r["file"]: r["score"] for r in rows if r["file"] in scores}, abs=0.01)
+        {name: r["score"] for name, r in measured.items() if name in scores}, abs=0.01)
     out = capsys.readouterr().out
     assert "quant chosen by measurement" in out and "<- chosen" in out
+
+
+def test_when_the_task_decides_the_halves_stay_apart(tmp_path, monkeypatch):
+    """export._choose with measurements made up so that the two halves disagree: the choice sees only
+    the choosing half, the report only the other, and the winner fills in only what it lacked."""
+    from fasttune import measure
+
+    n, tol = 8, 100.0
+    monkeypatch.setattr(autoquant, "RESOLVE", 1.0)  # 4 examples resolve 100 points (88.8)
+    choice_at, report_at = autoquant.split(n, tol, seed=1)
+    assert choice_at and not set(choice_at) & set(report_at)
+    files = [(tmp_path / f"m-{q}.gguf", q) for q in ("bf16", "q8_0", "q4_k_m")]
+    truth = {"m-bf16.gguf": [1.0] * n,  # right on every example
+             "m-q8_0.gguf": [1.0 if i in choice_at else 0.0 for i in range(n)],  # right only where it is chosen
+             "m-q4_k_m.gguf": [0.0] * n}
+    measured = {}
+    for (path, q), size, kl in zip(files, (100, 53, 30), (0.0, 0.001, 0.5)):
+        answered = range(n) if q == "bf16" else choice_at
+        m = measure.Measured({"file": path.name, "type": q, "size_mb": size, "bits_per_weight": 1, "kl": kl,
+                              "top1": 100})
+        m.answers = [object() if i in answered else None for i in range(n)]
+        m.scores = [truth[path.name][i] if i in answered else None for i in range(n)]
+        measured[path.name] = m
+    asked = []
+
+    def answer(path, task, indices, into):
+        todo = [i for i in indices if into.answers[i] is None]
+        asked.append((path.name, todo))
+        for i in todo:
+            into.answers[i], into.scores[i] = object(), truth[path.name][i]
+
+    monkeypatch.setattr(measure, "answer", answer)
+    monkeypatch.setattr(export.measure, "answer", answer)
+    task = SimpleNamespace(prompts=[[]] * n)
+    (tmp_path / "gguf").mkdir()
+    decision = export._choose(tmp_path, files, export.Result(files[:1], measured), task, tol, None,
+                              choice_at, report_at)
+    assert decision["decided_by"] == "task" and decision["winner"] == "m-q8_0.gguf"
+    assert asked == [("m-q8_0.gguf", report_at)]  # the winner answers only the half it had not
+    assert decision["held_out"]["winner"]["value"] == 0  # wrong on every example it was not chosen on
+    assert decision["held_out"]["difference"]["value"] == -100 and decision["held_out"]["examples"] == len(report_at)
+    assert measured["m-q4_k_m.gguf"].answers.count(None) == len(report_at)  # a loser never sees the other half
+    assert "scores 0.0 [" in (tmp_path / "gguf" / "auto.md").read_text()
 
 
 def test_export_auto_without_eval_data_decides_by_kl(run_copy):
@@ -185,3 +247,22 @@ def test_export_auto_without_eval_data_decides_by_kl(run_copy):
     winner = next(r for r in rows if r["chosen"])
     assert winner["type"] != "bf16" and winner["qualifies"]  # q8_0 is always within its own budget
     assert "No eval data: the chosen file's task score is not measured." in (run_copy / "gguf" / "auto.md").read_text()
+
+
+def test_reports_on_constructed_decisions(tmp_path):
+    """auto.md, auto.json and auto.png for the cases a run can end in: the reference kept (never
+    compared with itself), KL with one eval example, no q8_0 to set the budget, q8_0 at KL 0."""
+    (tmp_path / "gguf").mkdir()
+    kept = autoquant.choose(table(("q8_0", 53, 0.002)), 1.0, None, None, 1)  # q8_0 wins: 53 <= 90
+    assert kept["winner"] == "x-q8_0.gguf" and kept["why"].endswith("one eval example cannot be halved")
+    no_q8 = autoquant.choose(table(("q4_k_m", 30, 0.05)), 1.0, None, None, 3)
+    assert no_q8["winner"] == "x-bf16.gguf"
+    result = autoquant.report(tmp_path, no_q8, ([1.0, 0.0, 1.0], [1.0, 0.0, 1.0]))
+    assert "winner" not in result["held_out"] and "difference" not in result["held_out"]
+    md = (tmp_path / "gguf" / "auto.md").read_text()
+    assert "x-bf16.gguf scores 66.7 [" in md and "difference" not in md.split("\n")[4]
+    assert (tmp_path / "gguf" / "auto.png").stat().st_size > 5000
+    zero = autoquant.choose(table(("q8_0", 53, 0.0), ("q6_k", 41, 0.0), ("q4_k_m", 30, 0.01)), 1.0, None, None, 0)
+    assert zero["winner"] == "x-q6_k.gguf" and "no eval data" in zero["why"]  # budget 0: KL 0 only
+    autoquant.report(tmp_path, zero, None)
+    assert "No eval data: the chosen file's task score is not measured." in (tmp_path / "gguf" / "auto.md").read_text()

@@ -110,3 +110,19 @@ def test_report_files(tmp_path, trained_run, memorized_chats):
     assert "| merged | 1.000 [0.398, 1.000] | 100.0 [" in (tmp_path / "report.md").read_text()
     assert (tmp_path / "scores.png").stat().st_size > 5000
     assert "memorize-bf16.gguf" in table(report)
+
+
+def test_the_report_warns_when_auto_chose_a_file_on_these_examples(tmp_path):
+    from fasttune import rundir
+    from fasttune.evaluate import chosen_on_these
+
+    auto = {"decided_by": "task", "winner": "m-q6_k.gguf", "choice_examples": 900, "eval_examples": 1800}
+    (tmp_path / "gguf").mkdir()
+    rundir.write_json(tmp_path / "gguf" / "auto.json", auto)
+    files = [tmp_path / "gguf" / "m-bf16.gguf", tmp_path / "gguf" / "m-q6_k.gguf"]
+    assert chosen_on_these(tmp_path, files) == [
+        "Note: m-q6_k.gguf was chosen by --quants auto on 900 of these 1800 examples, so its score here is biased "
+        "up by that choice; its score on the other 900: gguf/auto.md."]
+    assert chosen_on_these(tmp_path, files[:1]) == []  # the winner is not among the files evaluated
+    rundir.write_json(tmp_path / "gguf" / "auto.json", dict(auto, decided_by="kl"))
+    assert chosen_on_these(tmp_path, files) == []  # KL chose: the eval examples took no part
