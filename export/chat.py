@@ -3,12 +3,14 @@
 
     python export/chat.py runs/demo/gguf/demo-q4_k_m.gguf
     python export/chat.py FILE.gguf --system "You are ..." --prompt "one question"   # one shot
+    python export/chat.py runs/demo/gguf/lora/base-q4_k_m.gguf --lora runs/demo/gguf/lora/demo-lora.gguf
 
 Interactive mode streams the answer token by token, keeps the conversation, and shows tokens/s
 after each answer. Commands: /reset (forget the conversation), /save [FILE] (write it as JSON),
 /exit (or Ctrl-D). When the conversation outgrows the context window, the oldest turns are dropped
 and a notice says so. Without --system, the system prompt of the Modelfile beside the GGUF (the
-recipe's) is used.
+recipe's) is used. --lora applies a GGUF LoRA adapter to the file at load time (the base model's
+GGUF and the run's adapter, as --lora_gguf writes them): the fine-tune is never rounded into the base.
 """
 
 import argparse
@@ -35,12 +37,17 @@ def main(argv=None):
     parser.add_argument("--max-tokens", type=int, default=512, help="longest answer in tokens")
     parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     parser.add_argument("--ctx", type=int, default=4096, help="context window in tokens (conversation + answer)")
+    parser.add_argument("--lora", type=Path, metavar="ADAPTER.gguf",
+                        help="a GGUF LoRA adapter to apply to the file at load time (gguf/lora/ of a run)")
     args = parser.parse_args(argv)
+    if args.lora and not args.lora.is_file():
+        raise UserError(f"--lora {args.lora}: no such file")
 
-    system = args.system if args.system is not None else recipe_system_prompt(args.gguf)
+    # the recipe's system prompt: in the Modelfile beside the adapter when there is one, else beside the file
+    system = args.system if args.system is not None else recipe_system_prompt(args.lora or args.gguf)
     start = [{"role": "system", "content": system}] if system else []
     history = list(start)
-    with infer.load(args.gguf, n_ctx=args.ctx) as llm:
+    with infer.load(args.gguf, n_ctx=args.ctx, **({"lora_path": str(args.lora)} if args.lora else {})) as llm:
         if args.prompt is not None:
             history, _ = infer.fit_context(llm, history + [{"role": "user", "content": args.prompt}], args.max_tokens)
             reply = infer.chat(llm, history, max_tokens=args.max_tokens, temperature=args.temperature)

@@ -3,6 +3,7 @@
 
     python export/serve.py runs/demo/gguf/demo-q4_k_m.gguf            # http://127.0.0.1:8000/v1
     python export/serve.py FILE.gguf --host 0.0.0.0 --api-key SECRET  # reachable from the network
+    python export/serve.py BASE.gguf --lora ADAPTER.gguf               # a GGUF LoRA applied at load time
 
 Any OpenAI client works: `OpenAI(base_url="http://127.0.0.1:8000/v1", api_key="SECRET")` then
 `client.chat.completions.create(model=NAME, messages=[...])`, streaming included. Chat requests use
@@ -33,8 +34,12 @@ def main(argv=None):
     parser.add_argument("--allow-origin", action="append", default=[], metavar="URL",
                         help="a web origin (https://app.example.com) whose pages may call the API from a browser, "
                              "besides loopback ones; repeatable")
+    parser.add_argument("--lora", type=Path, metavar="ADAPTER.gguf",
+                        help="a GGUF LoRA adapter to apply to the file at load time (gguf/lora/ of a run)")
     args = parser.parse_args(argv)
     infer.check_runnable(args.gguf)
+    if args.lora and not args.lora.is_file():
+        raise UserError(f"--lora {args.lora}: no such file")
     loopback = args.host in LOOPBACK
     if not loopback and not args.api_key:
         raise UserError(f"--host {args.host} makes the model reachable from the network: pass --api-key KEY (or set "
@@ -49,10 +54,12 @@ def main(argv=None):
         server_settings=ServerSettings(host=args.host, port=args.port, api_key=args.api_key),
         # chat_format None: the chat template embedded in the GGUF
         model_settings=[ModelSettings(model=str(args.gguf), model_alias=name, n_ctx=args.ctx, chat_format=None,
-                                      n_threads=cpu_threads(), n_threads_batch=cpu_threads(), verbose=False)],
+                                      n_threads=cpu_threads(), n_threads_batch=cpu_threads(), verbose=False,
+                                      lora_path=str(args.lora) if args.lora else None)],
     )
     guard(app, args.host, args.allow_origin)
-    print(f"serving {args.gguf} as '{name}' on http://{args.host}:{args.port}/v1 "
+    served = f"{args.gguf} with {args.lora}" if args.lora else str(args.gguf)
+    print(f"serving {served} as '{name}' on http://{args.host}:{args.port}/v1 "
           f"({'key required' if args.api_key else 'no key'}); Ctrl-C stops")
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
 

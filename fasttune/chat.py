@@ -203,6 +203,9 @@ def prepare_chunks(chunks: Iterable[list[Example]], tokenizer, max_length: int, 
         raise UserError(f"--train_on {train_on}: choose all or last")
     if special not in ("control", "literal"):
         raise UserError(f"--special_tokens_in_text {special}: choose control or literal")
+    if special == "literal" and not tokenizer.is_fast:  # _literal needs character offsets
+        raise UserError("--special_tokens_in_text literal needs a fast tokenizer (tokenizer.json beside the model); "
+                        "this model has a slow one")
     template = training_template(tokenizer)
     out = Prepared([], [], [], {})
     records, lengths, n_cut, n_empty, tokens, trained, marked, first_marked = 0, array("I"), 0, 0, 0, 0, 0, None

@@ -131,6 +131,10 @@ def test_unknown_policies_name_the_flag(tokenizer):
         prepare(examples, tokenizer, 64, train_on="first")
     with pytest.raises(UserError, match="--special_tokens_in_text text: choose control or literal"):
         prepare(examples, tokenizer, 64, special="text")
+    from types import SimpleNamespace
+
+    with pytest.raises(UserError, match="literal needs a fast tokenizer"):  # no character offsets without one
+        prepare(examples, SimpleNamespace(is_fast=False), 64, special="literal")
 
 
 def test_control_tokens_written_in_the_text_are_counted_and_warned(tokenizer, caplog):

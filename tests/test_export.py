@@ -6,10 +6,11 @@ import subprocess
 import sys
 
 from fasttune import config, export, rundir
-from tests.conftest import only_the_bf16_gguf
+from tests.conftest import only_the_bf16_gguf, run_script
+from tests.e2e.test_chat_serve import serving
 
 
-def test_export_with_lora_writes_lists_and_measures_the_pair(tmp_path, trained_run, tiny_dir):
+def test_export_with_lora_writes_lists_measures_and_serves_the_pair(tmp_path, trained_run, tiny_dir, memorized_chats):
     run = tmp_path / "memorize"
     shutil.copytree(trained_run[0], run, ignore=only_the_bf16_gguf)
     cfg = config.load_run(run)
@@ -27,6 +28,18 @@ def test_export_with_lora_writes_lists_and_measures_the_pair(tmp_path, trained_r
     assert pair["chat_finish_reason"] == "stop" and pair["top1_agreement"] > 0.9
     rows = {r["file"]: r for r in json.loads((run / "gguf" / "report.json").read_text())["files"]}
     assert rows[pair["file"]]["top1_agreement"] == pair["top1_agreement"] and rows["memorize-q8_0.gguf"]["kept"]
+
+    # chat and serve apply the adapter at load time: the base file alone does not know the answer, with it, it does
+    messages = memorized_chats[0].messages
+    ask = ["--system", messages[0]["content"], "--prompt", messages[1]["content"], "--max-tokens", "64"]
+    with_lora = run_script("export/chat.py", base, "--lora", adapter, *ask).stdout.strip()
+    assert with_lora == messages[-1]["content"]
+    assert run_script("export/chat.py", base, *ask).stdout.strip() != messages[-1]["content"]
+    with serving(tmp_path / "serve.log", base, "--lora", adapter) as (client, _):
+        reply = client.chat.completions.create(model="mine", messages=messages[:-1], temperature=0, max_tokens=64)
+    assert reply.choices[0].message.content.strip() == messages[-1]["content"]
+    missing = run_script("export/chat.py", base, "--lora", tmp_path / "nope.gguf", *ask, check=False)
+    assert missing.returncode == 2 and "--lora" in missing.stderr and "no such file" in missing.stderr
 
 
 def test_the_stages_after_training_import_neither_the_data_loader_nor_the_training_stack():

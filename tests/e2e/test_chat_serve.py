@@ -1,5 +1,6 @@
 """export/chat.py in a real pseudo-terminal, and export/serve.py through the real `openai` client."""
 
+import contextlib
 import io
 import json
 import os
@@ -7,6 +8,7 @@ import socket
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import httpx
 import openai
@@ -75,27 +77,36 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def server(bf16, tmp_path_factory):
+@contextlib.contextmanager
+def serving(log: Path, *args):
+    """export/serve.py with `args` on a free port, key "sesame", model name "mine": (client, port) once
+    it answers."""
     port = free_port()
-    log = tmp_path_factory.mktemp("serve") / "server.log"  # a file, not a pipe nobody reads until it fills
-    proc = subprocess.Popen([sys.executable, "export/serve.py", str(bf16), "--port", str(port), "--api-key", "sesame",
-                             "--name", "mine"], cwd=REPO, stdout=(out := log.open("w")), stderr=subprocess.STDOUT)
+    proc = subprocess.Popen([sys.executable, "export/serve.py", *map(str, args), "--port", str(port), "--api-key",
+                             "sesame", "--name", "mine"], cwd=REPO, stdout=(out := log.open("w")),
+                            stderr=subprocess.STDOUT)  # a file, not a pipe nobody reads until it fills
     client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="sesame", max_retries=0)
     deadline = time.time() + 120
-    while True:
-        try:
-            client.models.list()
-            break
-        except openai.APIConnectionError:
-            if proc.poll() is not None or time.time() > deadline:
-                proc.kill()
-                pytest.fail(f"server did not start: {log.read_text()[-3000:]}")
-            time.sleep(0.5)
-    yield client, port
-    proc.terminate()
-    proc.wait(timeout=30)
-    out.close()
+    try:
+        while True:
+            try:
+                client.models.list()
+                break
+            except openai.APIConnectionError:
+                if proc.poll() is not None or time.time() > deadline:
+                    pytest.fail(f"server did not start: {log.read_text()[-3000:]}")
+                time.sleep(0.5)
+        yield client, port
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+        out.close()
+
+
+@pytest.fixture(scope="module")
+def server(bf16, tmp_path_factory):
+    with serving(tmp_path_factory.mktemp("serve") / "server.log", bf16) as started:
+        yield started
 
 
 def test_serve_chat_completion_and_streaming(server, memorized_chats):
