@@ -11,10 +11,16 @@ The run's eval data is RUN_DIR/data/eval.jsonl, exactly what the recipe evaluate
 Writes RUN_DIR/eval/report.md, report.json and scores.png, and prints the table.
 """
 
-import argparse
-from pathlib import Path
+import sys
 
-from fasttune import UserError, cli, config, evaluate, rundir
+# Python puts this script's folder first on sys.path, and export/gguf.py is there: without this line
+# `import gguf` (the package, which fasttune's converter uses) would import that script instead.
+sys.path = [p for p in sys.path if not p.endswith("export")]
+
+import argparse  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+from fasttune import UserError, cli, config, evaluate, rundir  # noqa: E402
 
 
 def main(argv=None):

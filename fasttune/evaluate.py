@@ -410,9 +410,8 @@ def evaluate_run(run_dir: Path, cfg, base: str, measured: dict, files: list[Path
 def chosen_on_these(run_dir: Path, files: list[Path]) -> list[str]:
     """A warning for the report when --quants auto chose one of `files` on part of these eval examples:
     its score here is biased up by that choice (gguf/auto.md has its score on the rest)."""
-    from fasttune import autoquant
-
-    auto = autoquant.load(run_dir)
+    path = Path(run_dir) / "gguf" / "auto.json"  # read here: fasttune.autoquant imports the converter's stack
+    auto = json.loads(path.read_text()) if path.is_file() else None
     if not auto or auto["decided_by"] != "task" or auto["winner"] not in {Path(f).name for f in files}:
         return []
     return [f"Note: {auto['winner']} was chosen by --quants auto on {auto['choice_examples']} of these "
