@@ -45,13 +45,10 @@ def smollm2_setup():
 
 
 def run_setup(run_dir: Path):
-    from fasttune import config, measure, rundir
+    from fasttune import config, export, rundir
 
-    cfg = config.load_run(run_dir)
     train = [ex.messages for ex in rundir.examples(run_dir, "train")]
-    task = measure.make_task(run_dir / "merged", rundir.examples(run_dir, "eval"), cfg.eval.metric,
-                             cfg.eval.tolerance, cfg.eval.max_new_tokens)
-    return run_dir / "merged", f"run {run_dir.name}", train, task
+    return run_dir / "merged", f"run {run_dir.name}", train, export.eval_task(run_dir, config.load_run(run_dir))
 
 
 def old_rule(rows, choice, tolerance):

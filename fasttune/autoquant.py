@@ -121,7 +121,7 @@ def pick(rows: list[dict], tolerance: float, choice: dict[str, list[float]] | No
         n = len(choice[ref["file"]])
         rule = (f"shown to lose less than {tolerance:g} points against {ref['file']} on {n} eval examples "
                 "(the lower end of its paired 95 % interval, files tested from the most faithful down)")
-        detail = f": difference {intervals.Interval(**winner['difference'])}" if winner is not ref else ""
+        detail = f": difference {intervals.text(winner['difference'])}" if winner is not ref else ""
     else:
         rule = (f"within the KL budget of {KL_BUDGET} x q8_0's divergence from {ref['file']} ({budget:.4g})"
                 if budget is not None else "measured against q8_0")
@@ -168,20 +168,16 @@ def report(run_dir: Path, result: dict, held_out: tuple[list[float], list[float]
     return result
 
 
-def _interval(d: dict | None) -> str:
-    return str(intervals.Interval(**d)) if d else "-"
-
-
 def held_out_line(result: dict) -> str:
     h = result.get("held_out")
     if not h:
         return "No eval data: the chosen file's task score is not measured."
     if "winner" not in h:
         return (f"On {h['examples']} eval examples that took no part in the choice: {result['reference']} scores "
-                f"{_interval(h['reference'])} (points, 95 % interval).")
+                f"{intervals.text(h['reference'])} (points, 95 % interval).")
     return (f"On {h['examples']} eval examples that took no part in the choice: {result['winner']} scores "
-            f"{_interval(h['winner'])}, {result['reference']} {_interval(h['reference'])}; difference "
-            f"{_interval(h['difference'])} (points, 95 % intervals).")
+            f"{intervals.text(h['winner'])}, {result['reference']} {intervals.text(h['reference'])}; difference "
+            f"{intervals.text(h['difference'])} (points, 95 % intervals).")
 
 
 def markdown(result: dict) -> str:
@@ -205,7 +201,7 @@ def markdown(result: dict) -> str:
         kl = f"{r['kl']:.4f}" if r.get("kl") is not None else "-"
         top1 = f"{r['top1']:.1f}" if r.get("top1") is not None else "-"
         lines.append(f"| {r['file']} | {r['size_mb']} | {r['bits_per_weight']} | {kl} | {top1} | "
-                     + (f"{_interval(r.get('difference'))} | " if by_task else "")
+                     + (f"{intervals.text(r.get('difference'))} | " if by_task else "")
                      + f"{r.get('verdict', 'reference')} | {'**chosen**' if r['chosen'] else ''} |")
     return "\n".join(lines) + "\n"
 
@@ -218,7 +214,7 @@ def table(result: dict) -> str:
     for r in result["candidates"]:
         lines.append(f"{r['file'][:34]:<34} {r['size_mb']:>8.1f} {r['bits_per_weight']:>7.2f} "
                      f"{r.get('kl') or 0:>8.4f} {r.get('top1') or 0:>7.1f}"
-                     + (f" {_interval(r.get('difference')):>20}" if by_task else "")
+                     + (f" {intervals.text(r.get('difference')):>20}" if by_task else "")
                      + ("  <- chosen" if r["chosen"] else ""))
     return "\n".join(lines) + f"\n{result['why']}\n{held_out_line(result)}"
 

@@ -303,15 +303,11 @@ def table(report: dict) -> str:
             f"{'tokens':>7} {'s/ex':>6}")
     lines = [head, "-" * len(head)]
     for r in report["variants"]:
-        lo, hi = r.get("score_interval", (r["score"], r["score"]))
+        lo, hi = r["score_interval"]
         lines.append(f"{r['variant'][:28]:<28} {r['score']:>8.3f} {f'[{lo:.3f}, {hi:.3f}]':>15} "
                      f"{100 * r['stopped']:>7.0f}% {100 * r['unparseable']:>8.0f}% {r['mean_tokens']:>7.1f} "
                      f"{r['seconds_per_example']:>6.2f}")
     return "\n".join(lines)
-
-
-def _difference(d: dict | None) -> str:
-    return str(intervals.Interval(**d)) if d else ""
 
 
 def markdown(report: dict, examples_shown: int = 5) -> str:
@@ -319,14 +315,15 @@ def markdown(report: dict, examples_shown: int = 5) -> str:
              "", f"Greedy, at most {report['max_new_tokens']} new tokens, same prompts for every variant. "
              "Intervals are 95 %; differences are paired (the same examples), in points (score x 100): "
              "an interval that contains 0 shows no difference these examples can resolve.", "",
-             *(line for note in report.get("notes", []) for line in (note, "")),
+             *(line for note in report["notes"] for line in (note, "")),
              f"| variant | {report['metric']} [95 % interval] | vs base | vs merged | stopped by itself | unparseable "
              "| mean tokens | s / example |",
              "|---|---|---|---|---|---|---|---|"]
     for r in report["variants"]:
-        lo, hi = r.get("score_interval", (r["score"], r["score"]))
-        lines.append(f"| {r['variant']} | {r['score']:.3f} [{lo:.3f}, {hi:.3f}] | {_difference(r.get('vs_base'))} | "
-                     f"{_difference(r.get('vs_merged'))} | {100 * r['stopped']:.0f}% | {100 * r['unparseable']:.0f}% "
+        lo, hi = r["score_interval"]
+        vs_base, vs_merged = (intervals.text(r.get(k), "") for k in ("vs_base", "vs_merged"))
+        lines.append(f"| {r['variant']} | {r['score']:.3f} [{lo:.3f}, {hi:.3f}] | {vs_base} | {vs_merged} | "
+                     f"{100 * r['stopped']:.0f}% | {100 * r['unparseable']:.0f}% "
                      f"| {r['mean_tokens']} | {r['seconds_per_example']} |")
     for item in report["answers"][:examples_shown]:
         lines += ["", f"## {item['source']}", "", "**Prompt**", "", _quote(item["prompt"]), "", "**Reference**", "",
@@ -353,7 +350,7 @@ def chart(report: dict, path: Path) -> Path:
     x = np.arange(len(names))
     fig, ax = plt.subplots(figsize=(max(5, 1.6 * len(names)), 3.5))
     scores = np.array([r["score"] for r in report["variants"]])
-    spans = np.array([r.get("score_interval", (r["score"], r["score"])) for r in report["variants"]])
+    spans = np.array([r["score_interval"] for r in report["variants"]])
     ax.bar(x - 0.2, scores, 0.4, label=f"{report['metric']} (95 % interval)",
            yerr=[scores - spans[:, 0], spans[:, 1] - scores], capsize=3)
     ax.bar(x + 0.2, [r["stopped"] for r in report["variants"]], 0.4, label="stopped by itself")
@@ -410,8 +407,9 @@ def evaluate_run(run_dir: Path, cfg, base: str, measured: dict, files: list[Path
 def chosen_on_these(run_dir: Path, files: list[Path]) -> list[str]:
     """A warning for the report when --quants auto chose one of `files` on part of these eval examples:
     its score here is biased up by that choice (gguf/auto.md has its score on the rest)."""
-    path = Path(run_dir) / "gguf" / "auto.json"  # read here: fasttune.autoquant imports the converter's stack
-    auto = json.loads(path.read_text()) if path.is_file() else None
+    from fasttune import autoquant
+
+    auto = autoquant.load(run_dir)
     if not auto or auto["decided_by"] != "task" or auto["winner"] not in {Path(f).name for f in files}:
         return []
     return [f"Note: {auto['winner']} was chosen by --quants auto on {auto['choice_examples']} of these "

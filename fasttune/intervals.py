@@ -42,6 +42,11 @@ class Interval:
         return {"value": round(self.value, 2), "lo": round(self.lo, 2), "hi": round(self.hi, 2), "n": self.n}
 
 
+def text(d: dict | None, missing: str = "-") -> str:
+    """An interval stored with as_dict, as reports print it: "-0.4 [-1.2, 0.1]"."""
+    return str(Interval(**d)) if d else missing
+
+
 def _binary(*scores: np.ndarray) -> bool:
     return all(np.isin(s, (0.0, 1.0)).all() for s in scores)
 
