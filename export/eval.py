@@ -6,7 +6,8 @@
     python export/eval.py RUN_DIR --variants adapter runs/mine/gguf/mine-q4_k_m.gguf
 
 Variants: `base` (the model before fine-tuning), `adapter` (base + LoRA, unmerged), `merged`, or
-GGUF file paths (run through llama-cpp-python). Same prompts, greedy, same token budget for all.
+GGUF file paths (run through llama-cpp-python); by default also the run's GGUF LoRA pair (the base
+GGUF with the adapter applied at load time) when it has one. Same prompts, greedy, same token budget for all.
 The run's eval data is RUN_DIR/data/eval.jsonl, exactly what the recipe evaluated.
 Writes RUN_DIR/eval/report.md, report.json and scores.png, and prints the table.
 """
@@ -20,7 +21,7 @@ sys.path = [p for p in sys.path if not p.endswith("export")]
 import argparse  # noqa: E402
 from pathlib import Path  # noqa: E402
 
-from fasttune import UserError, cli, config, evaluate, rundir  # noqa: E402
+from fasttune import UserError, cli, config, evaluate, infer, rundir  # noqa: E402
 
 
 def main(argv=None):
@@ -55,15 +56,15 @@ def main(argv=None):
             raise UserError(f"{args.run_dir}: the run has no eval data; pass --data EVAL.jsonl")
     examples = examples[: args.limit]
     variants = args.variants or evaluate.run_variants(args.run_dir)
-    for v in variants:
+    for v in args.variants or []:
         if v not in ("base", "adapter", "merged") and not (str(v).endswith(".gguf") and Path(v).is_file()):
             raise UserError(f"--variants {v}: not base, adapter, merged or an existing .gguf file")
     base = cfg.model.model
     if any(v in ("base", "adapter") for v in variants):
         rundir.check_base(args.run_dir)
         base = rundir.base_dir(args.run_dir)
-    files = [v for v in variants if str(v).endswith(".gguf")]
-    notes = None if args.data else evaluate.chosen_on_these(args.run_dir, files)  # auto chose on the run's set
+    names = [infer.model_name(*v) if isinstance(v, tuple) else Path(v).name for v in variants]
+    notes = None if args.data else evaluate.chosen_on_these(args.run_dir, names)  # auto chose on the run's set
     report = evaluate.evaluate(args.run_dir, examples, args.metric or cfg.eval.metric, variants, base,
                                args.max_new_tokens or cfg.eval.max_new_tokens, cfg.eval.tolerance, args.out,
                                notes=notes)

@@ -8,7 +8,9 @@
 bf16/f16/f32/q8_0 are written by fasttune's own converter (the `gguf` package); k-quants and the
 other llama.cpp types are made from the 16-bit file by llama-cpp-python's bundled quantizer,
 calibrated by an importance matrix from the run's training conversations (unless the run says
-imatrix: false, or --no-imatrix). auto writes the candidates and keeps one: shown (95 % interval) to
+imatrix: false, or --no-imatrix). auto writes the candidates (the plain types, two mixes that keep
+the tensors the fine-tune moved most at q8_0, and the base model in q4_k_m with the LoRA adapter
+applied at load time) and keeps one: shown (95 % interval) to
 lose less than --tolerance points of eval score against the 16-bit file when the eval set can show
 that, else within a KL budget; a smaller file only when it is at least 10 % smaller (report, with
 the winner's score on eval examples the choice did not use: RUN_DIR/gguf/auto.md). Every file is
@@ -59,6 +61,13 @@ def main(argv=None):
     lora = args.lora or cfg.export.lora_gguf
     if lora or not (merged / "config.json").is_file():
         rundir.check_base(args.run_dir)  # the merge and the LoRA base read the base model: it must be the run's
+    base = rundir.base_dir(args.run_dir) if lora else None
+    if "auto" in quants and not lora:  # auto's base + adapter candidate needs the base model, but auto goes on without
+        try:
+            rundir.check_base(args.run_dir)
+            base = rundir.base_dir(args.run_dir)
+        except UserError as e:
+            print(f"auto goes on without its base + adapter candidate: {e}", file=sys.stderr)
     if not (merged / "config.json").is_file():
         if not (adapter / "adapter_config.json").is_file():
             raise UserError(f"{args.run_dir}: no merged model and no adapter; the run did not finish training "
@@ -67,8 +76,7 @@ def main(argv=None):
 
         merge.merge(adapter, merged, base=rundir.base_dir(args.run_dir))  # a lost or deleted merge, made again
         rundir.add_file(args.run_dir, merged, "merged")
-    result = export.export_run(args.run_dir, cfg, quants, tolerance=args.tolerance,
-                               lora_base=rundir.base_dir(args.run_dir) if lora else None)
+    result = export.export_run(args.run_dir, cfg, quants, base=base, lora_gguf=lora, tolerance=args.tolerance)
     cli.print_export(args.run_dir, result)
 
 

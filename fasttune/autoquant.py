@@ -29,7 +29,7 @@ import logging
 import random
 from pathlib import Path
 
-from fasttune import intervals, rundir
+from fasttune import intervals, mix, rundir
 from fasttune.convert import DIRECT_TYPES
 
 logger = logging.getLogger(__name__)
@@ -37,6 +37,9 @@ logger = logging.getLogger(__name__)
 # Largest first. The calibrated-only ones need an importance matrix (quantize.NEEDS_IMATRIX).
 CANDIDATES = ["q8_0", "q6_k", "q5_k_m", "q4_k_m", "q3_k_m"]
 CALIBRATED_CANDIDATES = ["iq4_xs", "q2_k"]
+# Beside them (fasttune.export): the mixes of fasttune.mix, and the base model in PAIR_BASE with the
+# run's adapter applied at load time, unrounded (the delta survives a base rounded coarsely).
+PAIR_BASE = "q4_k_m"
 KL_BUDGET = 10  # a file's KL from the 16-bit file may be at most this many times q8_0's
 SMALLER = 0.9  # a less faithful file wins only at this fraction of the size of the one it replaces, or less
 # The task decides only when half the eval set could show a loss below this share of the tolerance: at
@@ -139,8 +142,9 @@ def pick(rows: list[dict], tolerance: float, choice: dict[str, list[float]] | No
 
 
 def choose(rows: list[dict], tolerance: float, calibrated: str | None, choice: dict[str, list[float]] | None,
-           n_eval: int) -> dict:
-    """The decision as gguf/auto.json records it; `report` adds the held-out score and writes it."""
+           n_eval: int, no_pair: str | None = None) -> dict:
+    """The decision as gguf/auto.json records it; `report` adds the held-out score and writes it.
+    no_pair: why the base + adapter pair is not among the rows (None: it is, or the run has no adapter)."""
     rows = [dict(r) for r in rows]
     for r in rows:
         r["calibrated"] = bool(calibrated) and r is not rows[0] and r["type"] not in DIRECT_TYPES
@@ -149,7 +153,18 @@ def choose(rows: list[dict], tolerance: float, calibrated: str | None, choice: d
     return {"decided_by": "task" if choice is not None else "kl", "tolerance": tolerance, "kl_budget": KL_BUDGET,
             "reference": rows[0]["file"], "winner": winner["file"], "why": why, "imatrix": calibrated,
             "choice_examples": len(next(iter(choice.values()))) if choice else 0, "eval_examples": n_eval,
-            "candidates": rows}
+            "frontier": frontier(rows), "no_pair": no_pair, "candidates": rows}
+
+
+def frontier(rows: list[dict]) -> list[str]:
+    """The files no smaller file beats on KL: the most faithful per byte, smallest first."""
+    measured = sorted((r for r in rows if r.get("kl") is not None), key=lambda r: (r["size_mb"], r["kl"]))
+    out, best = [], float("inf")
+    for r in measured:
+        if r["kl"] < best:
+            out.append(r["file"])
+            best = r["kl"]
+    return out
 
 
 def report(run_dir: Path, result: dict, held_out: tuple[list[float], list[float]] | None) -> dict:
@@ -191,10 +206,16 @@ def markdown(result: dict) -> str:
             "listed with --quants.")
     lines = [f"# Quant chosen by measurement: {result['winner']}", "", result["why"] + ".", "",
              held_out_line(result), "",
+             "Most faithful per byte (no smaller file has a lower KL), smallest first: "
+             + ", ".join(result["frontier"]) + ".", "",
              rule + " Among the files that qualify, from the most faithful down, a file replaces the choice only "
              "when it is at least 10 % smaller. "
              + (f"Quantized with an importance matrix from {result['imatrix']}." if result["imatrix"]
                 else "No importance matrix."), "",
+             f"Mixed precision: {mix.describe()}. A `base-...gguf + "
+             "...-lora.gguf` row: the base model quantized, the LoRA adapter kept in F32 and applied at load time "
+             "(`--lora`); its size is both files'."
+             + (f" No such pair was measured: {result['no_pair']}." if result.get("no_pair") else ""), "",
              "| file | size MB | bits/weight | KL | top-1 % |" + (" difference (choice examples) |" if by_task else "")
              + " verdict | |", "|---|---|---|---|---|" + ("---|" if by_task else "") + "---|---|"]
     for r in result["candidates"]:
@@ -209,10 +230,10 @@ def markdown(result: dict) -> str:
 def table(result: dict) -> str:
     """What a recipe and export/gguf.py print."""
     by_task = result["decided_by"] == "task"
-    head = f"{'file':<34} {'MB':>8} {'bits/w':>7} {'KL':>8} {'top-1%':>7}" + (f" {'difference':>20}" if by_task else "")
+    head = f"{'file':<44} {'MB':>8} {'bits/w':>7} {'KL':>8} {'top-1%':>7}" + (f" {'difference':>20}" if by_task else "")
     lines = [head, "-" * len(head)]
     for r in result["candidates"]:
-        lines.append(f"{r['file'][:34]:<34} {r['size_mb']:>8.1f} {r['bits_per_weight']:>7.2f} "
+        lines.append(f"{r['file'][:44]:<44} {r['size_mb']:>8.1f} {r['bits_per_weight']:>7.2f} "
                      f"{r.get('kl') or 0:>8.4f} {r.get('top1') or 0:>7.1f}"
                      + (f" {intervals.text(r.get('difference')):>20}" if by_task else "")
                      + ("  <- chosen" if r["chosen"] else ""))

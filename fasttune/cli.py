@@ -83,9 +83,22 @@ def report_run(run_dir, result, td, scores=None) -> None:
     if scores:
         print(f"\nevaluation on {scores['examples']} held-out examples ({run_dir / 'eval' / 'report.md'}):")
         print(evaluate.table(scores))
-    if files:
-        print(f"\nchat with it:  python export/chat.py {files[-1]}")
-        print(f"serve it:      python export/serve.py {files[-1]}   (OpenAI-compatible, http://127.0.0.1:8000/v1)")
+    model = chosen_model(run_dir, result)
+    if model:
+        print(f"\nchat with it:  python export/chat.py {model}")
+        print(f"serve it:      python export/serve.py {model}   (OpenAI-compatible, http://127.0.0.1:8000/v1)")
+
+
+def chosen_model(run_dir, result) -> str | None:
+    """The arguments chat and serve take for the model a user runs: the file auto kept (a base file with
+    `--lora ADAPTER` when the pair won), else the last file written."""
+    from fasttune import autoquant, infer
+
+    auto = autoquant.load(run_dir)
+    for adapter, base in result.lora:
+        if auto and auto["winner"] == infer.model_name(base, adapter):
+            return f"{base} --lora {adapter}"
+    return str(result.files[-1][0]) if result.files else None
 
 
 def print_plan(cfg) -> None:
@@ -97,16 +110,16 @@ def print_plan(cfg) -> None:
 
 def print_export(run_dir, result) -> None:
     """The files an export kept, the auto table when it chose one, each file's fidelity."""
-    from fasttune import autoquant, measure
+    from fasttune import autoquant, infer, measure
 
-    for path in [p for p, _ in result.files] + list(result.lora or []):
+    for path in [p for p, _ in result.files] + [p for pair in result.lora for p in pair]:
         print(f"  {path}  ({path.stat().st_size / 1e6:.1f} MB)")
+    kept = {p.name for p, _ in result.files} | {infer.model_name(b, a) for a, b in result.lora}
     auto = autoquant.load(run_dir)
-    if auto and auto["winner"] in {p.name for p, _ in result.files}:
+    if auto and auto["winner"] in kept:
         print(f"quant chosen by measurement ({run_dir / 'gguf' / 'auto.md'}):")
         print("  " + autoquant.table(auto).replace("\n", "\n  "))
-    rows = [m.row for m in result.measured.values() if "tokenization_identical" in m.row
-            and (m.row["file"] in {p.name for p, _ in result.files} or m.row["type"] == "lora")]
+    rows = [m.row for m in result.measured.values() if "tokenization_identical" in m.row and m.row["file"] in kept]
     if rows:
         print(f"fidelity against the merged model ({run_dir / 'gguf' / 'report.json'}):")
         for row in rows:

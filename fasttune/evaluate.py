@@ -191,12 +191,14 @@ def answer_hf(model, tokenizer, prompts: list[list[dict]], max_new_tokens: int, 
     return out
 
 
-def answer_gguf(path: Path, prompts: list[list[dict]], max_new_tokens: int) -> list[Answer]:
-    """Greedy answers from a GGUF through llama-cpp-python's chat completion (the file's own template)."""
+def answer_gguf(path: Path, prompts: list[list[dict]], max_new_tokens: int,
+                adapter: Path | None = None) -> list[Answer]:
+    """Greedy answers from a GGUF (with a GGUF LoRA `adapter` applied at load time) through
+    llama-cpp-python's chat completion (the file's own template)."""
     from fasttune import infer
 
-    with infer.load(path) as llm:
-        return answer_llm(llm, prompts, max_new_tokens, desc=path.name)
+    with infer.load(path, **({"lora_path": str(adapter)} if adapter else {})) as llm:
+        return answer_llm(llm, prompts, max_new_tokens, desc=infer.model_name(path, adapter))
 
 
 def answer_llm(llm, prompts: list[list[dict]], max_new_tokens: int, desc: str) -> list[Answer]:
@@ -237,10 +239,13 @@ def evaluate(run_dir: Path, examples, metric: str, variants: list[str], base: st
              notes: list[str] | None = None) -> dict:
     """Answer `examples` (.source, .messages; the last message is the reference) with each variant and score them.
 
-    variants: 'base', 'adapter', 'merged', or paths of GGUF files. answered: variant name -> (answers,
-    seconds) already generated on these examples (fasttune.measure's, for GGUF files): scored, not
-    generated again. notes: lines the report shows under its title. Returns (and writes) the report.
+    variants: 'base', 'adapter', 'merged', paths of GGUF files, or (base GGUF, GGUF LoRA adapter) pairs
+    applied at load time. answered: variant name (infer.model_name for GGUF) -> (answers, seconds) already
+    generated on these examples (fasttune.measure's, for GGUF files): scored, not generated again.
+    notes: lines the report shows under its title. Returns (and writes) the report.
     """
+    from fasttune import infer
+
     if metric not in METRICS:
         raise UserError(f"unknown metric '{metric}'; known: {', '.join(METRICS)}")
     if not examples:
@@ -256,13 +261,15 @@ def evaluate(run_dir: Path, examples, metric: str, variants: list[str], base: st
                              for ex, p, r in zip(examples, prompts, references)]
     by_variant = {}  # name -> per-example scores, for the paired intervals
     for variant in variants:
-        name = Path(variant).name if str(variant).endswith(".gguf") else variant
+        gguf_file = isinstance(variant, tuple) or str(variant).endswith(".gguf")
+        name = infer.model_name(*variant) if isinstance(variant, tuple) else Path(variant).name if gguf_file else variant
         logger.info("evaluating %s on %d examples", name, len(examples))
         start = time.perf_counter()
         if name in (answered or {}):
             answers, seconds = answered[name]
-        elif str(variant).endswith(".gguf"):
-            answers = answer_gguf(Path(variant), prompts, max_new_tokens)
+        elif gguf_file:
+            path, adapter = variant if isinstance(variant, tuple) else (Path(variant), None)
+            answers = answer_gguf(path, prompts, max_new_tokens, adapter)
         else:
             model, tokenizer = _hf_variant(variant, run_dir, base)
             answers = answer_hf(model, tokenizer, prompts, max_new_tokens)
@@ -283,7 +290,7 @@ def evaluate(run_dir: Path, examples, metric: str, variants: list[str], base: st
             # paired, on the same examples: did fine-tuning help (vs base), did export keep it (vs merged)
             **{f"vs_{other}": intervals.paired(by_variant[name], by_variant[other]).as_dict()
                for other in ("base", "merged") if other in by_variant and other != name
-               and (other == "base" or name.endswith(".gguf"))},
+               and (other == "base" or gguf_file)},
             "unparseable": round(sum(not s.parsed for s in scores) / n, 4),
             "stopped": round(sum(a.stopped for a in answers) / n, 4),
             "mean_tokens": round(sum(a.tokens for a in answers) / n, 1),
@@ -385,12 +392,16 @@ def run_variants(run_dir: Path) -> list:
 
     have = [v for v, path in (("adapter", "adapter/adapter_config.json"), ("merged", "merged/config.json"))
             if (Path(run_dir) / path).is_file()]
-    return ["base", *have, *(path for path, _ in rundir.models(run_dir))]
+    pair = rundir.lora_pair(run_dir)
+    return ["base", *have, *(path for path, _ in rundir.models(run_dir)), *([pair[::-1]] if pair else [])]
 
 
-def evaluate_run(run_dir: Path, cfg, base: str, measured: dict, files: list[Path]) -> dict | None:
-    """What a recipe runs at the end: base vs fine-tuned (merged) vs each GGUF on the run's eval
-    examples. The GGUF files' answers are the ones export measured (measured: file name -> Measured)."""
+def evaluate_run(run_dir: Path, cfg, base: str, measured: dict, files: list, pairs: list = ()) -> dict | None:
+    """What a recipe runs at the end: base vs fine-tuned (merged) vs each GGUF file and each (adapter,
+    base) GGUF LoRA pair on the run's eval examples. The GGUF answers are the ones export measured
+    (measured: model name -> Measured)."""
+    from fasttune import infer
+
     from fasttune import rundir
 
     examples = rundir.examples(run_dir, "eval")
@@ -398,19 +409,21 @@ def evaluate_run(run_dir: Path, cfg, base: str, measured: dict, files: list[Path
         if cfg.eval.evaluate:
             logger.info("no eval data (--eval_data or --eval_fraction): evaluation skipped")
         return None
-    answered = {p.name: (measured[p.name].answers, measured[p.name].answer_seconds) for p in files
-                if p.name in measured and measured[p.name].answers}
-    return evaluate(run_dir, examples, cfg.eval.metric, ["base", "merged", *files], base, cfg.eval.max_new_tokens,
-                    cfg.eval.tolerance, answered=answered, notes=chosen_on_these(run_dir, files))
+    models = [*files, *((b, a) for a, b in pairs)]
+    names = [infer.model_name(*m) if isinstance(m, tuple) else Path(m).name for m in models]
+    answered = {n: (measured[n].answers, measured[n].answer_seconds) for n in names
+                if n in measured and measured[n].answers and None not in measured[n].answers}
+    return evaluate(run_dir, examples, cfg.eval.metric, ["base", "merged", *models], base, cfg.eval.max_new_tokens,
+                    cfg.eval.tolerance, answered=answered, notes=chosen_on_these(run_dir, names))
 
 
-def chosen_on_these(run_dir: Path, files: list[Path]) -> list[str]:
+def chosen_on_these(run_dir: Path, names: list[str]) -> list[str]:
     """A warning for the report when --quants auto chose one of `files` on part of these eval examples:
     its score here is biased up by that choice (gguf/auto.md has its score on the rest)."""
     from fasttune import autoquant
 
     auto = autoquant.load(run_dir)
-    if not auto or auto["decided_by"] != "task" or auto["winner"] not in {Path(f).name for f in files}:
+    if not auto or auto["decided_by"] != "task" or auto["winner"] not in names:
         return []
     return [f"Note: {auto['winner']} was chosen by --quants auto on {auto['choice_examples']} of these "
             f"{auto['eval_examples']} examples, so its score here is biased up by that choice; its score on the "

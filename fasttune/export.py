@@ -17,7 +17,7 @@ import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from fasttune import UserError, autoquant, calibrate, measure, rundir
+from fasttune import UserError, autoquant, calibrate, infer, measure, mix, rundir
 from fasttune.convert import DIRECT_TYPES, convert
 from fasttune.lora_gguf import convert_lora
 from fasttune.modelfile import write_modelfile
@@ -31,8 +31,8 @@ SIXTEEN_BIT = ("bf16", "f16", "f32")
 @dataclass
 class Result:
     files: list[tuple[Path, str]]  # the model files kept, (path, quant type), the 16-bit reference first
-    measured: dict[str, measure.Measured] = field(default_factory=dict)  # file name -> its measurement
-    lora: tuple[Path, Path] | None = None  # (adapter GGUF, base GGUF)
+    measured: dict[str, measure.Measured] = field(default_factory=dict)  # model name (infer.model_name) -> measurement
+    lora: list[tuple[Path, Path]] = field(default_factory=list)  # (adapter GGUF, base GGUF) pairs kept
 
 
 def check(quants: list[str], imatrix: bool) -> None:
@@ -66,10 +66,38 @@ def write_types(model_dir: Path, out_dir: Path, types: list[str], meta: dict, sy
     return written
 
 
-def export_run(run_dir: Path, cfg, quants: list[str], lora_base: str | None = None,
+def write_pair(run_dir: Path, out_dir: Path, base_dir: str | Path, base_type: str, meta: dict,
+               system_prompt: str | None, matrix=None) -> tuple[Path, Path, str]:
+    """(base GGUF, adapter GGUF, type): the run's adapter as a GGUF LoRA (F32: the delta is never
+    rounded) and the base model in `base_type`, with a Modelfile that applies one to the other."""
+    adapter = convert_lora(run_dir / "adapter", out_dir / f"{run_dir.name}-lora.gguf", base_dir, name=run_dir.name)
+    base_path, _ = write_types(Path(base_dir), out_dir, [base_type], dict(meta, name="base"), system_prompt, matrix)[0]
+    write_modelfile(base_path, system_prompt, adapter=adapter)
+    return base_path, adapter, f"{base_type}+lora"
+
+
+def write_mixes(run_dir: Path, out_dir: Path, source16: Path, meta: dict, system_prompt: str | None,
+                matrix=None) -> list[tuple[Path, str]]:
+    """auto's mixed-precision candidates (fasttune.mix): the tensors the fine-tune moved most at a
+    higher type than the rest."""
+    energy = mix.delta_energy(run_dir / "adapter", run_dir / "merged", matrix.values() if matrix else None)
+    written = []
+    for name, (base_type, _, _) in mix.MIXES.items():
+        path = out_dir / f"{meta['name']}-{name}.gguf"
+        quantize(source16, path, base_type, imatrix=matrix.values() if matrix else None,
+                 overrides=mix.overrides(name, energy))
+        write_modelfile(path, system_prompt)
+        written.append((path, name))
+    return written
+
+
+def export_run(run_dir: Path, cfg, quants: list[str], base: str | Path | None = None, lora_gguf: bool = False,
                tolerance: float | None = None) -> Result:
-    """Write, measure and (auto) choose a run's GGUF files. lora_base: the base model's directory, to
-    also write the adapter as a GGUF LoRA with a GGUF of the base."""
+    """Write, measure and (auto) choose a run's GGUF files.
+
+    base: the run's base model directory (rundir.base_dir, checked by rundir.check_base), for the GGUF
+    LoRA pair: written when lora_gguf (the base in the first listed type), and with auto as a candidate
+    (the base in PAIR_BASE). Without it, auto has no pair candidate and says so in gguf/auto.md."""
     run_dir = Path(run_dir)
     if not quants:  # --quants none
         return Result([])
@@ -83,28 +111,28 @@ def export_run(run_dir: Path, cfg, quants: list[str], lora_base: str | None = No
     for q in listed:
         check_quant_name(q, calibrated=matrix is not None)
 
-    # Write: the listed types into gguf/, auto's candidates beside them in gguf/candidates/.
+    # Write: the listed types into gguf/, auto's candidates beside them in gguf/candidates/ (the
+    # plain quants, the mixes, the pair), the GGUF LoRA pair into gguf/lora/.
     gguf_dir, merged = run_dir / "gguf", run_dir / "merged"
     meta = dict(name=run_dir.name, base_model=cfg.model.model, recipe=cfg.recipe)
-    files = write_types(merged, gguf_dir, listed, meta, cfg.data.system_prompt, matrix)
+    prompt = cfg.data.system_prompt
+    files = write_types(merged, gguf_dir, listed, meta, prompt, matrix)
     for path, q in files:
         rundir.add_file(run_dir, path, "model", q)
     reference = next((pq for pq in files if pq[1] in SIXTEEN_BIT), None)
-    candidates = []
+    candidates, pairs, pair_candidate = [], [], None
     if auto:
         todo = [q for q in autoquant.candidates(calibrated=matrix is not None) if q not in listed]
-        candidates = write_types(merged, gguf_dir / "candidates", todo, meta, cfg.data.system_prompt, matrix,
-                                 source16=reference[0])
-    lora = None
-    if lora_base:
-        adapter = convert_lora(run_dir / "adapter", gguf_dir / "lora" / f"{run_dir.name}-lora.gguf", lora_base,
-                               name=run_dir.name)
-        base_path, base_type = write_types(Path(lora_base), gguf_dir / "lora", listed[:1],
-                                           dict(meta, name="base"), cfg.data.system_prompt)[0]
-        write_modelfile(base_path, cfg.data.system_prompt, adapter=adapter)
-        rundir.add_file(run_dir, adapter, "lora_adapter")
-        rundir.add_file(run_dir, base_path, "lora_base", base_type)
-        lora = (adapter, base_path)
+        candidates = write_types(merged, gguf_dir / "candidates", todo, meta, prompt, matrix, source16=reference[0])
+        candidates += write_mixes(run_dir, gguf_dir / "candidates", reference[0], meta, prompt, matrix)
+        if base is not None:
+            pair_candidate = write_pair(run_dir, gguf_dir / "candidates" / "lora", base, autoquant.PAIR_BASE, meta,
+                                        prompt, matrix)
+            pairs.append(pair_candidate)
+    if lora_gguf:
+        base_path, adapter, qtype = write_pair(run_dir, gguf_dir / "lora", base, listed[0], meta, prompt, matrix)
+        _keep_pair(run_dir, base_path, adapter, listed[0])
+        pairs.insert(0, (base_path, adapter, qtype))
 
     # Measure: every file once, the 16-bit one first (the others' KL is against it). The eval prompts
     # are answered where the answers count: by the files kept (the final evaluation reuses them) and,
@@ -112,43 +140,62 @@ def export_run(run_dir: Path, cfg, quants: list[str], lora_base: str | None = No
     task = eval_task(run_dir, cfg) if auto or cfg.eval.evaluate else None
     n_eval, tol = len(task.prompts) if task else 0, cfg.export.quant_tolerance if tolerance is None else tolerance
     choice_at, report_at = autoquant.split(n_eval, tol, cfg.train.seed) if auto else ([], [])
-    # the reference answers all (it is the choice's baseline and the report's); the other listed files
+    # the reference answers all (it is the choice's baseline and the report's); the other files kept
     # all only for the final evaluation, else like the candidates
     everything = list(range(n_eval))
-    answer_at = {p.name: everything if cfg.eval.evaluate or (p, q) == files[0] else choice_at for p, q in files}
+    kept_at = everything if cfg.eval.evaluate else choice_at
+    answer_at = {p.name: everything if (p, q) == files[0] else kept_at for p, q in files}
     answer_at |= {p.name: choice_at for p, _ in candidates}
-    measured = measure_run(run_dir, cfg, files + candidates, lora, task, answer_at)
-    result = Result(files, {m.row["file"]: m for m in measured}, lora)
+    answer_at |= {infer.model_name(b, a): choice_at if (b, a, q) == pair_candidate else kept_at for b, a, q in pairs}
+    measured = measure_run(run_dir, cfg, files + candidates, pairs, task, answer_at)
+    result = Result(files, {m.row["file"]: m for m in measured},
+                    [(a, b) for b, a, q in pairs if (b, a, q) != pair_candidate])
 
-    # Choose: auto keeps one candidate in gguf/ and deletes the rest.
+    # Choose: auto keeps one candidate in gguf/ (a pair in gguf/lora/) and deletes the rest.
     if auto:
-        decision = _choose(run_dir, files + candidates, result, task, tol, matrix.source if matrix else None,
-                           choice_at, report_at)
-        chosen = next(pq for pq in files + candidates if pq[0].name == decision["winner"])
-        if chosen in candidates:
-            kept = gguf_dir / chosen[0].name
-            chosen[0].replace(kept)
-            (gguf_dir / "candidates" / f"Modelfile.{chosen[0].stem}").replace(gguf_dir / f"Modelfile.{kept.stem}")
-            rundir.add_file(run_dir, kept, "model", chosen[1])
-            result.files.append((kept, chosen[1]))
+        options = {p.name: (p, q, None) for p, q in files + candidates}
+        options |= {infer.model_name(b, a): (b, q, a) for b, a, q in pairs}
+        decision = _choose(run_dir, options, result, task, tol, matrix.source if matrix else None, choice_at,
+                           report_at, no_pair=None if base is not None else "the run's base model is not available")
+        path, qtype, adapter = options[decision["winner"]]
+        if (path, adapter, qtype) == pair_candidate:
+            kept_base, kept_adapter = (gguf_dir / "lora" / p.name for p in (path, adapter))
+            kept_base.parent.mkdir(exist_ok=True)
+            for p in (path, adapter, *(p.with_name(f"Modelfile.{p.stem}") for p in (path, adapter))):
+                p.replace(kept_base.parent / p.name)
+            _keep_pair(run_dir, kept_base, kept_adapter, autoquant.PAIR_BASE)
+            result.lora.append((kept_adapter, kept_base))  # the same model name: measured[] still finds it
+        elif (path, qtype) in candidates:
+            kept = gguf_dir / path.name
+            path.replace(kept)
+            path.with_name(f"Modelfile.{path.stem}").replace(gguf_dir / f"Modelfile.{kept.stem}")
+            rundir.add_file(run_dir, kept, "model", qtype)
+            result.files.append((kept, qtype))
         shutil.rmtree(gguf_dir / "candidates", ignore_errors=True)
-    _write_report(run_dir, measured, kept={p.name for p, _ in result.files})
+    kept = {p.name for p, _ in result.files} | {infer.model_name(b, a) for a, b in result.lora}
+    _write_report(run_dir, measured, kept)
     return result
 
 
-def _choose(run_dir: Path, files: list[tuple[Path, str]], result: Result, task: measure.Task | None,
-            tolerance: float, calibrated: str | None, choice_at: list[int], report_at: list[int]) -> dict:
-    """auto's decision (fasttune.autoquant) on the measured rows; the winner then answers the eval
-    prompts it has not (the final evaluation reuses them), and its score on the examples that took no
-    part in the choice goes into gguf/auto.*."""
+def _keep_pair(run_dir: Path, base_path: Path, adapter: Path, base_type: str) -> None:
+    rundir.add_file(run_dir, adapter, "lora_adapter")
+    rundir.add_file(run_dir, base_path, "lora_base", base_type)
+
+
+def _choose(run_dir: Path, options: dict[str, tuple[Path, str, Path | None]], result: Result,
+            task: measure.Task | None, tolerance: float, calibrated: str | None, choice_at: list[int],
+            report_at: list[int], no_pair: str | None) -> dict:
+    """auto's decision (fasttune.autoquant) on the measured rows (options: model name -> (path, type,
+    adapter)); the winner then answers the eval prompts it has not (the final evaluation reuses them),
+    and its score on the examples that took no part in the choice goes into gguf/auto.*."""
     measured = result.measured
-    choice = {p.name: [measured[p.name].scores[i] for i in choice_at] for p, _ in files} if choice_at else None
-    decision = autoquant.choose([measured[p.name].row for p, _ in files], tolerance, calibrated, choice,
-                                len(task.prompts) if task else 0)
+    choice = {name: [measured[name].scores[i] for i in choice_at] for name in options} if choice_at else None
+    decision = autoquant.choose([measured[name].row for name in options], tolerance, calibrated, choice,
+                                len(task.prompts) if task else 0, no_pair=no_pair)
     if not task:
         return autoquant.report(run_dir, decision, None)
-    winner = next(p for p, _ in files if p.name == decision["winner"])
-    measure.answer(winner, task, range(len(task.prompts)), into=measured[winner.name])
+    path, _, adapter = options[decision["winner"]]
+    measure.answer(path, task, range(len(task.prompts)), into=measured[decision["winner"]], adapter=adapter)
     ref, win = (measured[name].scores for name in (decision["reference"], decision["winner"]))
     return autoquant.report(run_dir, decision, ([ref[i] for i in report_at], [win[i] for i in report_at]))
 
@@ -160,13 +207,13 @@ def eval_task(run_dir: Path, cfg) -> measure.Task | None:
                              cfg.eval.max_new_tokens) if examples else None
 
 
-def measure_run(run_dir: Path, cfg, files: list[tuple[Path, str]], lora: tuple[Path, Path] | None,
+def measure_run(run_dir: Path, cfg, files: list[tuple[Path, str]], pairs: list[tuple[Path, Path, str]],
                 task: measure.Task | None, answer_at: dict[str, list[int]]) -> list[measure.Measured]:
     """measure.measure on the run's own data: fidelity and drift on its training answers (the eval
     examples stay out of anything a choice is made on); answer_at: which eval prompts each file answers."""
     # at most one answer position per conversation counts towards MAX_POSITIONS: no more are read
     conversations = [ex.messages for ex in rundir.examples(run_dir, "train", limit=measure.MAX_POSITIONS)]
-    return measure.measure(run_dir / "merged", files, conversations, task, fidelity=cfg.export.verify, lora=lora,
+    return measure.measure(run_dir / "merged", files, conversations, task, fidelity=cfg.export.verify, pairs=pairs,
                            drift=bool(files) and files[0][1] in SIXTEEN_BIT, task_at=answer_at)
 
 
@@ -175,7 +222,7 @@ def _write_report(run_dir: Path, measured: list[measure.Measured], kept: set[str
     of files measured by an earlier export that are still there kept."""
     path = run_dir / "gguf" / "report.json"
     earlier = json.loads(path.read_text())["files"] if path.is_file() else []
-    rows = [dict(m.row, kept=m.row["file"] in kept or m.row["type"] == "lora") for m in measured]
+    rows = [dict(m.row, kept=m.row["file"] in kept) for m in measured]
     names = {row["file"] for row in rows}
     listed = {p.name for p, _ in rundir.models(run_dir)}
     rows = [r for r in earlier if r["file"] not in names and r["file"] in listed] + rows

@@ -68,12 +68,18 @@ def chat(llm, messages: list[dict], max_tokens: int = 256, stream: bool = False,
     return llm.create_chat_completion(messages=messages, max_tokens=max_tokens, stream=stream, **sampling)
 
 
-def bits_per_weight(llm) -> float:
+def bits_per_weight(llm, extra_bytes: int = 0) -> float:
     """Tensor bytes x 8 / parameters of the loaded file: what a quant really costs (k-quants fall back
-    to larger types for rows that are not a multiple of 256 wide, e.g. Qwen2.5-0.5B's 896)."""
+    to larger types for rows that are not a multiple of 256 wide, e.g. Qwen2.5-0.5B's 896).
+    extra_bytes: a LoRA adapter applied at load time, counted against the base model's parameters."""
     import llama_cpp
 
-    return 8 * llama_cpp.llama_model_size(llm.model) / llama_cpp.llama_model_n_params(llm.model)
+    return 8 * (llama_cpp.llama_model_size(llm.model) + extra_bytes) / llama_cpp.llama_model_n_params(llm.model)
+
+
+def model_name(path: Path, adapter: Path | None = None) -> str:
+    """How a GGUF file, or a base file with a LoRA adapter applied at load time, is named in every report."""
+    return Path(path).name + (f" + {Path(adapter).name}" if adapter else "")
 
 
 def prompt_tokens(llm, messages: list[dict]) -> int:

@@ -178,11 +178,14 @@ def measure_file(path: Path, qtype: str, reference: Reference | None, drift_case
         lengths.append(len(reference.cases[0].prompt_ids) + CHAT_TOKENS)
     lengths += [task.prompt_lengths[i] + task.max_new_tokens for i in task_at]
     lora = {"lora_path": str(adapter)} if adapter else {}
-    row = {"file": f"lora/{adapter.name} on {path.name}" if adapter else path.name, "type": qtype,
-           "size_mb": round((adapter or path).stat().st_size / 1e6, 1)}
+    adapter_bytes = adapter.stat().st_size if adapter else 0
+    row = {"file": infer.model_name(path, adapter), "type": qtype,
+           "size_mb": round((path.stat().st_size + adapter_bytes) / 1e6, 1)}
+    if adapter:
+        row["adapter_mb"] = round(adapter_bytes / 1e6, 1)
     out = Measured(row)
     with infer.load(path, n_ctx=max(lengths) + 64, logits_all=True, **lora) as llm:
-        row["bits_per_weight"] = round(infer.bits_per_weight(llm), 2)  # of the model loaded (base + adapter)
+        row["bits_per_weight"] = round(infer.bits_per_weight(llm, extra_bytes=adapter_bytes), 2)
         if reference:
             row.update(_fidelity(llm, reference))
         logprobs = [log_softmax(_logits(llm, c.ids, c.span)).astype(np.float32)
@@ -196,18 +199,18 @@ def measure_file(path: Path, qtype: str, reference: Reference | None, drift_case
                        top1=round(100 * float(np.mean(np.concatenate([x["agree"] for x in d]))), 1),
                        drift_positions=sum(len(c.span) for c in drift_cases))
         if task_at:
-            _answer(llm, out, task, task_at, path.name)
+            _answer(llm, out, task, task_at, row["file"])
     return out
 
 
-def answer(path: Path, task: Task, indices, into: Measured) -> None:
-    """Answer the eval prompts at `indices` that `into` (path's measurement) has no answer for yet,
-    with one more load of `path`; its row gets the score over every prompt answered so far."""
+def answer(path: Path, task: Task, indices, into: Measured, adapter: Path | None = None) -> None:
+    """Answer the eval prompts at `indices` that `into` (path's measurement, with `adapter` applied)
+    has no answer for yet, with one more load; its row gets the score over every prompt answered so far."""
     todo = [i for i in indices if not into.answers or into.answers[i] is None]
     if todo:
         n_ctx = max(task.prompt_lengths[i] + task.max_new_tokens for i in todo) + 64
-        with infer.load(path, n_ctx=n_ctx) as llm:
-            _answer(llm, into, task, todo, path.name)
+        with infer.load(path, n_ctx=n_ctx, **({"lora_path": str(adapter)} if adapter else {})) as llm:
+            _answer(llm, into, task, todo, into.row["file"])
 
 
 def _answer(llm, out: Measured, task: Task, indices, name: str) -> None:
@@ -276,13 +279,13 @@ def _fidelity(llm, ref: Reference) -> dict:
 # --- a run's files ----------------------------------------------------------------------------------
 
 def measure(merged_dir: Path, files: list[tuple[Path, str]], conversations: list[list[dict]], task: Task | None,
-            fidelity: bool = True, lora: tuple[Path, Path] | None = None, drift: bool = True,
+            fidelity: bool = True, pairs: list[tuple[Path, Path, str]] = (), drift: bool = True,
             task_at: dict[str, list[int]] | None = None) -> list[Measured]:
     """Measure `files` ((path, quant type); with drift, the first is the 16-bit reference the others'
-    KL and top-1 are against) and the (adapter, base) pair.
+    KL and top-1 are against), then each (base GGUF, GGUF LoRA adapter, type) pair the same way.
 
     conversations: where fidelity and drift are measured (the last message of each is the answer).
-    task_at: file name -> which eval prompts it answers (None: every file answers all).
+    task_at: model name (infer.model_name) -> which eval prompts it answers (None: every model answers all).
     """
     from transformers import AutoTokenizer
 
@@ -294,14 +297,14 @@ def measure(merged_dir: Path, files: list[tuple[Path, str]], conversations: list
     results, drift_ref = [], None
     logger.info("measuring %d GGUF files, one load each: %d answer positions%s", len(files),
                 sum(len(c.span) for c in drift_cases), f", up to {len(task.prompts)} eval prompts" if task else "")
-    for path, qtype in tqdm(files, desc="measuring GGUF files", unit="file"):
+    models = [(path, qtype, None) for path, qtype in files] + [(base, qtype, adapter) for base, adapter, qtype in pairs]
+    for path, qtype, adapter in tqdm(models, desc="measuring GGUF files", unit="file"):
         m = measure_file(path, qtype, reference, drift_cases if drift else [], drift_ref if drift else [], task,
-                         task_at=None if task_at is None else task_at.get(path.name, []))
+                         adapter=adapter,
+                         task_at=None if task_at is None else task_at.get(infer.model_name(path, adapter), []))
         drift_ref = drift_ref or m.logprobs
         m.logprobs = None
         results.append(m)
-    if lora:  # the base file with the adapter applied at load time: fidelity only
-        results.append(measure_file(lora[1], "lora", reference, [], [], None, adapter=lora[0]))
     return results
 
 

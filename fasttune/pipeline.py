@@ -53,10 +53,10 @@ def run(cfg: config.Config) -> Path | None:
     rundir.add_file(run_dir, run_dir / "merged", "merged")
 
     # Export: the GGUF files (auto: the smallest quant that keeps the score), each measured once.
-    result = export.export_run(run_dir, cfg, cfg.export.quants, lora_base=base if cfg.export.lora_gguf else None)
+    result = export.export_run(run_dir, cfg, cfg.export.quants, base=base, lora_gguf=cfg.export.lora_gguf)
 
     # Evaluate: base vs fine-tuned vs each GGUF on the run's eval data, with the task's metric: eval/
     files = [path for path, _ in result.files]
-    scores = evaluate.evaluate_run(run_dir, cfg, base, result.measured, files)
+    scores = evaluate.evaluate_run(run_dir, cfg, base, result.measured, files, result.lora)
     cli.report_run(run_dir, result, td, scores)
     return run_dir

@@ -42,6 +42,16 @@ def llama_ftype(name: str) -> int:
     return value
 
 
+def ggml_type(name: str) -> int:
+    """ggml's GGML_TYPE_<NAME> for a tensor type like 'q8_0' (one tensor's type, not a file's mix)."""
+    import llama_cpp
+
+    value = getattr(llama_cpp, f"GGML_TYPE_{name.upper()}", None)
+    if value is None:
+        raise UserError(f"unknown tensor type '{name}'")
+    return value
+
+
 def check_quant_name(name: str, calibrated: bool = False) -> None:
     if name in NEEDS_IMATRIX and not calibrated:
         raise UserError(f"quant type '{name}' needs an importance matrix: llama.cpp rounds so few bits well only where "
@@ -73,11 +83,13 @@ def _native_output_captured():
 
 
 def quantize(src: str | Path, out_path: str | Path, qtype: str, threads: int | None = None,
-             imatrix: dict[str, np.ndarray] | None = None) -> Path:
+             imatrix: dict[str, np.ndarray] | None = None, overrides: dict[str, str] | None = None) -> Path:
     """k-quants and the rest, in-process through llama-cpp-python's bundled llama.cpp (no build).
 
     imatrix: GGUF tensor name -> mean squared input per channel (fasttune.calibrate), handed to
-    llama.cpp as its `llama_model_imatrix_data` array (ended by a NULL name)."""
+    llama.cpp as its `llama_model_imatrix_data` array (ended by a NULL name).
+    overrides: GGUF tensor name -> the type that tensor gets instead (fasttune.mix), handed to llama.cpp
+    as its `llama_model_tensor_override` array (`llama-quantize --tensor-type`; ended by a NULL pattern)."""
     import llama_cpp
 
     check_quant_name(qtype, calibrated=imatrix is not None)
@@ -93,6 +105,12 @@ def quantize(src: str | Path, out_path: str | Path, qtype: str, threads: int | N
             entry.data = values.ctypes.data_as(ctypes.POINTER(ctypes.c_float))
             entry.size = values.size
         params.imatrix = ctypes.cast(entries, ctypes.POINTER(llama_cpp.llama_model_imatrix_data))
+    if overrides:
+        table = (llama_cpp.llama_model_tensor_override * (len(overrides) + 1))()  # alive until return
+        for entry, (name, type_name) in zip(table, overrides.items()):
+            entry.pattern = f"^{re.escape(name)}$".encode()  # llama.cpp matches with std::regex_search
+            entry.type = ggml_type(type_name)
+        params.tt_overrides = ctypes.cast(table, ctypes.POINTER(llama_cpp.llama_model_tensor_override))
     tmp = out_path.with_name(out_path.name + ".partial")
     try:
         with _native_output_captured() as captured:

@@ -11,6 +11,7 @@ import pytest
 
 from fasttune import autoquant, cli, config, evaluate, export, infer, rundir
 from fasttune.autoquant import CALIBRATED_CANDIDATES, CANDIDATES, examples_needed, pick, split
+from fasttune.mix import MIXES
 from fasttune.tiny import tiny_model_dir
 from tests.conftest import only_the_bf16_gguf, run_script
 
@@ -116,12 +117,12 @@ def counted(monkeypatch):
 
     @contextlib.contextmanager
     def load(path, *args, **kwargs):
-        loads[Path(kwargs.get("lora_path") or path).name] += 1
+        loads[infer.model_name(path, kwargs.get("lora_path"))] += 1
         with real_load(path, *args, **kwargs) as llm:
             yield llm
 
     def chat(llm, *args, **kwargs):
-        chats[Path(llm.model_path).name] += 1
+        chats[infer.model_name(llm.model_path, llm.lora_path)] += 1
         return real_chat(llm, *args, **kwargs)
 
     monkeypatch.setattr(infer, "load", load)
@@ -134,11 +135,17 @@ def test_export_auto_measures_every_candidate_once_and_keeps_one(run_copy, count
     no candidate answers the eval prompts, the files kept answer all 4, and the winner's score is
     reported on all 4 (none took part in the choice)."""
     cfg = config.load_run(run_copy)
-    result = export.export_run(run_copy, cfg, ["auto"])
+    result = export.export_run(run_copy, cfg, ["auto"], base=str(tiny_model_dir()))
     gguf_dir = run_copy / "gguf"
     auto = json.loads((gguf_dir / "auto.json").read_text())
     rows = auto["candidates"]
-    assert [r["type"] for r in rows] == ["bf16", *CANDIDATES, *CALIBRATED_CANDIDATES]
+    assert [r["type"] for r in rows] == ["bf16", *CANDIDATES, *CALIBRATED_CANDIDATES, *MIXES, "q4_k_m+lora"]
+    pair = rows[-1]
+    assert pair["file"] == "base-q4_k_m.gguf + memorize-lora.gguf" and auto["no_pair"] is None
+    assert pair["size_mb"] > pair["adapter_mb"] > 0  # both files counted
+    q4 = next(r for r in rows if r["type"] == "q4_k_m")
+    assert pair["bits_per_weight"] > q4["bits_per_weight"]  # the F32 adapter's bytes count against the weights
+    assert auto["frontier"][0] == min(rows, key=lambda r: (r["size_mb"], r["kl"]))["file"]
     assert auto["decided_by"] == "kl" and auto["choice_examples"] == 0 and auto["eval_examples"] == 4
     assert "at best, 2 of the 4 eval examples can show a file loses less than" in auto["why"]
     assert rows[0]["score"] == 100.0  # the memorizing run answers its four cases exactly
@@ -154,9 +161,9 @@ def test_export_auto_measures_every_candidate_once_and_keeps_one(run_copy, count
     measured = {r["file"]: r for r in json.loads((gguf_dir / "report.json").read_text())["files"]}
     assert measured[winner["file"]]["score"] == auto["held_out"]["winner"]["value"]  # all 4, after the choice
     assert measured[winner["file"]]["score_examples"] == 4 and "score" not in measured["memorize-q2_k.gguf"]
-    assert (gguf_dir / winner["file"]).is_file()
+    assert (gguf_dir / winner["file"]).is_file(), "the tiny run's winner is a single file, not the pair"
     assert (gguf_dir / f"Modelfile.{winner['file'].removesuffix('.gguf')}").is_file()
-    assert not (gguf_dir / "candidates").exists()
+    assert not (gguf_dir / "candidates").exists() and not (gguf_dir / "lora").exists()
     assert sorted(p.name for p in gguf_dir.glob("*.gguf")) == sorted(
         ["memorize-bf16.gguf", winner["file"], "imatrix.gguf"])
     # run.json lists what is there, by kind and type; the importance matrix is not a model
@@ -211,7 +218,7 @@ def test_when_the_task_decides_the_halves_stay_apart(tmp_path, monkeypatch):
         measured[path.name] = m
     asked = []
 
-    def answer(path, task, indices, into):
+    def answer(path, task, indices, into, adapter=None):
         todo = [i for i in indices if into.answers[i] is None]
         asked.append((path.name, todo))
         for i in todo:
@@ -221,8 +228,9 @@ def test_when_the_task_decides_the_halves_stay_apart(tmp_path, monkeypatch):
     monkeypatch.setattr(export.measure, "answer", answer)
     task = SimpleNamespace(prompts=[[]] * n)
     (tmp_path / "gguf").mkdir()
-    decision = export._choose(tmp_path, files, export.Result(files[:1], measured), task, tol, None,
-                              choice_at, report_at)
+    options = {p.name: (p, q, None) for p, q in files}
+    decision = export._choose(tmp_path, options, export.Result(files[:1], measured), task, tol, None,
+                              choice_at, report_at, no_pair="none here")
     assert decision["decided_by"] == "task" and decision["winner"] == "m-q8_0.gguf"
     assert asked == [("m-q8_0.gguf", report_at)]  # the winner answers only the half it had not
     assert decision["held_out"]["winner"]["value"] == 0  # wrong on every example it was not chosen on
@@ -242,7 +250,7 @@ def test_export_auto_without_eval_data_decides_by_kl(run_copy):
     result = json.loads((run_copy / "gguf" / "auto.json").read_text())
     rows = result["candidates"]
     assert result["decided_by"] == "kl" and "no eval data" in result["why"] and "held_out" not in result
-    assert result["imatrix"] is None and [r["type"] for r in rows] == ["bf16", *CANDIDATES]
+    assert result["imatrix"] is None and [r["type"] for r in rows] == ["bf16", *CANDIDATES, *MIXES, "q4_k_m+lora"]
     assert all("score" not in r and r["kl"] >= 0 for r in rows) and rows[0]["kl"] == 0
     budget = 10 * rows[1]["kl"]  # q8_0's
     assert [r["qualifies"] for r in rows[1:]] == [r["kl"] <= budget for r in rows[1:]]

@@ -119,7 +119,7 @@ def test_the_report_warns_when_auto_chose_a_file_on_these_examples(tmp_path):
     auto = {"decided_by": "task", "winner": "m-q6_k.gguf", "choice_examples": 900, "eval_examples": 1800}
     (tmp_path / "gguf").mkdir()
     rundir.write_json(tmp_path / "gguf" / "auto.json", auto)
-    files = [tmp_path / "gguf" / "m-bf16.gguf", tmp_path / "gguf" / "m-q6_k.gguf"]
+    files = ["m-bf16.gguf", "m-q6_k.gguf"]
     assert chosen_on_these(tmp_path, files) == [
         "Note: m-q6_k.gguf was chosen by --quants auto on 900 of these 1800 examples, so its score here is biased "
         "up by that choice; its score on the other 900: gguf/auto.md."]

@@ -1,0 +1,75 @@
+"""Mixed precision by sensitivity: the delta's energy as the dense delta gives it, the ranking and its
+budget, and the per-tensor types reaching llama.cpp's quantizer."""
+
+import json
+import shutil
+
+import gguf as gguf_py
+import numpy as np
+import pytest
+import torch
+
+from fasttune import calibrate, mix, quantize
+from fasttune.lora_gguf import gguf_names, read_adapter
+from tests import gguf_file
+from tests.conftest import only_the_bf16_gguf
+
+
+def test_promoted_takes_the_most_energy_per_weight_within_the_share():
+    energy = {"a": (5.0, 100), "b": (9.0, 300), "c": (1.0, 100), "d": (5.0, 100), "e": (0.5, 400)}  # 1,000 weights
+    assert mix.promoted(energy, 0.0) == []
+    assert mix.promoted(energy, 0.3) == ["b"]
+    # b (300 of the 1,000 weights) goes first; a and d tie on energy: the name orders them, and only one fits
+    assert mix.promoted(energy, 0.45) == ["b", "a"]
+    assert mix.promoted(energy, 0.25) == ["a", "d"]  # b does not fit: the next that do are taken
+    assert mix.promoted(energy, 1.0) == ["b", "a", "d", "c", "e"]
+
+
+@pytest.fixture(scope="module")
+def run_with_matrix(trained_run, tmp_path_factory):
+    work = tmp_path_factory.mktemp("mix") / "memorize"
+    shutil.copytree(trained_run[0], work, ignore=only_the_bf16_gguf)
+    return work, calibrate.for_run(work).values()
+
+
+def test_energy_is_the_importance_weighted_dense_delta(run_with_matrix, tmp_path):
+    run, imatrix = run_with_matrix
+    adapter = tmp_path / "adapter"  # the run's adapter with alpha / r = 3 (the run's own scale is 1)
+    shutil.copytree(run / "adapter", adapter)
+    peft = json.loads((adapter / "adapter_config.json").read_text())
+    (adapter / "adapter_config.json").write_text(json.dumps(dict(peft, lora_alpha=3 * peft["r"])))
+    energy = mix.delta_energy(adapter, run / "merged", imatrix)
+    pairs, scale = read_adapter(adapter)
+    assert scale == 3
+    from transformers import AutoConfig
+
+    names = gguf_names(AutoConfig.from_pretrained(run / "merged"))
+    assert len(energy) == len(pairs) == 14  # 2 layers x 7 projections, under their GGUF names
+    for hf_name, ab in pairs.items():
+        name = names.get_name(hf_name, try_suffixes=(".weight",))
+        delta = scale * (ab["b"].double() @ ab["a"].double())  # out x in, formed here only to check
+        want = float((delta**2 * torch.from_numpy(imatrix[name]).double()).sum()) / delta.numel()
+        assert energy[name] == (pytest.approx(want, rel=1e-9), delta.numel())
+    assert len({e for e, _ in energy.values()}) > 1  # the tensors differ: there is something to rank
+
+
+def test_overrides_reach_llama_cpp(run_with_matrix):
+    run, imatrix = run_with_matrix
+    energy = mix.delta_energy(run / "adapter", run / "merged", imatrix)
+    promoted = mix.overrides("q4_k_m-mix25", energy)
+    assert promoted and set(promoted.values()) == {"q8_0"}
+    bf16 = run / "gguf" / "memorize-bf16.gguf"
+    mixed = quantize.quantize(bf16, run / "mixed.gguf", "q4_k_m", imatrix=imatrix, overrides=promoted)
+    plain = quantize.quantize(bf16, run / "plain.gguf", "q4_k_m", imatrix=imatrix)
+    mixed_types = {n: t.tensor_type for n, t in gguf_file.read(mixed).tensors.items()}
+    plain_types = {n: t.tensor_type for n, t in gguf_file.read(plain).tensors.items()}
+    q8 = gguf_py.GGMLQuantizationType.Q8_0
+    assert {n for n, t in mixed_types.items() if t == q8} == set(promoted)
+    assert q8 not in plain_types.values()
+    assert {n: t for n, t in mixed_types.items() if n not in promoted} == {
+        n: t for n, t in plain_types.items() if n not in promoted}  # the rest as llama.cpp's q4_k_m has them
+    assert mixed.stat().st_size > plain.stat().st_size
+    share = sum(energy[n][1] for n in promoted) / sum(n for _, n in energy.values())
+    assert 0 < share <= 0.25
+    top = max(energy, key=lambda n: energy[n][0])
+    assert top in promoted and np.isfinite([e for e, _ in energy.values()]).all()
