@@ -5,8 +5,10 @@ random splits of an eval set whose answers from every file are known.
     python bench/auto_choice.py [--resamples 500] [--tolerance 1.0]
     python bench/auto_choice.py --run runs/demo        # a fine-tuned run: its data, eval set and metric
 
-Once: write bf16 and every auto candidate (calibrated), measure each file's KL from bf16 on the
-training answers (as export does), and answer every eval prompt with every file. Then, per resample,
+Once: write bf16 and every auto candidate (calibrated; with --run also the two mixes and the base
+model in q4_k_m with the run's adapter applied at load time, as export writes them), measure each
+file's KL from bf16 on the training answers (as export does), and answer every eval prompt with
+every file. Then, per resample,
 split the eval set at random into a choosing half and a held-out half and apply
     old rule  the smallest file whose score on the choosing half is within the tolerance of bf16's
     new rule  fasttune.autoquant.pick: the paired interval where the half resolves the tolerance,
@@ -51,6 +53,16 @@ def run_setup(run_dir: Path):
     return run_dir / "merged", f"run {run_dir.name}", train, export.eval_task(run_dir, config.load_run(run_dir))
 
 
+def run_extras(run_dir: Path, out: Path, bf16: Path, matrix) -> tuple[list, list]:
+    """(files, pairs): auto's mixes and its base + adapter pair for a fine-tuned run."""
+    from fasttune import autoquant, export, rundir
+
+    meta = dict(name="m", base_model="bench", recipe="bench")
+    mixes = export.write_mixes(run_dir, out, bf16, meta, None, matrix)
+    pair = export.write_pair(run_dir, out / "lora", rundir.base_dir(run_dir), autoquant.PAIR_BASE, meta, None, matrix)
+    return mixes, [pair]
+
+
 def old_rule(rows, choice, tolerance):
     """The rule auto had before: the smallest file within `tolerance` points, on point estimates."""
     ref = 100 * np.mean(choice[rows[0]["file"]])
@@ -66,19 +78,22 @@ def main():
     a = parser.parse_args()
 
     import fasttune.model  # noqa: F401  (unsloth first, as every entry point)
-    from fasttune import autoquant, calibrate, convert, intervals, measure, quantize
+    from fasttune import autoquant, calibrate, convert, infer, intervals, measure, quantize
 
     model_dir, title, train, task = run_setup(a.run) if a.run else smollm2_setup()
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp)
         files = [(convert.convert(model_dir, out / "m-bf16.gguf", "bf16"), "bf16"),
                  (convert.convert(model_dir, out / "m-q8_0.gguf", "q8_0"), "q8_0")]
-        values = calibrate.compute(model_dir, train, source="bench").values()
+        matrix = calibrate.compute(model_dir, train, source="bench")
         for q in autoquant.candidates(calibrated=True)[1:]:
-            files.append((quantize.quantize(files[0][0], out / f"m-{q}.gguf", q, imatrix=values), q))
+            files.append((quantize.quantize(files[0][0], out / f"m-{q}.gguf", q, imatrix=matrix.values()), q))
+        mixes, pairs = run_extras(a.run, out, files[0][0], matrix) if a.run else ([], [])
+        files += mixes
         everything = list(range(len(task.prompts)))
-        measured = measure.measure(model_dir, files, train, task, fidelity=False,
-                                   task_at={p.name: everything for p, _ in files})
+        names = [p.name for p, _ in files] + [infer.model_name(b, ad) for b, ad, _ in pairs]
+        measured = measure.measure(model_dir, files, train, task, fidelity=False, pairs=pairs,
+                                   task_at={name: everything for name in names})
     rows = [m.row for m in measured]
     scores = {m.row["file"]: np.array(m.scores) for m in measured}
     ref = rows[0]["file"]
@@ -104,10 +119,12 @@ def main():
     types = [r["type"] for r in rows]
     full = {r["file"]: intervals.paired(scores[r["file"]], scores[ref]) for r in rows}
     lines = [f"| {title}: {n} {task.metric}-scored prompts, {rows[1]['drift_positions']} training answer positions, "
-             f"{a.resamples} random halves, tolerance {a.tolerance:g} | MB | KL vs bf16 | score (all {n}) | "
-             "difference from bf16 (all, 95 %) | old rule wins | new rule wins |", "|---|---|---|---|---|---|---|"]
+             f"{a.resamples} random halves, tolerance {a.tolerance:g} | MB | bits/weight | KL vs bf16 | top-1 % | "
+             f"score (all {n}) | difference from bf16 (all, 95 %) | old rule wins | new rule wins |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        lines.append(f"| {r['type']} | {r['size_mb']:.1f} | {r['kl']:.4f} | {r['score']:.1f} | {full[r['file']]} | "
+        lines.append(f"| {r['type']} | {r['size_mb']:.1f} | {r['bits_per_weight']:.2f} | {r['kl']:.4f} | "
+                     f"{r['top1']:.1f} | {r['score']:.1f} | {full[r['file']]} | "
                      f"{wins['old'][r['type']]} | {wins['new'][r['type']]} |")
     for rule in ("old", "new"):
         lines.append(f"\n{rule} rule: winner {np.mean(sizes[rule]):.1f} MB on average; it loses more than "

@@ -22,7 +22,14 @@ from trl.chat_template_utils import qwen2_5_chat_template as QWEN2_5_TEMPLATE  #
 from fasttune import UserError, cpu_threads
 from fasttune.data import Example, Reject
 
-TRAINING_TEMPLATE = (Path(__file__).parent / "templates" / "qwen2_5_training.jinja").read_text()
+TEMPLATES = Path(__file__).parent / "templates"
+TRAINING_TEMPLATE = (TEMPLATES / "qwen2_5_training.jinja").read_text()
+# A model's own chat template -> ours for training (the same text, {% generation %} around each answer),
+# for the families TRL's get_training_chat_template does not patch.
+TRAINING_TEMPLATES = {
+    QWEN2_5_TEMPLATE: TRAINING_TEMPLATE,
+    (TEMPLATES / "smollm2.jinja").read_text(): (TEMPLATES / "smollm2_training.jinja").read_text(),
+}
 logger = logging.getLogger(__name__)
 IGNORE = -100  # label of a token that does not count towards the loss (PyTorch's ignore_index)
 
@@ -34,9 +41,9 @@ def ensure_chat_template(tokenizer) -> None:
 
 
 def training_template(tokenizer) -> str:
-    """The template to train with: ours for Qwen2.5, TRL's patched one for other known families."""
-    if tokenizer.chat_template == QWEN2_5_TEMPLATE:
-        return TRAINING_TEMPLATE
+    """The template to train with: ours for Qwen2.5 and SmolLM2, TRL's patched one for other known families."""
+    if tokenizer.chat_template in TRAINING_TEMPLATES:
+        return TRAINING_TEMPLATES[tokenizer.chat_template]
     try:
         return get_training_chat_template(tokenizer) or tokenizer.chat_template
     except ValueError as e:

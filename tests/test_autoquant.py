@@ -276,3 +276,11 @@ def test_reports_on_constructed_decisions(tmp_path):
     assert zero["winner"] == "x-q6_k.gguf" and "no eval data" in zero["why"]  # budget 0: KL 0 only
     autoquant.report(tmp_path, zero, None)
     assert "No eval data: the chosen file's task score is not measured." in (tmp_path / "gguf" / "auto.md").read_text()
+
+
+def test_the_frontier_is_the_files_no_smaller_file_beats_on_kl():
+    rows = table(*LADDER) + [dict(row("q4_k_m+lora", 35, 0.004), file="base-q4_k_m.gguf + x-lora.gguf")]
+    assert autoquant.frontier(rows) == ["x-q3_k_m.gguf", "x-q4_k_m.gguf", "base-q4_k_m.gguf + x-lora.gguf",
+                                        "x-q8_0.gguf", "x-bf16.gguf"]  # q5_k_m and q6_k: the pair is smaller and closer
+    winner, _ = pick(rows, 1.0)  # KL decides (no eval): budget 0.02; q8_0, then the pair (35 <= 0.9 x 53)
+    assert winner["file"] == "base-q4_k_m.gguf + x-lora.gguf"

@@ -2,8 +2,8 @@
 
 import pytest
 
-from fasttune import UserError
-from fasttune.chat import IGNORE, QWEN2_5_TEMPLATE, TRAINING_TEMPLATE, prepare, tokenize_chat
+from fasttune import UserError, chat
+from fasttune.chat import IGNORE, prepare, tokenize_chat
 from fasttune.data import Example
 
 IM_END = 151645
@@ -58,14 +58,22 @@ def test_multi_turn_mask_trains_every_assistant_turn(tokenizer):
     assert labels.count(IM_END) == 2  # the model learns to stop after each answer
 
 
-def test_training_template_renders_the_same_text(tokenizer):
-    messages = [{"role": "system", "content": "S"}, {"role": "user", "content": "U"},
-                {"role": "assistant", "content": "A"}, {"role": "user", "content": "U2"},
-                {"role": "assistant", "content": "A2"}]
-    for kwargs in ({}, {"add_generation_prompt": True}):
-        msgs = messages[:-1] if kwargs else messages
-        assert (tokenizer.apply_chat_template(msgs, chat_template=TRAINING_TEMPLATE, tokenize=False, **kwargs)
-                == tokenizer.apply_chat_template(msgs, chat_template=QWEN2_5_TEMPLATE, tokenize=False, **kwargs))
+@pytest.mark.parametrize("original", list(chat.TRAINING_TEMPLATES), ids=["qwen2.5", "smollm2"])
+def test_training_templates_render_the_same_text_and_mask_each_answer(tokenizer, original):
+    """Each of our training templates against the model's own, with and without a system message (both
+    families insert a default one), and its mask on a two-turn conversation: each answer and its <|im_end|>."""
+    training = chat.TRAINING_TEMPLATES[original]
+    system = [{"role": "system", "content": "S"}]
+    turns = [{"role": "user", "content": "U"}, {"role": "assistant", "content": "A"},
+             {"role": "user", "content": "U2"}, {"role": "assistant", "content": "A2"}]
+    for messages in (system + turns, turns):
+        for kwargs in ({}, {"add_generation_prompt": True}):
+            msgs = messages[:-1] if kwargs else messages
+            assert (tokenizer.apply_chat_template(msgs, chat_template=training, tokenize=False, **kwargs)
+                    == tokenizer.apply_chat_template(msgs, chat_template=original, tokenize=False, **kwargs))
+        ids, labels = tokenize_chat(tokenizer, messages, template=training)
+        trained = [i for i, label in zip(ids, labels) if label != IGNORE]
+        assert tokenizer.decode(trained) == "A<|im_end|>A2<|im_end|>"
 
 
 def test_preview_spans_mark_trained_text(tokenizer):
@@ -176,7 +184,6 @@ def test_literal_keeps_control_spellings_as_text(tokenizer, caplog):
 def test_literal_equals_control_on_text_without_special_spellings(tokenizer, answer):
     """Tokens and mask as transformers' own: a token that merges the template's newline with an
     answer's leading newlines counts as the answer's in both."""
-    from fasttune import chat
 
     messages = [{"role": "user", "content": "Capital of France? <|im"}, {"role": "assistant", "content": answer},
                 {"role": "user", "content": "And Italy?"}, {"role": "assistant", "content": "Rome."}]
@@ -186,7 +193,6 @@ def test_literal_equals_control_on_text_without_special_spellings(tokenizer, ans
 
 
 def test_literal_refuses_a_template_that_rewrites_messages(tokenizer):
-    from fasttune import chat
 
     template = chat.training_template(tokenizer).replace("message.content", "message.content | replace('<', '&lt;')")
     assert template != chat.training_template(tokenizer)
@@ -199,7 +205,6 @@ def test_a_few_long_examples_are_tokenized_on_every_core_with_the_same_result(to
     """Long records make small chunks: the pool is chosen by characters too, one example per core."""
     import multiprocessing
 
-    from fasttune import chat
 
     conversations = [[{"role": "user", "content": f"question {i} " * 40},
                       {"role": "assistant", "content": f"answer {i} " * 60}] for i in range(3)]

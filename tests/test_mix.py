@@ -12,7 +12,6 @@ import torch
 from fasttune import calibrate, mix, quantize
 from fasttune.lora_gguf import gguf_names, read_adapter
 from tests import gguf_file
-from tests.conftest import only_the_bf16_gguf
 
 
 def test_promoted_takes_the_most_energy_per_weight_within_the_share():
@@ -26,10 +25,10 @@ def test_promoted_takes_the_most_energy_per_weight_within_the_share():
 
 
 @pytest.fixture(scope="module")
-def run_with_matrix(trained_run, tmp_path_factory):
-    work = tmp_path_factory.mktemp("mix") / "memorize"
-    shutil.copytree(trained_run[0], work, ignore=only_the_bf16_gguf)
-    return work, calibrate.for_run(work).values()
+def run_with_matrix(trained_run):
+    """The shared run (read, not changed) and the importance matrix its export computed."""
+    run = trained_run[0]
+    return run, calibrate.ImportanceMatrix.load(run / "gguf" / "imatrix.gguf").values()
 
 
 def test_energy_is_the_importance_weighted_dense_delta(run_with_matrix, tmp_path):
@@ -53,14 +52,14 @@ def test_energy_is_the_importance_weighted_dense_delta(run_with_matrix, tmp_path
     assert len({e for e, _ in energy.values()}) > 1  # the tensors differ: there is something to rank
 
 
-def test_overrides_reach_llama_cpp(run_with_matrix):
+def test_overrides_reach_llama_cpp(run_with_matrix, tmp_path):
     run, imatrix = run_with_matrix
     energy = mix.delta_energy(run / "adapter", run / "merged", imatrix)
     promoted = mix.overrides("q4_k_m-mix25", energy)
     assert promoted and set(promoted.values()) == {"q8_0"}
     bf16 = run / "gguf" / "memorize-bf16.gguf"
-    mixed = quantize.quantize(bf16, run / "mixed.gguf", "q4_k_m", imatrix=imatrix, overrides=promoted)
-    plain = quantize.quantize(bf16, run / "plain.gguf", "q4_k_m", imatrix=imatrix)
+    mixed = quantize.quantize(bf16, tmp_path / "mixed.gguf", "q4_k_m", imatrix=imatrix, overrides=promoted)
+    plain = quantize.quantize(bf16, tmp_path / "plain.gguf", "q4_k_m", imatrix=imatrix)
     mixed_types = {n: t.tensor_type for n, t in gguf_file.read(mixed).tensors.items()}
     plain_types = {n: t.tensor_type for n, t in gguf_file.read(plain).tensors.items()}
     q8 = gguf_py.GGMLQuantizationType.Q8_0
