@@ -53,12 +53,12 @@ def run_setup(run_dir: Path):
     return run_dir / "merged", f"run {run_dir.name}", train, export.eval_task(run_dir, config.load_run(run_dir))
 
 
-def run_extras(run_dir: Path, out: Path, bf16: Path, matrix) -> tuple[list, list]:
+def run_extras(run_dir: Path, out: Path, files: list, matrix) -> tuple[list, list]:
     """(files, pairs): auto's mixes and its base + adapter pair for a fine-tuned run."""
     from fasttune import autoquant, export, rundir
 
     meta = dict(name="m", base_model="bench", recipe="bench")
-    mixes = export.write_mixes(run_dir, out, bf16, meta, None, matrix)
+    mixes = export.write_mixes(run_dir, out, files[0][0], {q: p for p, q in files}, meta, None, matrix)
     pair = export.write_pair(run_dir, out / "lora", rundir.base_dir(run_dir), autoquant.PAIR_BASE, meta, None, matrix)
     return mixes, [pair]
 
@@ -88,7 +88,7 @@ def main():
         matrix = calibrate.compute(model_dir, train, source="bench")
         for q in autoquant.candidates(calibrated=True)[1:]:
             files.append((quantize.quantize(files[0][0], out / f"m-{q}.gguf", q, imatrix=matrix.values()), q))
-        mixes, pairs = run_extras(a.run, out, files[0][0], matrix) if a.run else ([], [])
+        mixes, pairs = run_extras(a.run, out, files, matrix) if a.run else ([], [])
         files += mixes
         everything = list(range(len(task.prompts)))
         names = [p.name for p, _ in files] + [infer.model_name(b, ad) for b, ad, _ in pairs]

@@ -261,13 +261,13 @@ def evaluate(run_dir: Path, examples, metric: str, variants: list[str], base: st
                              for ex, p, r in zip(examples, prompts, references)]
     by_variant = {}  # name -> per-example scores, for the paired intervals
     for variant in variants:
-        gguf_file = isinstance(variant, tuple) or str(variant).endswith(".gguf")
-        name = infer.model_name(*variant) if isinstance(variant, tuple) else Path(variant).name if gguf_file else variant
+        is_gguf = isinstance(variant, tuple) or str(variant).endswith(".gguf")
+        name = infer.model_name(*variant) if isinstance(variant, tuple) else Path(variant).name if is_gguf else variant
         logger.info("evaluating %s on %d examples", name, len(examples))
         start = time.perf_counter()
         if name in (answered or {}):
             answers, seconds = answered[name]
-        elif gguf_file:
+        elif is_gguf:
             path, adapter = variant if isinstance(variant, tuple) else (Path(variant), None)
             answers = answer_gguf(path, prompts, max_new_tokens, adapter)
         else:
@@ -290,7 +290,7 @@ def evaluate(run_dir: Path, examples, metric: str, variants: list[str], base: st
             # paired, on the same examples: did fine-tuning help (vs base), did export keep it (vs merged)
             **{f"vs_{other}": intervals.paired(by_variant[name], by_variant[other]).as_dict()
                for other in ("base", "merged") if other in by_variant and other != name
-               and (other == "base" or gguf_file)},
+               and (other == "base" or is_gguf)},
             "unparseable": round(sum(not s.parsed for s in scores) / n, 4),
             "stopped": round(sum(a.stopped for a in answers) / n, 4),
             "mean_tokens": round(sum(a.tokens for a in answers) / n, 1),

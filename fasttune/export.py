@@ -76,16 +76,16 @@ def write_pair(run_dir: Path, out_dir: Path, base_dir: str | Path, base_type: st
     return base_path, adapter, f"{base_type}+lora"
 
 
-def write_mixes(run_dir: Path, out_dir: Path, source16: Path, meta: dict, system_prompt: str | None,
-                matrix=None) -> list[tuple[Path, str]]:
+def write_mixes(run_dir: Path, out_dir: Path, source16: Path, plain: dict[str, Path], meta: dict,
+                system_prompt: str | None, matrix=None) -> list[tuple[Path, str]]:
     """auto's mixed-precision candidates (fasttune.mix): the tensors the fine-tune moved most at a
-    higher type than the rest."""
+    higher type than the rest. plain: quant type -> the file llama.cpp made in it (the mix's starting types)."""
     energy = mix.delta_energy(run_dir / "adapter", run_dir / "merged", matrix.values() if matrix else None)
     written = []
     for name, (base_type, _, _) in mix.MIXES.items():
         path = out_dir / f"{meta['name']}-{name}.gguf"
         quantize(source16, path, base_type, imatrix=matrix.values() if matrix else None,
-                 overrides=mix.overrides(name, energy))
+                 overrides=mix.overrides(name, energy, plain[base_type]))
         write_modelfile(path, system_prompt)
         written.append((path, name))
     return written
@@ -124,7 +124,8 @@ def export_run(run_dir: Path, cfg, quants: list[str], base: str | Path | None = 
     if auto:
         todo = [q for q in autoquant.candidates(calibrated=matrix is not None) if q not in listed]
         candidates = write_types(merged, gguf_dir / "candidates", todo, meta, prompt, matrix, source16=reference[0])
-        candidates += write_mixes(run_dir, gguf_dir / "candidates", reference[0], meta, prompt, matrix)
+        plain = {q: p for p, q in files + candidates}
+        candidates += write_mixes(run_dir, gguf_dir / "candidates", reference[0], plain, meta, prompt, matrix)
         if base is not None:
             pair_candidate = write_pair(run_dir, gguf_dir / "candidates" / "lora", base, autoquant.PAIR_BASE, meta,
                                         prompt, matrix)

@@ -9,7 +9,7 @@ import pytest
 
 from fasttune import UserError, calibrate, convert, infer, measure, quantize, rundir
 from fasttune.data import Templates, load
-from tests import gguf_file
+from fasttune import gguf_file
 from tests.conftest import only_the_bf16_gguf
 
 

@@ -14,10 +14,10 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from fasttune import UserError, convert, infer, lora_gguf, modelfile, quantize
+from fasttune import UserError, convert, gguf_file, infer, lora_gguf, modelfile, quantize
 from fasttune.tiny import llama_cpp_file
 
-from . import gguf_file, rounding
+from . import rounding
 
 
 @pytest.fixture(scope="module")

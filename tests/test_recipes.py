@@ -10,7 +10,7 @@ import pytest
 from fasttune import data
 from fasttune.config import read_task
 from fasttune.evaluate import METRICS, NUMBER
-from tests import gguf_file
+from fasttune import gguf_file
 from tests.conftest import REPO, run_script
 
 TASKS = ["clinical_qa", "closed_qa", "clinical_calculator", "multiple_choice", "summarization", "extraction_json",
