@@ -72,11 +72,11 @@ def report_run(run_dir, result, td, scores=None) -> None:
     print(f"{line}  (curve: {run_dir / 'loss.png'})")
     print(f"run directory: {run_dir}  (contents: {run_dir / 'run.json'})")
     print_export(run_dir, result)
-    files = [path for path, _ in result.files]
-    last = result.measured.get(files[-1].name) if files else None
-    if td.eval and last and last.answers:
-        example, answer = td.eval.prepared.kept[0], last.answers[0]
-        print(f"\nheld-out case ({example.source}), answered by {files[-1].name}:")
+    name = chosen_name(run_dir, result)
+    chosen = result.measured.get(name) if name else None
+    if td.eval and chosen and chosen.answers and chosen.answers[0] is not None:
+        example, answer = td.eval.prepared.kept[0], chosen.answers[0]
+        print(f"\nheld-out case ({example.source}), answered by {name}:")
         print(f"  question : {example.messages[-2]['content'][:300]}")
         print(f"  model    : {answer.text[:600]}  [{'stopped' if answer.stopped else 'cut at the token limit'}]")
         print(f"  reference: {example.messages[-1]['content'][:600]}")
@@ -89,16 +89,26 @@ def report_run(run_dir, result, td, scores=None) -> None:
         print(f"serve it:      python export/serve.py {model}   (OpenAI-compatible, http://127.0.0.1:8000/v1)")
 
 
-def chosen_model(run_dir, result) -> str | None:
-    """The arguments chat and serve take for the model a user runs: the file auto kept (a base file with
-    `--lora ADAPTER` when the pair won), else the last file written."""
+def chosen_name(run_dir, result) -> str | None:
+    """The model a user runs, as reports name it: what auto kept (a pair included), else the last file written."""
     from fasttune import autoquant, infer
 
     auto = autoquant.load(run_dir)
+    kept = [infer.model_name(base, adapter) for adapter, base in result.lora] + [p.name for p, _ in result.files]
+    if auto and auto["winner"] in kept:
+        return auto["winner"]
+    return result.files[-1][0].name if result.files else None
+
+
+def chosen_model(run_dir, result) -> str | None:
+    """The arguments chat and serve take for chosen_name: a file, or a base file with `--lora ADAPTER`."""
+    from fasttune import infer
+
+    name = chosen_name(run_dir, result)
     for adapter, base in result.lora:
-        if auto and auto["winner"] == infer.model_name(base, adapter):
+        if name == infer.model_name(base, adapter):
             return f"{base} --lora {adapter}"
-    return str(result.files[-1][0]) if result.files else None
+    return next((str(p) for p, _ in result.files if p.name == name), None)
 
 
 def print_plan(cfg) -> None:

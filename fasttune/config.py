@@ -135,8 +135,10 @@ class ExportConfig:
         default_factory=lambda: ["bf16", "auto"],
         metadata={"help": "GGUF files to write after training: bf16, f16, f32, q8_0 directly; q4_k_m, q5_k_m, "
                           "q6_k, ... via llama.cpp's quantizer; auto: write q8_0 down to q3_k_m (and iq4_xs, q2_k "
-                          "with --imatrix), measure each against the 16-bit file and keep one by the rule in "
-                          "gguf/auto.md (--quant_tolerance). --quants none skips export."},
+                          "with --imatrix), two q4_k_m mixes with the tensors the fine-tune moved most at q8_0, "
+                          "and the base model in q4_k_m with the adapter applied at load time; measure each "
+                          "against the 16-bit file and keep one by the rule in gguf/auto.md (--quant_tolerance). "
+                          "--quants none skips export."},
     )
     quant_tolerance: float = field(
         default=1.0,
@@ -152,9 +154,9 @@ class ExportConfig:
     )
     lora_gguf: bool = field(
         default=False,
-        metadata={"help": "Also write the LoRA adapter as a GGUF adapter (gguf/<run>-lora.gguf) and the base model "
-                          "as gguf/base-<first type>.gguf: llama.cpp applies the adapter at load time (--lora, "
-                          "lora_path=), so one base file serves many small adapters."},
+        metadata={"help": "Also write the LoRA adapter as a GGUF adapter (gguf/lora/<run>-lora.gguf) and the base "
+                          "model as gguf/lora/base-<first type>.gguf: llama.cpp applies the adapter at load time "
+                          "(--lora, lora_path=), so one base file serves many small adapters."},
     )
     verify: bool = field(
         default=True,

@@ -234,7 +234,7 @@ def _hf_variant(name: str, run_dir: Path, base: str):
 
 # --- the evaluation -----------------------------------------------------------------------------------
 
-def evaluate(run_dir: Path, examples, metric: str, variants: list[str], base: str, max_new_tokens: int = 256,
+def evaluate(run_dir: Path, examples, metric: str, variants: list, base: str, max_new_tokens: int = 256,
              tolerance: float = 0.02, out_dir: Path | None = None, answered: dict | None = None,
              notes: list[str] | None = None) -> dict:
     """Answer `examples` (.source, .messages; the last message is the reference) with each variant and score them.
@@ -262,7 +262,10 @@ def evaluate(run_dir: Path, examples, metric: str, variants: list[str], base: st
     by_variant = {}  # name -> per-example scores, for the paired intervals
     for variant in variants:
         is_gguf = isinstance(variant, tuple) or str(variant).endswith(".gguf")
-        name = infer.model_name(*variant) if isinstance(variant, tuple) else Path(variant).name if is_gguf else variant
+        if isinstance(variant, tuple):  # (base GGUF, adapter GGUF)
+            name = infer.model_name(*variant)
+        else:
+            name = Path(variant).name if is_gguf else variant
         logger.info("evaluating %s on %d examples", name, len(examples))
         start = time.perf_counter()
         if name in (answered or {}):
@@ -400,9 +403,7 @@ def evaluate_run(run_dir: Path, cfg, base: str, measured: dict, files: list, pai
     """What a recipe runs at the end: base vs fine-tuned (merged) vs each GGUF file and each (adapter,
     base) GGUF LoRA pair on the run's eval examples. The GGUF answers are the ones export measured
     (measured: model name -> Measured)."""
-    from fasttune import infer
-
-    from fasttune import rundir
+    from fasttune import infer, rundir
 
     examples = rundir.examples(run_dir, "eval")
     if not cfg.eval.evaluate or not examples:

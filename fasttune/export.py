@@ -121,12 +121,14 @@ def export_run(run_dir: Path, cfg, quants: list[str], base: str | Path | None = 
         rundir.add_file(run_dir, path, "model", q)
     reference = next((pq for pq in files if pq[1] in SIXTEEN_BIT), None)
     candidates, pairs, pair_candidate = [], [], None
+    no_pair = why_no_pair(run_dir, base) if auto else None
     if auto:
         todo = [q for q in autoquant.candidates(calibrated=matrix is not None) if q not in listed]
         candidates = write_types(merged, gguf_dir / "candidates", todo, meta, prompt, matrix, source16=reference[0])
-        plain = {q: p for p, q in files + candidates}
-        candidates += write_mixes(run_dir, gguf_dir / "candidates", reference[0], plain, meta, prompt, matrix)
-        if base is not None:
+        if (run_dir / "adapter" / "adapter_config.json").is_file():
+            plain = {q: p for p, q in files + candidates}
+            candidates += write_mixes(run_dir, gguf_dir / "candidates", reference[0], plain, meta, prompt, matrix)
+        if no_pair is None:
             pair_candidate = write_pair(run_dir, gguf_dir / "candidates" / "lora", base, autoquant.PAIR_BASE, meta,
                                         prompt, matrix)
             pairs.append(pair_candidate)
@@ -154,10 +156,12 @@ def export_run(run_dir: Path, cfg, quants: list[str], base: str | Path | None = 
 
     # Choose: auto keeps one candidate in gguf/ (a pair in gguf/lora/) and deletes the rest.
     if auto:
-        options = {p.name: (p, q, None) for p, q in files + candidates}
-        options |= {infer.model_name(b, a): (b, q, a) for b, a, q in pairs}
+        options = {p.name: (p, q, None) for p, q in files + candidates}  # --lora_gguf's pair is kept, not a candidate
+        if pair_candidate:
+            b, a, q = pair_candidate
+            options[infer.model_name(b, a)] = (b, q, a)
         decision = _choose(run_dir, options, result, task, tol, matrix.source if matrix else None, choice_at,
-                           report_at, no_pair=None if base is not None else "the run's base model is not available")
+                           report_at, no_pair=no_pair)
         path, qtype, adapter = options[decision["winner"]]
         if (path, adapter, qtype) == pair_candidate:
             kept_base, kept_adapter = (gguf_dir / "lora" / p.name for p in (path, adapter))
@@ -176,6 +180,21 @@ def export_run(run_dir: Path, cfg, quants: list[str], base: str | Path | None = 
     kept = {p.name for p, _ in result.files} | {infer.model_name(b, a) for a, b in result.lora}
     _write_report(run_dir, measured, kept)
     return result
+
+
+def why_no_pair(run_dir: Path, base: str | Path | None) -> str | None:
+    """Why auto cannot measure the base + adapter pair on this run (None: it can). The base GGUF is
+    converted from the base model, so it must speak the run's chat template, or the pair would be
+    scored and served through another prompt than the one trained on."""
+    from transformers import AutoTokenizer
+
+    if not (run_dir / "adapter" / "adapter_config.json").is_file():
+        return "the run has no adapter/"
+    if base is None:
+        return "the run's base model is not available (export/gguf.py says why)"
+    if AutoTokenizer.from_pretrained(base).chat_template != AutoTokenizer.from_pretrained(run_dir / "merged").chat_template:
+        return "the base model's chat template is not the one the run was trained with"
+    return None
 
 
 def _keep_pair(run_dir: Path, base_path: Path, adapter: Path, base_type: str) -> None:
@@ -225,7 +244,8 @@ def _write_report(run_dir: Path, measured: list[measure.Measured], kept: set[str
     earlier = json.loads(path.read_text())["files"] if path.is_file() else []
     rows = [dict(m.row, kept=m.row["file"] in kept) for m in measured]
     names = {row["file"] for row in rows}
-    listed = {p.name for p, _ in rundir.models(run_dir)}
+    pair = rundir.lora_pair(run_dir)
+    listed = {p.name for p, _ in rundir.models(run_dir)} | ({infer.model_name(pair[1], pair[0])} if pair else set())
     rows = [r for r in earlier if r["file"] not in names and r["file"] in listed] + rows
     rundir.write_json(path, {"files": rows})
 

@@ -23,6 +23,8 @@ from pathlib import Path
 
 import numpy as np
 
+from fasttune import UserError
+
 logger = logging.getLogger(__name__)
 
 # type name -> (base type, the higher type, share of the adapted weights at the higher type). Two
@@ -43,14 +45,20 @@ def delta_energy(adapter_dir: Path, base_dir: Path, imatrix: dict[str, np.ndarra
 
     pairs, scale = read_adapter(adapter_dir)
     names = gguf_names(AutoConfig.from_pretrained(base_dir))
+    gguf_name = {hf_name: names.get_name(hf_name, try_suffixes=(".weight",)) for hf_name in pairs}
+    for hf_name, name in gguf_name.items():
+        if name is None:
+            raise UserError(f"{adapter_dir}: the adapter changes {hf_name}, which has no GGUF tensor name")
+    # channel importance for all the tensors or for none: ones beside measured values would rank on two scales
+    weighted = bool(imatrix) and all(name in imatrix for name in gguf_name.values())
     out = {}
     with torch.no_grad():
         for hf_name, ab in pairs.items():
-            name = names.get_name(hf_name, try_suffixes=(".weight",))
+            name = gguf_name[hf_name]
             a, b = ab["a"].double(), ab["b"].double()  # (r, in), (out, r)
             # ||dW[:, j]||^2 = scale^2 * A[:, j]^T (B^T B) A[:, j]: no out x in matrix is formed
             column = scale**2 * torch.einsum("rj,rs,sj->j", a, b.T @ b, a)
-            imp = torch.from_numpy(imatrix[name]).double() if imatrix and name in imatrix else torch.ones_like(column)
+            imp = torch.from_numpy(imatrix[name]).double() if weighted else torch.ones_like(column)
             weights = b.shape[0] * a.shape[1]
             out[name] = (float((imp * column).sum()) / weights, weights)
     return out

@@ -145,7 +145,10 @@ def test_export_auto_measures_every_candidate_once_and_keeps_one(run_copy, count
     assert pair["size_mb"] > pair["adapter_mb"] > 0  # both files counted
     q4 = next(r for r in rows if r["type"] == "q4_k_m")
     assert pair["bits_per_weight"] > q4["bits_per_weight"]  # the F32 adapter's bytes count against the weights
-    assert auto["frontier"][0] == min(rows, key=lambda r: (r["size_mb"], r["kl"]))["file"]
+    front = [next(r for r in rows if r["file"] == f) for f in auto["frontier"]]  # smallest first, KL falling
+    assert [r["size_mb"] for r in front] == sorted(r["size_mb"] for r in front)
+    assert all(a["kl"] > b["kl"] for a, b in zip(front, front[1:])) and front[-1]["type"] == "bf16"
+    assert all(any(f["size_mb"] <= r["size_mb"] and f["kl"] <= r["kl"] for f in front) for r in rows)
     assert auto["decided_by"] == "kl" and auto["choice_examples"] == 0 and auto["eval_examples"] == 4
     assert "at best, 2 of the 4 eval examples can show a file loses less than" in auto["why"]
     assert rows[0]["score"] == 100.0  # the memorizing run answers its four cases exactly
@@ -244,13 +247,16 @@ def test_export_auto_without_eval_data_decides_by_kl(run_copy):
     del manifest["data"]["eval"]  # a run trained without --eval_data
     rundir.write_json(run_copy / rundir.MANIFEST, manifest)
     (run_copy / "data" / "eval.jsonl").unlink()
+    shutil.rmtree(run_copy / "adapter")  # a run copied without it: no mixes, no pair, and auto says so
     config_yaml = run_copy / "config.yaml"  # fidelity to the merged model: the test above covers it
     config_yaml.write_text(config_yaml.read_text().replace("verify: true", "verify: false"))
     run_script("export/gguf.py", run_copy, "--quant", "auto", "--tolerance", "0", "--no-imatrix")
     result = json.loads((run_copy / "gguf" / "auto.json").read_text())
     rows = result["candidates"]
     assert result["decided_by"] == "kl" and "no eval data" in result["why"] and "held_out" not in result
-    assert result["imatrix"] is None and [r["type"] for r in rows] == ["bf16", *CANDIDATES, *MIXES, "q4_k_m+lora"]
+    assert result["imatrix"] is None and [r["type"] for r in rows] == ["bf16", *CANDIDATES]
+    assert result["no_pair"] == "the run has no adapter/"
+    assert "No such pair was measured: the run has no adapter/." in (run_copy / "gguf" / "auto.md").read_text()
     assert all("score" not in r and r["kl"] >= 0 for r in rows) and rows[0]["kl"] == 0
     budget = 10 * rows[1]["kl"]  # q8_0's
     assert [r["qualifies"] for r in rows[1:]] == [r["kl"] <= budget for r in rows[1:]]

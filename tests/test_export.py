@@ -85,6 +85,7 @@ def test_when_the_pair_wins_auto_keeps_it_and_every_later_stage_runs_it(tmp_path
 
     answers = result.measured[pair_name].answers
     assert len(answers) == 4 and None not in answers  # the winner answered every eval prompt
+    monkeypatch.setattr(evaluate, "answer_gguf", None)  # the final evaluation reuses those answers: no GGUF reloads
     report = evaluate.evaluate_run(run, cfg, str(tiny_dir), result.measured, [p for p, _ in result.files],
                                    result.lora)
     row = next(r for r in report["variants"] if r["variant"] == pair_name)
@@ -93,6 +94,7 @@ def test_when_the_pair_wins_auto_keeps_it_and_every_later_stage_runs_it(tmp_path
 
     cli.report_run(run, result, SimpleNamespace(eval=None), report)
     out = capsys.readouterr().out
+    assert "quant chosen by measurement" in out and pair_name in out
     command = next(line for line in out.splitlines() if line.startswith("chat with it:"))
     assert command.split("export/chat.py ", 1)[1] == f"{base} --lora {adapter}"
     messages = memorized_chats[0].messages
