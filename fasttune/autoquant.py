@@ -144,7 +144,7 @@ def pick(rows: list[dict], tolerance: float, choice: dict[str, list[float]] | No
 def choose(rows: list[dict], tolerance: float, calibrated: str | None, choice: dict[str, list[float]] | None,
            n_eval: int, no_pair: str | None = None) -> dict:
     """The decision as gguf/auto.json records it; `report` adds the held-out score and writes it.
-    no_pair: why the base + adapter pair is not among the rows (None: it is, or the run has no adapter)."""
+    no_pair: why the base + adapter pair is not among the rows (None: it is)."""
     rows = [dict(r) for r in rows]
     for r in rows:
         r["calibrated"] = bool(calibrated) and r is not rows[0] and r["type"] not in DIRECT_TYPES
