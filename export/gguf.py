@@ -59,10 +59,11 @@ def main(argv=None):
     export.check(quants, cfg.export.imatrix)
     merged, adapter = args.run_dir / "merged", args.run_dir / "adapter"
     lora = args.lora or cfg.export.lora_gguf
+    base = None
     if lora or not (merged / "config.json").is_file():
         rundir.check_base(args.run_dir)  # the merge and the LoRA base read the base model: it must be the run's
-    base = rundir.base_dir(args.run_dir) if lora else None
-    if "auto" in quants and not lora:  # auto's base + adapter candidate needs the base model, but auto goes on without
+        base = rundir.base_dir(args.run_dir)
+    elif "auto" in quants:  # auto's base + adapter candidate needs the base model, but auto goes on without
         try:
             rundir.check_base(args.run_dir)
             base = rundir.base_dir(args.run_dir)
@@ -74,7 +75,7 @@ def main(argv=None):
                             "(continue it with the recipe's --resume)")
         from fasttune import merge
 
-        merge.merge(adapter, merged, base=rundir.base_dir(args.run_dir))  # a lost or deleted merge, made again
+        merge.merge(adapter, merged, base=base)  # a lost or deleted merge, made again
         rundir.add_file(args.run_dir, merged, "merged")
     result = export.export_run(args.run_dir, cfg, quants, base=base, lora_gguf=lora, tolerance=args.tolerance)
     cli.print_export(args.run_dir, result)
