@@ -158,9 +158,16 @@ class Measured:
 
 
 def _logits(llm, ids: list[int], span: list[int]) -> np.ndarray:
+    """The logits at `span` (consecutive positions). The tokens before it go in without logits: llama.cpp
+    then skips the output layer there, a vocabulary-wide matmul per token (a quarter of Qwen2.5-0.5B)."""
+    first, last = span[0], span[-1]
     llm.reset()
-    llm.eval(ids)
-    return np.array(llm.scores[: len(ids)], dtype=np.float32)[span]
+    llm._logits_all = False  # llama-cpp-python 0.3.36 (pinned): read in eval() alone
+    if first:
+        llm.eval(ids[:first])
+    llm._logits_all = True
+    llm.eval(ids[first : last + 1])
+    return np.array(llm.scores[first : last + 1], dtype=np.float32)
 
 
 def measure_file(path: Path, qtype: str, reference: Reference | None, drift_cases: list[Case],

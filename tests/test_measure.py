@@ -33,3 +33,22 @@ def test_report_next_to_the_export(trained_run):
     assert "fidelity against the merged model" in proc.stdout and "memorize-q4_k_m.gguf: 38.6 MB (" in proc.stdout
     # real bits per weight: bf16 is 16; q4_k_m on this model keeps the 151,936-row embedding in q6_k
     assert abs(bf16["bits_per_weight"] - 16) < 0.01 and 4.5 < q4["bits_per_weight"] < 8
+
+
+def test_logits_at_the_answer_span_are_those_of_a_full_pass(trained_run, tokenizer):
+    """measure._logits runs the prompt without the output layer; the span's rows must not change."""
+    import numpy as np
+
+    from fasttune import infer, measure
+
+    run_dir, _ = trained_run
+    chats = [json.loads(line)["messages"] for line in (run_dir / "data" / "train.jsonl").read_text().splitlines()]
+    case = measure.cases(tokenizer, chats)[0]
+    assert case.span[0] > 0  # a prompt before the answer: the part computed without logits
+    with infer.load(run_dir / "gguf" / "memorize-q4_k_m.gguf", n_ctx=512, logits_all=True) as llm:
+        llm.reset()
+        llm.eval(case.ids)
+        full = np.array(llm.scores[: len(case.ids)], dtype=np.float32)[case.span]
+        got = measure._logits(llm, case.ids, case.span)
+    assert got.shape == full.shape
+    np.testing.assert_allclose(got, full, atol=1e-3)
