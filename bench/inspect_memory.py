@@ -25,7 +25,7 @@ from data import synthetic  # bench/data.py: the same synthetic conversations
 from peak_memory import PeakMemory
 
 from fasttune import config, dataset
-from fasttune.chat import ensure_chat_template
+from fasttune.chat_formats import ensure_chat_template
 from fasttune.tiny import tiny_model_dir
 
 MB = 1 << 20

@@ -14,12 +14,11 @@ from fasttune import UserError, rundir
 
 
 def resolve(name: str) -> str:
-    """'tiny' -> the cached tiny checkpoint; a local directory or a hub name as is."""
-    if name == "tiny":
-        from fasttune.tiny import tiny_model_dir
+    """'tiny' / 'tiny-qwen3' -> the cached tiny checkpoint; a local directory or a hub name as is."""
+    from fasttune import tiny
 
-        return str(tiny_model_dir())
-    return name
+    built = {"tiny": tiny.tiny_model_dir, "tiny-qwen3": tiny.tiny_qwen3_dir}.get(name)
+    return str(built()) if built else name
 
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json")  # any one: fast, sentencepiece, BPE

@@ -1,10 +1,11 @@
-"""Qwen2.5 ChatML: the one chat template, the assistant-token mask, and the length policy.
+"""The assistant-token mask and the length policy, for the chat formats of fasttune.chat_formats.
 
 The template is the tokenizer's Jinja, everywhere: it formats training text, is embedded in the GGUF
 and drives llama.cpp chat. For training, a variant with `{% generation %}` markers renders the same
 text and tells the tokenizer which tokens are the assistant's (`return_assistant_tokens_mask`, the
 mechanism TRL's `assistant_only_loss` uses). Labels are exactly each assistant message's content
-plus its `<|im_end|>`, so the model learns to stop.
+plus its end-of-turn token, so the model learns to stop. What differs between families is one row
+of fasttune.chat_formats.FORMATS, found by the model's own template.
 """
 
 from __future__ import annotations
@@ -14,40 +15,26 @@ import re
 from array import array
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from trl.chat_template_utils import get_training_chat_template
-from trl.chat_template_utils import qwen2_5_chat_template as QWEN2_5_TEMPLATE  # Qwen2.5-Instruct's own
 
 from fasttune import UserError, cpu_threads
+from fasttune.chat_formats import FORMATS, chat_format
 from fasttune.data import Example, Reject
 
-TEMPLATES = Path(__file__).parent / "templates"
-TRAINING_TEMPLATE = (TEMPLATES / "qwen2_5_training.jinja").read_text()
-# A model's own chat template -> ours for training (the same text, {% generation %} around each answer),
-# for the families TRL's get_training_chat_template does not patch.
-TRAINING_TEMPLATES = {
-    QWEN2_5_TEMPLATE: TRAINING_TEMPLATE,
-    (TEMPLATES / "smollm2.jinja").read_text(): (TEMPLATES / "smollm2_training.jinja").read_text(),
-}
 logger = logging.getLogger(__name__)
 IGNORE = -100  # label of a token that does not count towards the loss (PyTorch's ignore_index)
 
 
-def ensure_chat_template(tokenizer) -> None:
-    """Give a tokenizer without a chat template (a base checkpoint) Qwen2.5's."""
-    if not tokenizer.chat_template:
-        tokenizer.chat_template = QWEN2_5_TEMPLATE
-
-
 def training_template(tokenizer) -> str:
-    """The template to train with: ours for Qwen2.5 and SmolLM2, TRL's patched one for other known families."""
-    if tokenizer.chat_template in TRAINING_TEMPLATES:
-        return TRAINING_TEMPLATES[tokenizer.chat_template]
+    """The template to train with: ours for the families in FORMATS, TRL's patched one for others it knows."""
+    if fmt := chat_format(tokenizer.chat_template):
+        return fmt.training
     try:
         return get_training_chat_template(tokenizer) or tokenizer.chat_template
     except ValueError as e:
-        raise UserError(f"this model's chat template cannot mask assistant tokens: {e}") from None
+        raise UserError(f"this model's chat template cannot mask assistant tokens ({e}); fasttune trains "
+                        f"{', '.join(f.name for f in FORMATS)} and the families TRL's templates cover") from None
 
 
 def tokenize_chat(tokenizer, messages: list[dict], template: str | None = None,

@@ -28,7 +28,7 @@ class ModelConfig:
         default=None,
         metadata={"help": "Base model (required): a hub name (Qwen/Qwen2.5-0.5B-Instruct), a local directory, or "
                           "'tiny' for a dry run on the embedded tiny Qwen2.5-architecture model (2 layers, random "
-                          "weights: its answers mean nothing)."},
+                          "weights: its answers mean nothing), 'tiny-qwen3' for its Qwen3 twin."},
     )
     load_in_4bit: bool = field(
         default=True,

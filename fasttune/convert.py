@@ -46,6 +46,7 @@ class Arch:
 # Hugging Face architectures we convert. Table, not if-chain: add a row to support one.
 ARCHITECTURES = {
     "Qwen2ForCausalLM": Arch(gguf.MODEL_ARCH.QWEN2),
+    "Qwen3ForCausalLM": Arch(gguf.MODEL_ARCH.QWEN3),  # + q/k norms (gguf's name table maps them), no biases
     "LlamaForCausalLM": Arch(gguf.MODEL_ARCH.LLAMA, permute_qk=True, write_vocab_and_rope_dims=True),
 }
 
@@ -173,8 +174,9 @@ def _nbytes(shape: tuple[int, ...], qtype: Q) -> tuple[tuple[int, ...], np.dtype
 # --- writing ----------------------------------------------------------------------------------------
 
 def convert(model_dir: str | Path, out_path: str | Path, outtype: str = "bf16", name: str | None = None,
-            base_model: str | None = None, recipe: str | None = None) -> Path:
-    """Write `model_dir` (a merged HF checkpoint) as a GGUF of type `outtype` (f32/f16/bf16/q8_0)."""
+            base_model: str | None = None, recipe: str | None = None, chat_template: str | None = None) -> Path:
+    """Write `model_dir` (a merged HF checkpoint) as a GGUF of type `outtype` (f32/f16/bf16/q8_0).
+    chat_template: embedded instead of the checkpoint's own (a base model under a run's served template)."""
     from transformers import AutoConfig, AutoTokenizer
 
     model_dir, out_path = Path(model_dir), Path(out_path)
@@ -193,7 +195,7 @@ def convert(model_dir: str | Path, out_path: str | Path, outtype: str = "bf16", 
     writer = gguf.GGUFWriter(tmp, gguf.MODEL_ARCH_NAMES[arch.gguf_arch])
     try:
         _add_metadata(writer, config, file_type, name or model_dir.name, base_model, recipe, arch)
-        _add_tokenizer(writer, model_dir, tokenizer, arch, config.vocab_size)
+        _add_tokenizer(writer, model_dir, tokenizer, arch, config.vocab_size, chat_template)
 
         # Pass 1: names, shapes and types, so the header can be written before any data.
         plan = []  # (load() -> torch tensor as llama.cpp wants it, stored type), in header order
@@ -322,7 +324,8 @@ def _add_metadata(writer: gguf.GGUFWriter, config, file_type: FT, name: str, bas
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
 
 
-def _add_tokenizer(writer: gguf.GGUFWriter, model_dir: Path, tokenizer, arch: Arch, vocab_size: int) -> None:
+def _add_tokenizer(writer: gguf.GGUFWriter, model_dir: Path, tokenizer, arch: Arch, vocab_size: int,
+                   chat_template: str | None = None) -> None:
     tokens, types = vocab(tokenizer, vocab_size)
     writer.add_tokenizer_model("gpt2")  # byte-level BPE
     writer.add_tokenizer_pre(tokenizer_pre(tokenizer))
@@ -336,6 +339,8 @@ def _add_tokenizer(writer: gguf.GGUFWriter, model_dir: Path, tokenizer, arch: Ar
         "bos": tokenizer.bos_token_id is not None and probe[0] == tokenizer.bos_token_id,
         "eos": probe[-1] == tokenizer.eos_token_id,
     }
+    if chat_template:
+        special.chat_template = chat_template
     special.add_to_gguf(writer, quiet=True)
     im_end = tokenizer.convert_tokens_to_ids("<|im_end|>")
     if isinstance(im_end, int) and im_end != tokenizer.unk_token_id:

@@ -8,6 +8,7 @@ spec: header, key/values, tensor infos, aligned data) once.
 
 from __future__ import annotations
 
+import mmap
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -67,7 +68,8 @@ class _Cursor:
 
 
 def read(path: str | Path) -> GGUFFile:
-    data = memoryview(Path(path).read_bytes())  # tensors are views into it, not copies
+    with open(path, "rb") as f:  # mapped, not read: a Modelfile needs the header of a 5 GB file
+        data = memoryview(mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ))  # tensors are views into it
     c = _Cursor(data)
     magic, version, n_tensors, n_kv = c.scalar("<I"), c.scalar("<I"), c.scalar("<Q"), c.scalar("<Q")
     if (magic, version) != (gguf.GGUF_MAGIC, gguf.GGUF_VERSION):

@@ -15,7 +15,7 @@ from unsloth import FastLanguageModel
 
 from fasttune import UserError
 from fasttune.base_model import resolve
-from fasttune.chat import ensure_chat_template
+from fasttune.chat_formats import ensure_chat_template
 from fasttune.config import ModelConfig
 
 logger = logging.getLogger(__name__)

@@ -2,38 +2,30 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
+from fasttune import gguf_file
+from fasttune.chat_formats import chat_format
 from fasttune.rundir import write_text
 
-# Ollama's Go template equivalent to the Qwen2.5 Jinja template for system/user/assistant turns
-# (tests render both with Go and Jinja and compare). Ollama leaves the last assistant turn open.
-OLLAMA_QWEN2_5_TEMPLATE = """{{- if .System }}<|im_start|>system
-{{ .System }}<|im_end|>
-{{ else }}<|im_start|>system
-You are Qwen, created by Alibaba Cloud. You are a helpful assistant.<|im_end|>
-{{ end }}
-{{- range $i, $_ := .Messages }}
-{{- $last := eq (len (slice $.Messages $i)) 1 }}
-{{- if eq .Role "user" }}<|im_start|>user
-{{ .Content }}<|im_end|>
-{{ else if eq .Role "assistant" }}<|im_start|>assistant
-{{ .Content }}{{ if not $last }}<|im_end|>
-{{ end }}
-{{- end }}
-{{- if and (ne .Role "assistant") $last }}<|im_start|>assistant
-{{ end }}
-{{- end }}"""
+logger = logging.getLogger(__name__)
 
 
 def write_modelfile(gguf_path: Path, system_prompt: str | None = None, adapter: Path | None = None) -> Path:
     """An Ollama Modelfile beside the GGUF: `ollama create NAME -f <this file>`. With `adapter`, the
-    file is the base model and the adapter a GGUF LoRA on top (Ollama's ADAPTER line)."""
+    file is the base model and the adapter a GGUF LoRA on top (Ollama's ADAPTER line). The template
+    and stop words are those of the chat format embedded in the GGUF (fasttune.chat_formats.FORMATS)."""
     lines = [f"FROM ./{gguf_path.name}"]
     if adapter:
         lines.append(f"ADAPTER ./{adapter.name}")
-    lines += [f'TEMPLATE """{OLLAMA_QWEN2_5_TEMPLATE}"""', 'PARAMETER stop "<|im_end|>"',
-              'PARAMETER stop "<|endoftext|>"', "PARAMETER temperature 0"]
+    fmt = chat_format(gguf_file.read(gguf_path).fields.get("tokenizer.chat_template"))
+    if fmt:
+        lines += [f'TEMPLATE """{fmt.ollama}"""', *(f'PARAMETER stop "{s}"' for s in fmt.stops)]
+    else:  # Ollama then guesses from the GGUF's Jinja template, which it cannot run
+        logger.warning("%s: its chat template is none fasttune has an Ollama template for; the Modelfile has "
+                       "no TEMPLATE line, so check what `ollama run` sends before relying on it", gguf_path.name)
+    lines.append("PARAMETER temperature 0")
     if system_prompt:
         lines.append(f'SYSTEM """{system_prompt}"""')
     path = gguf_path.with_name(f"Modelfile.{(adapter or gguf_path).stem}")

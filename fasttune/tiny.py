@@ -1,6 +1,8 @@
-"""The tiny Qwen2.5-architecture model used by the demo, the tests and the benchmarks.
+"""The tiny models used by the demo, the tests and the benchmarks: Qwen2.5's (`--model tiny`) and Qwen3's
+(`--model tiny-qwen3`).
 
-It has the real Qwen2 tokenizer (151,936 tokens) and Qwen2.5's shapes rules (GQA, q/k/v biases,
+Each has its family's real tokenizer (Qwen2's 151,936-token vocabulary; Qwen3 adds its four tool and
+reasoning tokens) and shape rules (GQA; Qwen2.5's q/k/v biases, Qwen3's q/k norms and 128-wide heads;
 tied embeddings), but only 2 layers of width 256 and random weights: its words mean nothing.
 Widths are multiples of 256 so llama.cpp's k-quants really apply (at 64 every tensor falls back).
 
@@ -55,6 +57,18 @@ QWEN2_5_0_5B_CONFIG = dict(
     num_key_value_heads=2,
     initializer_range=0.02,
 )
+
+
+# Qwen3-0.6B's hyper-parameters where they do not cost compute: heads 128 wide whatever the width (so
+# attention is 512 wide here, not 256), q/k RMS norms, no biases.
+TINY_QWEN3_CONFIG = dict(
+    TINY_CONFIG,
+    model_type="qwen3",
+    head_dim=128,
+    max_position_embeddings=40960,
+)
+# Qwen3's added tokens beyond Qwen2.5's (ids 151665-151668, in this order), plain text to its tokenizer
+QWEN3_ADDED_TOKENS = ["<tool_response>", "</tool_response>", "<think>", "</think>"]
 
 
 def cache_dir() -> Path:
@@ -142,7 +156,7 @@ def qwen2_tokenizer_dir() -> Path:
     def build(tmp: Path) -> None:
         from transformers import AutoTokenizer
 
-        from fasttune.chat import QWEN2_5_TEMPLATE
+        from fasttune.chat_formats import QWEN2_5_TEMPLATE
 
         vocab = llama_cpp_file(VOCAB_GGUF)
         logger.info("building the Qwen2 tokenizer from %s (about 20 s, once)", vocab.name)
@@ -156,29 +170,70 @@ def qwen2_tokenizer_dir() -> Path:
     return atomic_build(cache_dir() / "qwen2-tokenizer", build, _tokenizer_recipe())
 
 
-def _tokenizer_recipe() -> dict:
-    from fasttune.chat import QWEN2_5_TEMPLATE
+def qwen3_tokenizer_dir() -> Path:
+    """A saved Qwen3 tokenizer: Qwen2's vocabulary and merges, Qwen3's added tokens at Qwen3's ids, its own
+    chat template. (llama.cpp's vocab file fills the ids past Qwen2's last token with [PAD<id>] entries:
+    four of them become Qwen3's tokens, edited in tokenizer.json, where transformers has no API for it.)"""
 
-    return dict(_versions(), sdist=LLAMA_CPP_SDIST, template=QWEN2_5_TEMPLATE)
+    def build(tmp: Path) -> None:
+        import json
+
+        from transformers import AutoTokenizer
+
+        from fasttune.chat_formats import QWEN3_TEMPLATE
+
+        source = qwen2_tokenizer_dir()
+        spec = json.loads((source / "tokenizer.json").read_text())
+        vocab = spec["model"]["vocab"]
+        for token_id, token in enumerate(QWEN3_ADDED_TOKENS, start=151665):
+            del vocab[f"[PAD{token_id}]"]
+            vocab[token] = token_id
+            spec["added_tokens"].append({"id": token_id, "content": token, "single_word": False, "lstrip": False,
+                                         "rstrip": False, "normalized": False, "special": False})
+        (tmp / "tokenizer.json").write_text(json.dumps(spec, ensure_ascii=False))
+        shutil.copy(source / "tokenizer_config.json", tmp / "tokenizer_config.json")
+        tok = AutoTokenizer.from_pretrained(tmp)
+        tok.chat_template = QWEN3_TEMPLATE
+        tok.save_pretrained(tmp)
+
+    return atomic_build(cache_dir() / "qwen3-tokenizer", build, _tokenizer_recipe("qwen3"))
+
+
+def _tokenizer_recipe(model_type: str = "qwen2") -> dict:
+    from fasttune.chat_formats import QWEN2_5_TEMPLATE, QWEN3_TEMPLATE
+
+    template = QWEN3_TEMPLATE if model_type == "qwen3" else QWEN2_5_TEMPLATE
+    return dict(_versions(), sdist=LLAMA_CPP_SDIST, template=template)
+
+
+TOKENIZERS = {"qwen2": qwen2_tokenizer_dir, "qwen3": qwen3_tokenizer_dir}  # config's model_type -> tokenizer
 
 
 def build_model(dest: Path, config: dict, seed: int = 0) -> Path:
-    """Save a random-weight Qwen2 checkpoint with the real tokenizer to dest (bf16 safetensors)."""
+    """Save a random-weight checkpoint of config's model_type (default qwen2) with its family's real
+    tokenizer to dest (bf16 safetensors)."""
     dest.parent.mkdir(parents=True, exist_ok=True)
+    model_type = config.get("model_type", "qwen2")
 
     def build(tmp: Path) -> None:
         import torch
-        from transformers import AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
+        from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
         torch.manual_seed(seed)
-        model = Qwen2ForCausalLM(Qwen2Config(**config)).to(torch.bfloat16)
+        hf_config = AutoConfig.for_model(model_type, **{k: v for k, v in config.items() if k != "model_type"})
+        model = AutoModelForCausalLM.from_config(hf_config).to(torch.bfloat16)
         model.generation_config.eos_token_id = config["eos_token_id"]
         model.save_pretrained(tmp)
-        AutoTokenizer.from_pretrained(qwen2_tokenizer_dir()).save_pretrained(tmp)
+        AutoTokenizer.from_pretrained(TOKENIZERS[model_type]()).save_pretrained(tmp)
 
-    return atomic_build(dest, build, dict(_tokenizer_recipe(), config=config, seed=seed))
+    return atomic_build(dest, build, dict(_tokenizer_recipe(model_type), config=config, seed=seed))
 
 
 def tiny_model_dir() -> Path:
     """The embedded tiny model, built and cached on first use (`--model tiny`)."""
     return build_model(cache_dir() / "tiny-qwen2.5", TINY_CONFIG)
+
+
+def tiny_qwen3_dir() -> Path:
+    """The tiny Qwen3 model, built and cached on first use (`--model tiny-qwen3`)."""
+    return build_model(cache_dir() / "tiny-qwen3", TINY_QWEN3_CONFIG)

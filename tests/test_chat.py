@@ -2,7 +2,7 @@
 
 import pytest
 
-from fasttune import UserError, chat
+from fasttune import UserError, chat, chat_formats
 from fasttune.chat import IGNORE, prepare, tokenize_chat
 from fasttune.data import Example
 
@@ -58,22 +58,52 @@ def test_multi_turn_mask_trains_every_assistant_turn(tokenizer):
     assert labels.count(IM_END) == 2  # the model learns to stop after each answer
 
 
-@pytest.mark.parametrize("original", list(chat.TRAINING_TEMPLATES), ids=["qwen2.5", "smollm2"])
-def test_training_templates_render_the_same_text_and_mask_each_answer(tokenizer, original):
-    """Each of our training templates against the model's own, with and without a system message (both
-    families insert a default one), and its mask on a two-turn conversation: each answer and its <|im_end|>."""
-    training = chat.TRAINING_TEMPLATES[original]
+@pytest.mark.parametrize("fmt", chat_formats.FORMATS, ids=[f.name for f in chat_formats.FORMATS])
+def test_training_templates_render_the_same_text_and_mask_each_answer(tokenizer, fmt):
+    """Each of our training templates against the template the run serves, with and without a system
+    message (two families insert a default one), and its mask on a two-turn conversation: each answer
+    and its <|im_end|>, nothing the template adds (Qwen3's empty reasoning block included)."""
     system = [{"role": "system", "content": "S"}]
     turns = [{"role": "user", "content": "U"}, {"role": "assistant", "content": "A"},
              {"role": "user", "content": "U2"}, {"role": "assistant", "content": "A2"}]
     for messages in (system + turns, turns):
         for kwargs in ({}, {"add_generation_prompt": True}):
             msgs = messages[:-1] if kwargs else messages
-            assert (tokenizer.apply_chat_template(msgs, chat_template=training, tokenize=False, **kwargs)
-                    == tokenizer.apply_chat_template(msgs, chat_template=original, tokenize=False, **kwargs))
-        ids, labels = tokenize_chat(tokenizer, messages, template=training)
+            assert (tokenizer.apply_chat_template(msgs, chat_template=fmt.training, tokenize=False, **kwargs)
+                    == tokenizer.apply_chat_template(msgs, chat_template=fmt.served, tokenize=False, **kwargs))
+        ids, labels = tokenize_chat(tokenizer, messages, template=fmt.training)
         trained = [i for i, label in zip(ids, labels) if label != IGNORE]
         assert tokenizer.decode(trained) == "A<|im_end|>A2<|im_end|>"
+
+
+def test_qwen3_is_served_without_thinking_and_trained_on_what_the_data_holds(tokenizer):
+    """Qwen3: the prompt chat renders ends in the empty reasoning block training put before the answer;
+    enable_thinking=true still gives Qwen3's own prompt; reasoning the data holds is trained on."""
+    fmt = chat_formats.chat_format(chat_formats.QWEN3_TEMPLATE)
+    assert fmt.name == "qwen3" and chat_formats.chat_format(fmt.served) is fmt
+    qa = [{"role": "user", "content": "U"}, {"role": "assistant", "content": "A"}]
+    render = lambda msgs, template, **kw: tokenizer.apply_chat_template(msgs, chat_template=template,  # noqa: E731
+                                                                        tokenize=False, **kw)
+    prompt = render(qa[:1], fmt.served, add_generation_prompt=True)
+    assert prompt.endswith("<|im_start|>assistant\n<think>\n\n</think>\n\n")
+    assert render(qa, fmt.served).startswith(prompt)  # training text = the served prompt + the answer
+    assert render(qa[:1], fmt.served, add_generation_prompt=True, enable_thinking=True) == render(
+        qa[:1], fmt.template, add_generation_prompt=True)
+    for messages in ([qa[0], dict(qa[1], reasoning_content="R")], [qa[0], dict(qa[1], content="<think>R</think>A")]):
+        assert render(messages, fmt.training) == render(messages, fmt.served)
+        ids, labels = tokenize_chat(tokenizer, messages, template=fmt.training)
+        assert tokenizer.decode([i for i, label in zip(ids, labels) if label != IGNORE]) == (
+            "<think>\nR\n</think>\n\nA<|im_end|>")
+
+
+def test_a_known_family_is_served_its_format(tokenizer):
+    from transformers import AutoTokenizer
+
+    qwen3 = AutoTokenizer.from_pretrained(tokenizer.name_or_path)
+    qwen3.chat_template = chat_formats.QWEN3_TEMPLATE
+    chat_formats.ensure_chat_template(qwen3)
+    assert qwen3.chat_template == chat_formats.QWEN3_SERVED
+    assert chat.training_template(qwen3) == chat_formats.chat_format(chat_formats.QWEN3_TEMPLATE).training
 
 
 def test_preview_spans_mark_trained_text(tokenizer):
@@ -217,3 +247,10 @@ def test_a_few_long_examples_are_tokenized_on_every_core_with_the_same_result(to
     assert chat.tokenize_all(tokenizer, conversations, template) == serial and pools == []  # 3 short ones: serial
     monkeypatch.setattr(chat, "PARALLEL_MIN_CHARS", 1000)
     assert chat.tokenize_all(tokenizer, conversations, template) == serial and pools == ["fork"]
+
+
+def test_model_templates_are_the_models_own():
+    """Our copies identify real checkpoints by equality: they must be TRL's copies of the models' templates."""
+    from trl.chat_template_utils import qwen2_5_chat_template, qwen3_chat_template
+
+    assert chat_formats.QWEN2_5_TEMPLATE == qwen2_5_chat_template and chat_formats.QWEN3_TEMPLATE == qwen3_chat_template

@@ -14,7 +14,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from fasttune import UserError, convert, gguf_file, infer, lora_gguf, modelfile, quantize
+from fasttune import UserError, chat_formats, convert, gguf_file, infer, lora_gguf, modelfile, quantize
 from fasttune.tiny import llama_cpp_file
 
 from . import rounding
@@ -258,24 +258,33 @@ def ollama_render(tmp_path_factory) -> Path:
     return folder / "render"
 
 
-@pytest.mark.parametrize("messages", CONVERSATIONS)
-def test_modelfile_template_renders_like_the_jinja_template(ollama_render, tokenizer, messages):
-    from fasttune.chat import QWEN2_5_TEMPLATE
-
-    want = tokenizer.apply_chat_template(messages, chat_template=QWEN2_5_TEMPLATE, add_generation_prompt=True,
-                                         tokenize=False)
-    system = "\n\n".join(m["content"] for m in messages if m["role"] == "system")  # as Ollama collates it
-    payload = json.dumps({"template": modelfile.OLLAMA_QWEN2_5_TEMPLATE, "system": system, "messages": messages})
-    got = subprocess.run([ollama_render], input=payload, capture_output=True, text=True, check=True).stdout
-    assert got == want
+@pytest.mark.parametrize("fmt", chat_formats.FORMATS, ids=[f.name for f in chat_formats.FORMATS])
+def test_modelfile_template_renders_like_the_jinja_template(ollama_render, tokenizer, fmt):
+    for messages in CONVERSATIONS:
+        want = tokenizer.apply_chat_template(messages, chat_template=fmt.served, add_generation_prompt=True,
+                                             tokenize=False)
+        system = "\n\n".join(m["content"] for m in messages if m["role"] == "system")  # as Ollama collates it
+        payload = json.dumps({"template": fmt.ollama, "system": system, "messages": messages})
+        got = subprocess.run([ollama_render], input=payload, capture_output=True, text=True, check=True).stdout
+        assert got == want, messages
 
 
 def test_modelfile_beside_every_export(trained_run):
     run_dir, _ = trained_run
     text = (run_dir / "gguf" / "Modelfile.memorize-q4_k_m").read_text()
     assert text.startswith("FROM ./memorize-q4_k_m.gguf\n")
-    assert 'PARAMETER stop "<|im_end|>"' in text and modelfile.OLLAMA_QWEN2_5_TEMPLATE in text
+    assert 'PARAMETER stop "<|im_end|>"' in text and chat_formats.FORMATS[0].ollama in text
     assert 'SYSTEM """You are a clinical assistant.' in text
+
+
+def test_modelfile_follows_the_chat_format_in_the_file(tmp_path, tiny_dir):
+    """The Modelfile's template is the one of the GGUF's embedded chat template, not always Qwen2.5's."""
+    from fasttune.tiny import tiny_qwen3_dir
+
+    qwen3 = modelfile.write_modelfile(convert.convert(tiny_qwen3_dir(), tmp_path / "q3.gguf", "q8_0")).read_text()
+    qwen2_5 = modelfile.write_modelfile(convert.convert(tiny_dir, tmp_path / "q2.gguf", "q8_0")).read_text()
+    assert chat_formats.chat_format(chat_formats.QWEN3_TEMPLATE).ollama in qwen3 and "<think>" not in qwen2_5
+    assert "You are Qwen" in qwen2_5 and "You are Qwen" not in qwen3
 
 
 def test_sharded_checkpoint_streams_to_the_same_file(tmp_path, tiny_dir):
@@ -337,7 +346,7 @@ def test_unknown_architecture_lists_the_supported_ones(tmp_path, tiny_dir):
     config = json.loads((tiny_dir / "config.json").read_text())
     (tmp_path / "config.json").write_text(json.dumps(dict(config, architectures=["MysteryForCausalLM"])))
     with pytest.raises(UserError, match="MysteryForCausalLM is not supported; supported: Qwen2ForCausalLM, "
-                                        "LlamaForCausalLM"):
+                                        "Qwen3ForCausalLM, LlamaForCausalLM"):
         convert.convert(tmp_path, tmp_path / "x.gguf", "bf16")
 
 
@@ -422,3 +431,52 @@ def test_real_smollm2_weights_answer_the_same_after_conversion(tmp_path):
         assert reply["message"]["content"].strip() == want, question
         answers.append(reply)
     assert "Paris" in answers[0]["message"]["content"] and answers[0]["finish_reason"] == "stop"
+
+
+# --- Qwen3 ------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def tiny_qwen3():
+    from fasttune.tiny import tiny_qwen3_dir
+
+    return tiny_qwen3_dir()
+
+
+def test_qwen3_matches_hf_logits(tmp_path, tiny_qwen3):
+    path = convert.convert(tiny_qwen3, tmp_path / "qwen3-f32.gguf", "f32")
+    file = gguf_file.read(path)
+    # q/k norms are written, heads are 128 wide although the model is 256 wide
+    assert {"blk.1.attn_q_norm.weight", "blk.1.attn_k_norm.weight"} <= set(file.tensors)
+    assert file.fields["qwen3.attention.key_length"] == 128 and file.fields["qwen3.embedding_length"] == 256
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_qwen3)
+    model = AutoModelForCausalLM.from_pretrained(tiny_qwen3, dtype=torch.float32).eval()
+    ids = tokenizer.encode("<think>\n\n</think>\n\nThe patient presents with chest pain.", add_special_tokens=False)
+    assert 151667 in ids and 151668 in ids  # Qwen3's reasoning tokens, one id each
+    assert list(beyond_rounding(path, model, ids, "f32")) == []
+
+
+@pytest.mark.parametrize("outtype", ["bf16", "q8_0"])
+def test_qwen3_same_bytes_as_llama_cpp_converter(tmp_path, tiny_qwen3, outtype):
+    ours = gguf_file.read(convert.convert(tiny_qwen3, tmp_path / "ours.gguf", outtype))
+    root = llama_cpp_file("convert_hf_to_gguf.py").parent
+    llama_cpp_file("conversion"), llama_cpp_file("gguf-py")
+    subprocess.run([sys.executable, str(root / "convert_hf_to_gguf.py"), str(tiny_qwen3), "--outtype", outtype,
+                    "--outfile", str(tmp_path / "ref.gguf")], check=True, capture_output=True,
+                   env=dict(os.environ, PYTHONPATH=str(root / "gguf-py")))
+    ref = gguf_file.read(tmp_path / "ref.gguf")
+    ta, tb = ours.tensors, ref.tensors
+    assert set(ta) == set(tb) and len(ta) == 24
+    for name in ta:
+        assert (ta[name].tensor_type, ta[name].shape, ta[name].data) == (tb[name].tensor_type, tb[name].shape,
+                                                                          tb[name].data), name
+    def model_keys(file):
+        return {k for k in file.fields if k.startswith(("qwen3.", "tokenizer.")) or k in (
+            "general.architecture", "general.file_type", "general.quantization_version")}
+
+    # ours adds the end-of-turn id (<|im_end|>): llama.cpp stops there also for a base checkpoint's file
+    assert model_keys(ours) - {"tokenizer.ggml.eot_token_id"} == model_keys(ref) and len(model_keys(ref)) > 15
+    assert ours.fields["tokenizer.ggml.eot_token_id"] == 151645
+    for key in model_keys(ref):
+        assert ours.fields[key] == ref.fields[key], key

@@ -1,0 +1,86 @@
+"""The chat format of each model family we know: one row per model template, everything about prompts
+and stops that differs between families (fasttune.chat masks with it, fasttune.modelfile writes it).
+
+Kept apart from fasttune.chat so that the stages after training (export, Modelfiles) read the table
+without importing TRL. The model templates in templates/ are the models' own, byte for byte (TRL ships
+the same copies; tests/test_chat.py checks they are equal).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+TEMPLATES = Path(__file__).parent / "templates"
+
+
+def _read(name: str) -> str:
+    return (TEMPLATES / name).read_text()
+
+
+QWEN2_5_TEMPLATE = _read("qwen2_5.jinja")  # Qwen2.5-Instruct's own
+QWEN3_TEMPLATE = _read("qwen3.jinja")  # Qwen3's own (0.6B-32B)
+
+# Qwen3 writes a reasoning block before each answer unless enable_thinking=false. A run trains on the
+# answers its data holds, so it is served without one by default (enable_thinking=true still asks for
+# it): every renderer (HF, llama.cpp, Ollama) then writes the prompt the model was trained on, the
+# empty block included, and no caller has to remember a flag.
+_THINKING_OFF_ON_REQUEST = "{%- if enable_thinking is defined and enable_thinking is false %}"
+assert _THINKING_OFF_ON_REQUEST in QWEN3_TEMPLATE
+QWEN3_SERVED = QWEN3_TEMPLATE.replace(_THINKING_OFF_ON_REQUEST,
+                                      "{%- if not (enable_thinking is defined and enable_thinking) %}")
+
+
+def _ollama_chatml(default_system: str | None, cue: str = "") -> str:
+    """Ollama's Go template for a ChatML format (system, user and assistant turns; Ollama leaves the
+    last assistant turn open). `cue`: what the format writes after the assistant header of the answer
+    to come. tests/ollama renders it with Go and compares with the Jinja template."""
+    default = f"{{{{ else }}}}<|im_start|>system\n{default_system}<|im_end|>\n" if default_system else ""
+    return ("{{- if .System }}<|im_start|>system\n{{ .System }}<|im_end|>\n" + default + "{{ end }}\n"
+            "{{- range $i, $_ := .Messages }}\n"
+            "{{- $last := eq (len (slice $.Messages $i)) 1 }}\n"
+            "{{- if eq .Role \"user\" }}<|im_start|>user\n{{ .Content }}<|im_end|>\n"
+            "{{ else if eq .Role \"assistant\" }}<|im_start|>assistant\n{{ .Content }}{{ if not $last }}<|im_end|>\n"
+            "{{ end }}\n"
+            "{{- end }}\n"
+            f"{{{{- if and (ne .Role \"assistant\") $last }}}}<|im_start|>assistant\n{cue}{{{{ end }}}}\n"
+            "{{- end }}")
+
+
+@dataclass(frozen=True)
+class ChatFormat:
+    """One family's chat format: everything about prompts and stops that differs between families."""
+
+    name: str
+    template: str  # the model's own Jinja template, as its tokenizer ships it
+    served: str  # what a run renders with everywhere: training text, merged/, the GGUF, chat
+    training: str  # `served` with {% generation %} over each answer and its end-of-turn token (ours: TRL
+    #                patches some families, but puts the loss on Qwen3's empty reasoning block)
+    ollama: str  # Go template for the Modelfile, rendered-equal to `served`
+    stops: tuple[str, ...]  # the Modelfile's stop words
+
+
+_QWEN_STOPS = ("<|im_end|>", "<|endoftext|>")
+FORMATS = [
+    ChatFormat("qwen2.5", QWEN2_5_TEMPLATE, QWEN2_5_TEMPLATE, _read("qwen2_5_training.jinja"),
+               _ollama_chatml("You are Qwen, created by Alibaba Cloud. You are a helpful assistant."), _QWEN_STOPS),
+    ChatFormat("smollm2", _read("smollm2.jinja"), _read("smollm2.jinja"), _read("smollm2_training.jinja"),
+               _ollama_chatml("You are a helpful AI assistant named SmolLM, trained by Hugging Face"),
+               ("<|im_end|>", "<|endoftext|>")),
+    ChatFormat("qwen3", QWEN3_TEMPLATE, QWEN3_SERVED, _read("qwen3_training.jinja"),
+               _ollama_chatml(None, cue="<think>\n\n</think>\n\n"), _QWEN_STOPS),
+]
+
+
+def chat_format(template: str | None) -> ChatFormat | None:
+    """The row of FORMATS for a model's own template or a run's served one (None: not one we know)."""
+    return next((f for f in FORMATS if template in (f.template, f.served)), None)
+
+
+def ensure_chat_template(tokenizer) -> None:
+    """The template a run serves: Qwen2.5's for a tokenizer without one (a base checkpoint), the
+    format's served one for a known family, else the model's own."""
+    if not tokenizer.chat_template:
+        tokenizer.chat_template = QWEN2_5_TEMPLATE
+    elif fmt := chat_format(tokenizer.chat_template):
+        tokenizer.chat_template = fmt.served
