@@ -58,6 +58,8 @@ class ChatFormat:
     #                patches some families, but puts the loss on Qwen3's empty reasoning block)
     ollama: str  # Go template for the Modelfile, rendered-equal to `served`
     stops: tuple[str, ...]  # the Modelfile's stop words
+    end_of_turn: str = "<|im_end|>"  # the token that closes an answer: generation stops there whatever the
+    #                                  tokenizer's eos says (a base checkpoint's is <|endoftext|>)
 
 
 _QWEN_STOPS = ("<|im_end|>", "<|endoftext|>")
@@ -75,6 +77,13 @@ FORMATS = [
 def chat_format(template: str | None) -> ChatFormat | None:
     """The row of FORMATS for a model's own template or a run's served one (None: not one we know)."""
     return next((f for f in FORMATS if template in (f.template, f.served)), None)
+
+
+def stop_ids(tokenizer) -> list[int]:
+    """Token ids that end an answer: the tokenizer's eos and its chat format's end-of-turn token."""
+    fmt = chat_format(tokenizer.chat_template)
+    ids = {tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids(fmt.end_of_turn) if fmt else None}
+    return sorted(ids - {None, tokenizer.unk_token_id})
 
 
 def ensure_chat_template(tokenizer) -> None:

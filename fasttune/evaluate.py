@@ -174,19 +174,22 @@ def answer_hf(model, tokenizer, prompts: list[list[dict]], max_new_tokens: int, 
     """Greedy answers from a transformers model, batched with left padding."""
     import torch
 
+    from fasttune.chat_formats import stop_ids
+
     tokenizer.padding_side = "left"
-    eos = tokenizer.eos_token_id
+    stops = stop_ids(tokenizer)
     out = []
     for start in tqdm(range(0, len(prompts), batch_size), desc="generating", unit="batch", leave=False):
         texts = [tokenizer.apply_chat_template(p, add_generation_prompt=True, tokenize=False)
                  for p in prompts[start:start + batch_size]]
         batch = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
         with torch.no_grad():
-            generated = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=eos,
+            generated = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=stops,
                                        pad_token_id=tokenizer.pad_token_id)
         for row in generated[:, batch["input_ids"].shape[1]:].tolist():
-            stopped = eos in row
-            row = row[: row.index(eos)] if stopped else row
+            end = next((i for i, t in enumerate(row) if t in stops), None)
+            stopped = end is not None
+            row = row[:end] if stopped else row
             out.append(Answer(tokenizer.decode(row, skip_special_tokens=True).strip(), stopped, len(row)))
     return out
 

@@ -27,6 +27,7 @@ import numpy as np
 from tqdm import tqdm
 
 from fasttune import infer
+from fasttune.chat_formats import stop_ids
 
 logger = logging.getLogger(__name__)
 
@@ -54,7 +55,7 @@ class Case:
 def cases(tokenizer, conversations: list[list[dict]], max_positions: int = MAX_POSITIONS) -> list[Case]:
     """Cases for `conversations`, up to max_positions answer positions in all. A conversation whose
     template rewrites earlier turns once it is answered has no clean answer span and is left out."""
-    stops = {tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<|im_end|>")} - {None, tokenizer.unk_token_id}
+    stops = set(stop_ids(tokenizer))
     out, total = [], 0
     for conv in conversations:
         prompt_text = tokenizer.apply_chat_template(conv[:-1], add_generation_prompt=True, tokenize=False)
@@ -96,7 +97,7 @@ class Reference:
     logits: list[np.ndarray]  # per case: span x vocabulary
     greedy: list[list[int]]
     greedy_logits: list[np.ndarray]  # per case: step x vocabulary
-    eos: int
+    stops: list[int]  # token ids that end an answer (chat_formats.stop_ids)
 
 
 def merged_reference(merged_dir: Path, fidelity_cases: list[Case]) -> Reference:
@@ -109,9 +110,9 @@ def merged_reference(merged_dir: Path, fidelity_cases: list[Case]) -> Reference:
     model = AutoModelForCausalLM.from_pretrained(merged_dir, dtype=torch.float32).eval()
     # plain argmax, as llama.cpp's greedy: not the model's generation_config (Qwen2.5-Instruct's has
     # repetition_penalty 1.05, which applies even without sampling)
-    plain = GenerationConfig(do_sample=False, max_new_tokens=GREEDY_TOKENS, eos_token_id=tokenizer.eos_token_id,
+    plain = GenerationConfig(do_sample=False, max_new_tokens=GREEDY_TOKENS, eos_token_id=stop_ids(tokenizer),
                              pad_token_id=tokenizer.pad_token_id)
-    ref = Reference(fidelity_cases, [], [], [], tokenizer.eos_token_id)
+    ref = Reference(fidelity_cases, [], [], [], stop_ids(tokenizer))
     with torch.no_grad():
         for c in fidelity_cases:
             ref.logits.append(model(torch.tensor([c.ids])).logits[0].numpy()[c.span])
@@ -258,7 +259,7 @@ def _fidelity(llm, ref: Reference) -> dict:
         out = []
         for tok in llm.generate(c.prompt_ids, temp=0.0, reset=True):
             out.append(tok)
-            if tok == ref.eos or len(out) >= len(greedy):
+            if tok in ref.stops or len(out) >= len(greedy):
                 break
         step = next((k for k, (a, b) in enumerate(zip(out, greedy)) if a != b), None)
         if step is not None:  # how close the merged model's own choice was there

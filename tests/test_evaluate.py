@@ -126,3 +126,19 @@ def test_the_report_warns_when_auto_chose_a_file_on_these_examples(tmp_path):
     assert chosen_on_these(tmp_path, files[:1]) == []  # the winner is not among the files evaluated
     rundir.write_json(tmp_path / "gguf" / "auto.json", dict(auto, decided_by="kl"))
     assert chosen_on_these(tmp_path, files) == []  # KL chose: the eval examples took no part
+
+
+def test_answers_stop_at_the_end_of_turn_whatever_the_tokenizer_calls_eos(trained_run, memorized_chats):
+    """A base checkpoint's tokenizer says eos = <|endoftext|> (Qwen2.5-0.5B's): the merged model's answers
+    must still end at <|im_end|>, the token training taught, not run on to max_new_tokens."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from fasttune.evaluate import answer_hf
+
+    run_dir, _ = trained_run
+    tokenizer = AutoTokenizer.from_pretrained(run_dir / "merged")
+    tokenizer.eos_token = "<|endoftext|>"
+    model = AutoModelForCausalLM.from_pretrained(run_dir / "merged").eval()
+    answers = answer_hf(model, tokenizer, [ex.messages[:-1] for ex in memorized_chats], max_new_tokens=64)
+    assert all(a.stopped for a in answers)
+    assert [a.text for a in answers] == [ex.messages[-1]["content"] for ex in memorized_chats]
