@@ -201,6 +201,7 @@ def prepare_chunks(chunks: Iterable[list[Example]], tokenizer, max_length: int, 
         raise UserError("--special_tokens_in_text literal needs a fast tokenizer (tokenizer.json beside the model); "
                         "this model has a slow one")
     template = training_template(tokenizer)
+    fmt = chat_format(tokenizer.chat_template)
     out = Prepared([], [], [], {})
     records, lengths, n_cut, n_empty, tokens, trained, marked, first_marked = 0, array("I"), 0, 0, 0, 0, 0, None
     for examples in chunks:
@@ -208,6 +209,10 @@ def prepare_chunks(chunks: Iterable[list[Example]], tokenizer, max_length: int, 
         records += len(examples)
         kept_here = []
         for ex, (ids, labels) in zip(examples, encoded):
+            if fmt and (held := _held(ex, fmt.not_in_answers)):
+                out.rejects.append(Reject(ex.source, f"an answer holds {held}: a {fmt.name} run is served without "
+                                          "reasoning, so it trains plain answers; remove the reasoning block", ex.record))
+                continue
             lengths.append(len(ids))
             n_total = sum(lab != IGNORE for lab in labels)
             n_kept = sum(lab != IGNORE for lab in labels[:max_length])
@@ -260,6 +265,11 @@ def prepare_chunks(chunks: Iterable[list[Example]], tokenizer, max_length: int, 
                        "as text, pass --special_tokens_in_text literal (or remove it from the data)",
                        marked, *first_marked)
     return out
+
+
+def _held(example: Example, spellings: tuple[str, ...]) -> str | None:
+    """The first of `spellings` an assistant message of `example` holds."""
+    return next((s for m in example.messages if m["role"] == "assistant" for s in spellings if s in m["content"]), None)
 
 
 def require_examples(prepared: Prepared) -> Prepared:

@@ -21,14 +21,16 @@ def _read(name: str) -> str:
 QWEN2_5_TEMPLATE = _read("qwen2_5.jinja")  # Qwen2.5-Instruct's own
 QWEN3_TEMPLATE = _read("qwen3.jinja")  # Qwen3's own (0.6B-32B)
 
-# Qwen3 writes a reasoning block before each answer unless enable_thinking=false. A run trains on the
-# answers its data holds, so it is served without one by default (enable_thinking=true still asks for
-# it): every renderer (HF, llama.cpp, Ollama) then writes the prompt the model was trained on, the
-# empty block included, and no caller has to remember a flag.
-_THINKING_OFF_ON_REQUEST = "{%- if enable_thinking is defined and enable_thinking is false %}"
+# Qwen3 writes a reasoning block before each answer unless the caller passes enable_thinking=false, and
+# llama.cpp's server passes true unless told otherwise. A run trains on plain answers (fasttune.chat
+# refuses answers that hold reasoning), so the template it serves writes the empty block always: every
+# renderer (transformers, llama-cpp-python, llama.cpp, Ollama) then gives the prompt the model was
+# trained on, whatever flag it sets.
+_THINKING_OFF_ON_REQUEST = """    {%- if enable_thinking is defined and enable_thinking is false %}
+        {{- '<think>\\n\\n</think>\\n\\n' }}
+    {%- endif %}"""
 assert _THINKING_OFF_ON_REQUEST in QWEN3_TEMPLATE
-QWEN3_SERVED = QWEN3_TEMPLATE.replace(_THINKING_OFF_ON_REQUEST,
-                                      "{%- if not (enable_thinking is defined and enable_thinking) %}")
+QWEN3_SERVED = QWEN3_TEMPLATE.replace(_THINKING_OFF_ON_REQUEST, "    {{- '<think>\\n\\n</think>\\n\\n' }}")
 
 
 def _ollama_chatml(default_system: str | None, cue: str = "") -> str:
@@ -60,6 +62,7 @@ class ChatFormat:
     stops: tuple[str, ...]  # the Modelfile's stop words
     end_of_turn: str = "<|im_end|>"  # the token that closes an answer: generation stops there whatever the
     #                                  tokenizer's eos says (a base checkpoint's is <|endoftext|>)
+    not_in_answers: tuple[str, ...] = ()  # spellings an answer may not hold: the served prompt contradicts them
 
 
 _QWEN_STOPS = ("<|im_end|>", "<|endoftext|>")
@@ -70,7 +73,8 @@ FORMATS = [
                _ollama_chatml("You are a helpful AI assistant named SmolLM, trained by Hugging Face"),
                ("<|im_end|>", "<|endoftext|>")),
     ChatFormat("qwen3", QWEN3_TEMPLATE, QWEN3_SERVED, _read("qwen3_training.jinja"),
-               _ollama_chatml(None, cue="<think>\n\n</think>\n\n"), _QWEN_STOPS),
+               _ollama_chatml(None, cue="<think>\n\n</think>\n\n"), _QWEN_STOPS,
+               not_in_answers=("<think>", "</think>")),
 ]
 
 

@@ -68,6 +68,8 @@ class _Cursor:
 
 
 def read(path: str | Path) -> GGUFFile:
+    if Path(path).stat().st_size == 0:
+        raise ValueError(f"{path}: empty file, not a GGUF")
     with open(path, "rb") as f:  # mapped, not read: a Modelfile needs the header of a 5 GB file
         data = memoryview(mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ))  # tensors are views into it
     c = _Cursor(data)

@@ -162,6 +162,7 @@ def _logits(llm, ids: list[int], span: list[int]) -> np.ndarray:
     """The logits at `span` (consecutive positions). The tokens before it go in without logits: llama.cpp
     then skips the output layer there, a vocabulary-wide matmul per token (a quarter of Qwen2.5-0.5B)."""
     first, last = span[0], span[-1]
+    assert llm.scores.shape[0] > last, "load the model with logits_all=True: scores has a row per position"
     llm.reset()
     llm._logits_all = False  # llama-cpp-python 0.3.36 (pinned): read in eval() alone
     if first:

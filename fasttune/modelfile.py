@@ -19,8 +19,9 @@ def write_modelfile(gguf_path: Path, system_prompt: str | None = None, adapter: 
     lines = [f"FROM ./{gguf_path.name}"]
     if adapter:
         lines.append(f"ADAPTER ./{adapter.name}")
-    fmt = chat_format(gguf_file.read(gguf_path).fields.get("tokenizer.chat_template"))
-    if fmt:
+    embedded = gguf_file.read(gguf_path).fields.get("tokenizer.chat_template")
+    fmt = chat_format(embedded)
+    if fmt and embedded == fmt.served:  # the Go template renders the served one (Qwen3's own differs)
         lines += [f'TEMPLATE """{fmt.ollama}"""', *(f'PARAMETER stop "{s}"' for s in fmt.stops)]
     else:  # Ollama then guesses from the GGUF's Jinja template, which it cannot run
         logger.warning("%s: its chat template is none fasttune has an Ollama template for; the Modelfile has "

@@ -1,8 +1,9 @@
 """The tiny models used by the demo, the tests and the benchmarks: Qwen2.5's (`--model tiny`) and Qwen3's
 (`--model tiny-qwen3`).
 
-Each has its family's real tokenizer (Qwen2's 151,936-token vocabulary; Qwen3 adds its four tool and
-reasoning tokens) and shape rules (GQA; Qwen2.5's q/k/v biases, Qwen3's q/k norms and 128-wide heads;
+Each has its family's real vocabulary and merges (Qwen2's 151,936 rows; Qwen3 adds its tool-response
+and reasoning tokens at Qwen3's ids; llama.cpp's vocab file lacks the other added tokens, <tool_call>
+and the FIM ones, for both) and shape rules (GQA; Qwen2.5's q/k/v biases, Qwen3's q/k norms and 128-wide heads;
 tied embeddings), but only 2 layers of width 256 and random weights: its words mean nothing.
 Widths are multiples of 256 so llama.cpp's k-quants really apply (at 64 every tensor falls back).
 

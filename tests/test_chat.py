@@ -76,9 +76,9 @@ def test_training_templates_render_the_same_text_and_mask_each_answer(tokenizer,
         assert tokenizer.decode(trained) == "A<|im_end|>A2<|im_end|>"
 
 
-def test_qwen3_is_served_without_thinking_and_trained_on_what_the_data_holds(tokenizer):
-    """Qwen3: the prompt chat renders ends in the empty reasoning block training put before the answer;
-    enable_thinking=true still gives Qwen3's own prompt; reasoning the data holds is trained on."""
+def test_qwen3_is_served_without_thinking_whatever_the_caller_asks(tokenizer):
+    """Qwen3: the prompt every renderer writes ends in the empty reasoning block training put before the
+    answer, also when the caller sets enable_thinking=true (llama.cpp's server does by default)."""
     fmt = chat_formats.chat_format(chat_formats.QWEN3_TEMPLATE)
     assert fmt.name == "qwen3" and chat_formats.chat_format(fmt.served) is fmt
     qa = [{"role": "user", "content": "U"}, {"role": "assistant", "content": "A"}]
@@ -87,13 +87,26 @@ def test_qwen3_is_served_without_thinking_and_trained_on_what_the_data_holds(tok
     prompt = render(qa[:1], fmt.served, add_generation_prompt=True)
     assert prompt.endswith("<|im_start|>assistant\n<think>\n\n</think>\n\n")
     assert render(qa, fmt.served).startswith(prompt)  # training text = the served prompt + the answer
-    assert render(qa[:1], fmt.served, add_generation_prompt=True, enable_thinking=True) == render(
-        qa[:1], fmt.template, add_generation_prompt=True)
+    for thinking in (True, False):
+        assert render(qa[:1], fmt.served, add_generation_prompt=True, enable_thinking=thinking) == prompt
+    # Qwen3's own, for contrast: without the flag the model is asked to think
+    assert render(qa[:1], fmt.template, add_generation_prompt=True).endswith("<|im_start|>assistant\n")
+    # reasoning in the conversation: still rendered exactly, the block being the model's output
     for messages in ([qa[0], dict(qa[1], reasoning_content="R")], [qa[0], dict(qa[1], content="<think>R</think>A")]):
         assert render(messages, fmt.training) == render(messages, fmt.served)
         ids, labels = tokenize_chat(tokenizer, messages, template=fmt.training)
         assert tokenizer.decode([i for i, label in zip(ids, labels) if label != IGNORE]) == (
             "<think>\nR\n</think>\n\nA<|im_end|>")
+
+
+def test_qwen3_answers_with_reasoning_are_refused_and_counted(tokenizer):
+    qwen3 = type(tokenizer).from_pretrained(tokenizer.name_or_path)
+    qwen3.chat_template = chat_formats.QWEN3_SERVED
+    plain = chat_example("d.jsonl:1", "Dose?", "300 mg.")
+    reasoned = chat_example("d.jsonl:2", "Dose?", "<think>weight x 2</think>300 mg.")
+    prepared = prepare([plain, reasoned], qwen3, max_length=256)
+    assert prepared.stats["records"] == 2 and prepared.stats["kept"] == 1
+    assert [(r.source, r.reason.split(":")[0]) for r in prepared.rejects] == [("d.jsonl:2", "an answer holds <think>")]
 
 
 def test_a_known_family_is_served_its_format(tokenizer):

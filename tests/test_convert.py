@@ -278,13 +278,18 @@ def test_modelfile_beside_every_export(trained_run):
 
 
 def test_modelfile_follows_the_chat_format_in_the_file(tmp_path, tiny_dir):
-    """The Modelfile's template is the one of the GGUF's embedded chat template, not always Qwen2.5's."""
+    """The Modelfile's template is the one of the GGUF's embedded chat template, not always Qwen2.5's; a
+    template no Go template renders the same (Qwen3's own: it thinks) gets none."""
     from fasttune.tiny import tiny_qwen3_dir
 
-    qwen3 = modelfile.write_modelfile(convert.convert(tiny_qwen3_dir(), tmp_path / "q3.gguf", "q8_0")).read_text()
-    qwen2_5 = modelfile.write_modelfile(convert.convert(tiny_dir, tmp_path / "q2.gguf", "q8_0")).read_text()
+    def written(model_dir, name, **template):
+        return modelfile.write_modelfile(convert.convert(model_dir, tmp_path / name, "q8_0", **template)).read_text()
+
+    qwen3 = written(tiny_qwen3_dir(), "q3.gguf", chat_template=chat_formats.QWEN3_SERVED)
+    qwen2_5 = written(tiny_dir, "q2.gguf")
     assert chat_formats.chat_format(chat_formats.QWEN3_TEMPLATE).ollama in qwen3 and "<think>" not in qwen2_5
     assert "You are Qwen" in qwen2_5 and "You are Qwen" not in qwen3
+    assert "TEMPLATE" not in written(tiny_qwen3_dir(), "own.gguf")
 
 
 def test_sharded_checkpoint_streams_to_the_same_file(tmp_path, tiny_dir):
