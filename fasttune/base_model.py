@@ -17,7 +17,7 @@ def resolve(name: str) -> str:
     """'tiny' / 'tiny-qwen3' -> the cached tiny checkpoint; a local directory or a hub name as is."""
     from fasttune import tiny
 
-    built = {"tiny": tiny.tiny_model_dir, "tiny-qwen3": tiny.tiny_qwen3_dir}.get(name)
+    built = {"tiny": tiny.tiny_model_dir, "tiny-qwen3": tiny.tiny_qwen3_dir, "tiny-llama3.2": tiny.tiny_llama3_2_dir}.get(name)
     return str(built()) if built else name
 
 

@@ -20,6 +20,7 @@ def _read(name: str) -> str:
 
 QWEN2_5_TEMPLATE = _read("qwen2_5.jinja")  # Qwen2.5-Instruct's own
 QWEN3_TEMPLATE = _read("qwen3.jinja")  # Qwen3's own (0.6B-32B)
+LLAMA3_2_TEMPLATE = _read("llama3_2.jinja")  # Llama 3.2-Instruct's own (1B, 3B)
 
 # Qwen3 writes a reasoning block before each answer unless the caller passes enable_thinking=false, and
 # llama.cpp's server passes true unless told otherwise. A run trains on plain answers (fasttune.chat
@@ -31,6 +32,40 @@ _THINKING_OFF_ON_REQUEST = """    {%- if enable_thinking is defined and enable_t
     {%- endif %}"""
 assert _THINKING_OFF_ON_REQUEST in QWEN3_TEMPLATE
 QWEN3_SERVED = QWEN3_TEMPLATE.replace(_THINKING_OFF_ON_REQUEST, "    {{- '<think>\\n\\n</think>\\n\\n' }}")
+
+
+# Llama 3.2 writes today's date into every system header when the renderer has a clock (transformers
+# does, llama-cpp-python does not): training text would change by the day and never equal what chat
+# renders. The run serves the template's own fallback date, always (date_string still overrides it).
+_TODAY = """    {%- if strftime_now is defined %}
+        {%- set date_string = strftime_now("%d %b %Y") %}
+    {%- else %}
+        {%- set date_string = "26 Jul 2024" %}
+    {%- endif %}"""
+assert _TODAY in LLAMA3_2_TEMPLATE
+LLAMA3_2_SERVED = LLAMA3_2_TEMPLATE.replace(_TODAY, """    {%- set date_string = "26 Jul 2024" %}""")
+
+# Ollama's Go template for Llama 3.2's format without tools (Ollama adds <|begin_of_text|> when it
+# tokenizes, as the GGUF says; the Jinja template writes it as text)
+OLLAMA_LLAMA3_2 = """<|start_header_id|>system<|end_header_id|>
+
+Cutting Knowledge Date: December 2023
+Today Date: 26 Jul 2024
+
+{{ if .System }}{{ .System }}{{ end }}<|eot_id|>
+{{- range $i, $_ := .Messages }}
+{{- $last := eq (len (slice $.Messages $i)) 1 }}
+{{- if eq .Role "user" }}<|start_header_id|>user<|end_header_id|>
+
+{{ .Content }}<|eot_id|>
+{{- if $last }}<|start_header_id|>assistant<|end_header_id|>
+
+{{ end }}
+{{- else if eq .Role "assistant" }}<|start_header_id|>assistant<|end_header_id|>
+
+{{ .Content }}{{ if not $last }}<|eot_id|>{{ end }}
+{{- end }}
+{{- end }}"""
 
 
 def _ollama_chatml(default_system: str | None, cue: str = "") -> str:
@@ -65,16 +100,17 @@ class ChatFormat:
     not_in_answers: tuple[str, ...] = ()  # spellings an answer may not hold: the served prompt contradicts them
 
 
-_QWEN_STOPS = ("<|im_end|>", "<|endoftext|>")
+_CHATML_STOPS = ("<|im_end|>", "<|endoftext|>")
 FORMATS = [
     ChatFormat("qwen2.5", QWEN2_5_TEMPLATE, QWEN2_5_TEMPLATE, _read("qwen2_5_training.jinja"),
-               _ollama_chatml("You are Qwen, created by Alibaba Cloud. You are a helpful assistant."), _QWEN_STOPS),
+               _ollama_chatml("You are Qwen, created by Alibaba Cloud. You are a helpful assistant."), _CHATML_STOPS),
     ChatFormat("smollm2", _read("smollm2.jinja"), _read("smollm2.jinja"), _read("smollm2_training.jinja"),
-               _ollama_chatml("You are a helpful AI assistant named SmolLM, trained by Hugging Face"),
-               ("<|im_end|>", "<|endoftext|>")),
+               _ollama_chatml("You are a helpful AI assistant named SmolLM, trained by Hugging Face"), _CHATML_STOPS),
     ChatFormat("qwen3", QWEN3_TEMPLATE, QWEN3_SERVED, _read("qwen3_training.jinja"),
-               _ollama_chatml(None, cue="<think>\n\n</think>\n\n"), _QWEN_STOPS,
+               _ollama_chatml(None, cue="<think>\n\n</think>\n\n"), _CHATML_STOPS,
                not_in_answers=("<think>", "</think>")),
+    ChatFormat("llama3.2", LLAMA3_2_TEMPLATE, LLAMA3_2_SERVED, _read("llama3_2_training.jinja"), OLLAMA_LLAMA3_2,
+               ("<|eot_id|>", "<|end_of_text|>"), end_of_turn="<|eot_id|>"),
 ]
 
 

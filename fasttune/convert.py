@@ -333,12 +333,14 @@ def _add_tokenizer(writer: gguf.GGUFWriter, model_dir: Path, tokenizer, arch: Ar
     writer.add_token_types(types)
     # merges, bos/eos/pad ids and the chat template, read from the tokenizer files
     special = gguf.SpecialVocab(model_dir, load_merges=True, n_vocab=vocab_size)
-    # Whether llama.cpp adds BOS/EOS when tokenizing: measured from what the tokenizer does.
-    probe = tokenizer.encode("a", add_special_tokens=True)
-    special.add_special_token = {
-        "bos": tokenizer.bos_token_id is not None and probe[0] == tokenizer.bos_token_id,
-        "eos": probe[-1] == tokenizer.eos_token_id,
-    }
+    # Whether llama.cpp adds BOS/EOS when tokenizing: what the tokenizer's post-processor says (as llama.cpp's
+    # converter reads it), else measured from what the tokenizer does.
+    if not special.add_special_token:
+        probe = tokenizer.encode("a", add_special_tokens=True)
+        special.add_special_token = {
+            "bos": tokenizer.bos_token_id is not None and probe[0] == tokenizer.bos_token_id,
+            "eos": probe[-1] == tokenizer.eos_token_id,
+        }
     if chat_template:
         special.chat_template = chat_template
     special.add_to_gguf(writer, quiet=True)

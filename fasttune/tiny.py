@@ -14,6 +14,7 @@ once and cached under $FASTTUNE_CACHE (default ~/.cache/fasttune).
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shutil
@@ -28,6 +29,7 @@ logger = logging.getLogger(__name__)
 LLAMA_CPP_SDIST = "llama-cpp-python==0.3.36"
 SDIST_ROOT = "llama_cpp_python-0.3.36/vendor/llama.cpp/"
 VOCAB_GGUF = "models/ggml-vocab-qwen2.gguf"
+LLAMA3_VOCAB_GGUF = "models/ggml-vocab-llama-bpe.gguf"
 
 # Qwen2.5-0.5B's hyper-parameters where they do not cost compute; DESIGN.md section 4 for widths.
 TINY_CONFIG = dict(
@@ -67,6 +69,26 @@ TINY_QWEN3_CONFIG = dict(
     model_type="qwen3",
     head_dim=128,
     max_position_embeddings=40960,
+)
+# Llama-3.2-1B's shape rules where they do not cost compute: llama3 rope scaling, 64-wide heads, tied
+# embeddings, no biases.
+TINY_LLAMA3_2_CONFIG = dict(
+    model_type="llama",
+    hidden_size=256,
+    intermediate_size=512,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=64,
+    vocab_size=128256,
+    tie_word_embeddings=True,
+    max_position_embeddings=131072,
+    rope_parameters={"rope_type": "llama3", "rope_theta": 500000.0, "factor": 32.0, "low_freq_factor": 1.0,
+                     "high_freq_factor": 4.0, "original_max_position_embeddings": 8192},
+    rms_norm_eps=1e-5,
+    bos_token_id=128000,
+    eos_token_id=128009,
+    initializer_range=0.1,  # as TINY_CONFIG: clear winners for greedy comparisons
 )
 # Qwen3's added tokens beyond Qwen2.5's (ids 151665-151668, in this order), plain text to its tokenizer
 QWEN3_ADDED_TOKENS = ["<tool_response>", "</tool_response>", "<think>", "</think>"]
@@ -177,8 +199,6 @@ def qwen3_tokenizer_dir() -> Path:
     four of them become Qwen3's tokens, edited in tokenizer.json, where transformers has no API for it.)"""
 
     def build(tmp: Path) -> None:
-        import json
-
         from transformers import AutoTokenizer
 
         from fasttune.chat_formats import QWEN3_TEMPLATE
@@ -200,14 +220,66 @@ def qwen3_tokenizer_dir() -> Path:
     return atomic_build(cache_dir() / "qwen3-tokenizer", build, _tokenizer_recipe("qwen3"))
 
 
-def _tokenizer_recipe(model_type: str = "qwen2") -> dict:
-    from fasttune.chat_formats import QWEN2_5_TEMPLATE, QWEN3_TEMPLATE
+# Llama 3's tokenizer.json splits words with this pattern (a fact of the model, as llama.cpp's
+# "llama-bpe" pre-tokenizer); transformers' GGUF reader puts GPT-2's in its place.
+LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+                r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+# Llama 3.1+'s names for ids the Llama 3 vocab file calls reserved
+LLAMA3_1_TOKENS = {128004: "<|finetune_right_pad_id|>", 128008: "<|eom_id|>", 128010: "<|python_tag|>"}
 
-    template = QWEN3_TEMPLATE if model_type == "qwen3" else QWEN2_5_TEMPLATE
+
+def llama3_tokenizer_dir() -> Path:
+    """A saved Llama 3.2 tokenizer: llama.cpp's llama-bpe vocab file (Llama 3's 128,256 tokens and merges),
+    with what transformers' GGUF reader gets wrong or the file does not carry put right: Llama 3's split
+    pattern, whole-word vocabulary hits before merges (`ignore_merges`), byte-level decoding,
+    <|begin_of_text|> in front, 3.1's token names, and Llama 3.2-Instruct's chat template. tests/test_tiny.py checks it against llama.cpp's 46 test vectors."""
+
+    def build(tmp: Path) -> None:
+        from tokenizers import Regex, decoders, pre_tokenizers, processors
+        from transformers import AutoTokenizer
+
+        from fasttune.chat_formats import LLAMA3_2_TEMPLATE
+
+        vocab = llama_cpp_file(LLAMA3_VOCAB_GGUF)
+        logger.info("building the Llama 3 tokenizer from %s (about 20 s, once)", vocab.name)
+        tok = AutoTokenizer.from_pretrained(str(vocab.parent), gguf_file=vocab.name)
+        backend = tok.backend_tokenizer
+        backend.pre_tokenizer = pre_tokenizers.Sequence([
+            pre_tokenizers.Split(Regex(LLAMA3_SPLIT), behavior="isolated", invert=False),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=True, use_regex=False)])
+        backend.model.ignore_merges = True
+        backend.model.byte_fallback = False  # byte-level BPE: every byte is a token already
+        backend.decoder = decoders.ByteLevel()  # the reader gives SentencePiece's, which strips a leading space
+        backend.post_processor = processors.TemplateProcessing(
+            single="<|begin_of_text|> $A", pair="<|begin_of_text|> $A <|begin_of_text|> $B",
+            special_tokens=[("<|begin_of_text|>", 128000)])
+        tok.save_pretrained(tmp)
+        spec = json.loads((tmp / "tokenizer.json").read_text())  # renaming tokens: no transformers API for it
+        renamed = {t["content"]: LLAMA3_1_TOKENS[t["id"]] for t in spec["added_tokens"] if t["id"] in LLAMA3_1_TOKENS}
+        for entry in spec["added_tokens"]:
+            entry["content"] = renamed.get(entry["content"], entry["content"])
+        model_vocab = spec["model"]["vocab"]
+        for old, new in renamed.items():
+            model_vocab[new] = model_vocab.pop(old)
+        (tmp / "tokenizer.json").write_text(json.dumps(spec, ensure_ascii=False))
+        (tmp / "tokenizer_config.json").unlink()  # its added-token table still has the old names
+        tok = AutoTokenizer.from_pretrained(tmp)
+        tok.bos_token, tok.eos_token, tok.pad_token = "<|begin_of_text|>", "<|eot_id|>", "<|finetune_right_pad_id|>"
+        tok.chat_template = LLAMA3_2_TEMPLATE
+        tok.save_pretrained(tmp)
+
+    return atomic_build(cache_dir() / "llama3-tokenizer", build, _tokenizer_recipe("llama"))
+
+
+def _tokenizer_recipe(model_type: str = "qwen2") -> dict:
+    from fasttune.chat_formats import LLAMA3_2_TEMPLATE, QWEN2_5_TEMPLATE, QWEN3_TEMPLATE
+
+    template = {"qwen3": QWEN3_TEMPLATE, "llama": LLAMA3_2_TEMPLATE}.get(model_type, QWEN2_5_TEMPLATE)
     return dict(_versions(), sdist=LLAMA_CPP_SDIST, template=template)
 
 
-TOKENIZERS = {"qwen2": qwen2_tokenizer_dir, "qwen3": qwen3_tokenizer_dir}  # config's model_type -> tokenizer
+# config's model_type -> its tokenizer
+TOKENIZERS = {"qwen2": qwen2_tokenizer_dir, "qwen3": qwen3_tokenizer_dir, "llama": llama3_tokenizer_dir}
 
 
 def build_model(dest: Path, config: dict, seed: int = 0) -> Path:
@@ -238,3 +310,8 @@ def tiny_model_dir() -> Path:
 def tiny_qwen3_dir() -> Path:
     """The tiny Qwen3 model, built and cached on first use (`--model tiny-qwen3`)."""
     return build_model(cache_dir() / "tiny-qwen3", TINY_QWEN3_CONFIG)
+
+
+def tiny_llama3_2_dir() -> Path:
+    """The tiny Llama 3.2 model, built and cached on first use (`--model tiny-llama3.2`)."""
+    return build_model(cache_dir() / "tiny-llama3.2", TINY_LLAMA3_2_CONFIG)

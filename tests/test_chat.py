@@ -58,11 +58,22 @@ def test_multi_turn_mask_trains_every_assistant_turn(tokenizer):
     assert labels.count(IM_END) == 2  # the model learns to stop after each answer
 
 
+def family_tokenizer(fmt, qwen2):
+    """The family's own tokenizer (the ChatML families share Qwen2's spelling of their tokens)."""
+    from transformers import AutoTokenizer
+
+    from fasttune import tiny
+
+    built = {"qwen3": tiny.qwen3_tokenizer_dir, "llama3.2": tiny.llama3_tokenizer_dir}.get(fmt.name)
+    return AutoTokenizer.from_pretrained(built()) if built else qwen2
+
+
 @pytest.mark.parametrize("fmt", chat_formats.FORMATS, ids=[f.name for f in chat_formats.FORMATS])
 def test_training_templates_render_the_same_text_and_mask_each_answer(tokenizer, fmt):
     """Each of our training templates against the template the run serves, with and without a system
     message (two families insert a default one), and its mask on a two-turn conversation: each answer
-    and its <|im_end|>, nothing the template adds (Qwen3's empty reasoning block included)."""
+    and its end-of-turn token, nothing the template adds (Qwen3's empty reasoning block included)."""
+    tokenizer = family_tokenizer(fmt, tokenizer)
     system = [{"role": "system", "content": "S"}]
     turns = [{"role": "user", "content": "U"}, {"role": "assistant", "content": "A"},
              {"role": "user", "content": "U2"}, {"role": "assistant", "content": "A2"}]
@@ -73,7 +84,7 @@ def test_training_templates_render_the_same_text_and_mask_each_answer(tokenizer,
                     == tokenizer.apply_chat_template(msgs, chat_template=fmt.served, tokenize=False, **kwargs))
         ids, labels = tokenize_chat(tokenizer, messages, template=fmt.training)
         trained = [i for i, label in zip(ids, labels) if label != IGNORE]
-        assert tokenizer.decode(trained) == "A<|im_end|>A2<|im_end|>"
+        assert tokenizer.decode(trained) == f"A{fmt.end_of_turn}A2{fmt.end_of_turn}"
 
 
 def test_qwen3_is_served_without_thinking_whatever_the_caller_asks(tokenizer):

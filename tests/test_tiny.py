@@ -1,21 +1,38 @@
-"""The tiny model's tokenizer is the real Qwen2 tokenizer: llama.cpp's own test vectors agree."""
+"""The tiny models' tokenizers are the real ones: llama.cpp's own test vectors agree."""
 
 from fasttune.tiny import llama_cpp_file
 
 
-def load_vectors():
+def load_vectors(vocab: str):
     sep = "\n__ggml_vocab_test__\n"
-    texts = llama_cpp_file("models/ggml-vocab-qwen2.gguf.inp").read_text(encoding="utf-8").split(sep)
-    outs = llama_cpp_file("models/ggml-vocab-qwen2.gguf.out").read_text(encoding="utf-8").split("\n")
+    texts = llama_cpp_file(f"models/ggml-vocab-{vocab}.gguf.inp").read_text(encoding="utf-8").split(sep)
+    outs = llama_cpp_file(f"models/ggml-vocab-{vocab}.gguf.out").read_text(encoding="utf-8").split("\n")
     return [(text, [int(t) for t in out.split()]) for text, out in zip(texts, outs, strict=True)]
 
 
+def mismatches(tokenizer, vectors):
+    return [(text, want, tokenizer.encode(text, add_special_tokens=False)) for text, want in vectors
+            if tokenizer.encode(text, add_special_tokens=False) != want]
+
+
 def test_llama_cpp_qwen2_vectors(tokenizer):
-    vectors = load_vectors()
+    vectors = load_vectors("qwen2")
     assert len(vectors) == 47
-    mismatches = [(text, want, tokenizer.encode(text, add_special_tokens=False)) for text, want in vectors
-                  if tokenizer.encode(text, add_special_tokens=False) != want]
-    assert not mismatches, mismatches[:3]
+    assert not mismatches(tokenizer, vectors), mismatches(tokenizer, vectors)[:3]
+
+
+def test_llama_cpp_llama3_vectors():
+    """The Llama 3 tokenizer rebuilt from llama.cpp's vocab file (split pattern, whole-word hits, BOS)."""
+    from transformers import AutoTokenizer
+
+    from fasttune.tiny import llama3_tokenizer_dir
+
+    tokenizer = AutoTokenizer.from_pretrained(llama3_tokenizer_dir())
+    vectors = load_vectors("llama-bpe")
+    assert len(vectors) == 47
+    assert not mismatches(tokenizer, vectors), mismatches(tokenizer, vectors)[:3]
+    assert tokenizer.encode("hi") == [128000, 6151]  # <|begin_of_text|> in front, as Llama 3's does
+    assert (tokenizer.eos_token, tokenizer.pad_token) == ("<|eot_id|>", "<|finetune_right_pad_id|>")
 
 
 def test_special_tokens(tokenizer):
