@@ -14,11 +14,12 @@ from fasttune import UserError, rundir
 
 
 def resolve(name: str) -> str:
-    """'tiny' / 'tiny-qwen3' -> the cached tiny checkpoint; a local directory or a hub name as is."""
+    """'tiny', 'tiny-qwen3', 'tiny-llama3.2' -> the cached tiny checkpoint; a directory or hub name as is."""
     from fasttune import tiny
 
-    built = {"tiny": tiny.tiny_model_dir, "tiny-qwen3": tiny.tiny_qwen3_dir, "tiny-llama3.2": tiny.tiny_llama3_2_dir}.get(name)
-    return str(built()) if built else name
+    tiny_models = {"tiny": tiny.tiny_model_dir, "tiny-qwen3": tiny.tiny_qwen3_dir,
+                   "tiny-llama3.2": tiny.tiny_llama3_2_dir}
+    return str(tiny_models[name]()) if name in tiny_models else name
 
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json")  # any one: fast, sentencepiece, BPE

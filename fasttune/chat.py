@@ -210,8 +210,9 @@ def prepare_chunks(chunks: Iterable[list[Example]], tokenizer, max_length: int, 
         kept_here = []
         for ex, (ids, labels) in zip(examples, encoded):
             if fmt and (held := _held(ex, fmt.not_in_answers)):
-                out.rejects.append(Reject(ex.source, f"an answer holds {held}: a {fmt.name} run is served without "
-                                          "reasoning, so it trains plain answers; remove the reasoning block", ex.record))
+                why = (f"an answer holds {held}: a {fmt.name} run is served without reasoning, so it trains plain "
+                       "answers; remove the reasoning block")
+                out.rejects.append(Reject(ex.source, why, ex.record))
                 continue
             lengths.append(len(ids))
             n_total = sum(lab != IGNORE for lab in labels)

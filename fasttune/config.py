@@ -28,7 +28,8 @@ class ModelConfig:
         default=None,
         metadata={"help": "Base model (required): a hub name (Qwen/Qwen2.5-0.5B-Instruct), a local directory, or "
                           "'tiny' for a dry run on the embedded tiny Qwen2.5-architecture model (2 layers, random "
-                          "weights: its answers mean nothing), 'tiny-qwen3' for its Qwen3 twin."},
+                          "weights: its answers mean nothing); 'tiny-qwen3' and 'tiny-llama3.2' for its Qwen3 and "
+                          "Llama 3.2 twins."},
     )
     load_in_4bit: bool = field(
         default=True,
