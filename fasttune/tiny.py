@@ -1,10 +1,11 @@
-"""The tiny models used by the demo, the tests and the benchmarks: Qwen2.5's (`--model tiny`) and Qwen3's
-(`--model tiny-qwen3`).
+"""The tiny models used by the demo, the tests and the benchmarks: Qwen2.5's (`--model tiny`), Qwen3's
+(`--model tiny-qwen3`) and Llama 3.2's (`--model tiny-llama3.2`).
 
-Each has its family's real vocabulary and merges (Qwen2's 151,936 rows; Qwen3 adds its tool-response
-and reasoning tokens at Qwen3's ids; llama.cpp's vocab file lacks the other added tokens, <tool_call>
-and the FIM ones, for both) and shape rules (GQA; Qwen2.5's q/k/v biases, Qwen3's q/k norms and 128-wide heads;
-tied embeddings), but only 2 layers of width 256 and random weights: its words mean nothing.
+Each has its family's real vocabulary and merges (Qwen2's 151,936 rows, Qwen3 adding its tool-response
+and reasoning tokens at Qwen3's ids; llama.cpp's Qwen2 vocab file lacks the other added tokens,
+<tool_call> and the FIM ones; Llama 3's 128,256) and shape rules (GQA; Qwen2.5's q/k/v biases, Qwen3's
+q/k norms and 128-wide heads, Llama 3's rope scaling; tied embeddings), but only 2 layers of width 256
+and random weights: its words mean nothing.
 Widths are multiples of 256 so llama.cpp's k-quants really apply (at 64 every tensor falls back).
 
 The tokenizer comes from the llama-cpp-python sdist, which ships llama.cpp's vocab-only
@@ -232,7 +233,8 @@ def llama3_tokenizer_dir() -> Path:
     """A saved Llama 3.2 tokenizer: llama.cpp's llama-bpe vocab file (Llama 3's 128,256 tokens and merges),
     with what transformers' GGUF reader gets wrong or the file does not carry put right: Llama 3's split
     pattern, whole-word vocabulary hits before merges (`ignore_merges`), byte-level decoding,
-    <|begin_of_text|> in front, 3.1's token names, and Llama 3.2-Instruct's chat template. tests/test_tiny.py checks it against llama.cpp's 46 test vectors."""
+    <|begin_of_text|> in front, 3.1's token names, and Llama 3.2-Instruct's chat template.
+    tests/test_tiny.py checks it against llama.cpp's 47 test vectors."""
 
     def build(tmp: Path) -> None:
         from tokenizers import Regex, decoders, pre_tokenizers, processors
@@ -255,7 +257,8 @@ def llama3_tokenizer_dir() -> Path:
             special_tokens=[("<|begin_of_text|>", 128000)])
         tok.save_pretrained(tmp)
         spec = json.loads((tmp / "tokenizer.json").read_text())  # renaming tokens: no transformers API for it
-        renamed = {t["content"]: LLAMA3_1_TOKENS[t["id"]] for t in spec["added_tokens"] if t["id"] in LLAMA3_1_TOKENS}
+        renamed = {t["content"]: LLAMA3_1_TOKENS[t["id"]] for t in spec["added_tokens"]
+                   if t["id"] in LLAMA3_1_TOKENS}
         for entry in spec["added_tokens"]:
             entry["content"] = renamed.get(entry["content"], entry["content"])
         model_vocab = spec["model"]["vocab"]
