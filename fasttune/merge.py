@@ -1,27 +1,37 @@
-"""Merge a LoRA adapter into the original 16-bit base weights.
+"""Merge a LoRA adapter into the original 16-bit base weights, one tensor at a time.
 
-Never into dequantized 4-bit weights: the base is reloaded from its own checkpoint, the merge is
-done in float32 (one rounding, at the end) and saved in the base's dtype. Unsloth's merge code
-notes that merging onto dequantized 4-bit weights raised Qwen2.5 perplexity by about 20 %.
+Never into dequantized 4-bit weights: the base is read from its own checkpoint, each delta is added
+in float32 (one rounding, at the end) and saved in the base's dtype. Unsloth's merge code notes that
+merging onto dequantized 4-bit weights raised Qwen2.5 perplexity by about 20 %.
+
+Streaming, written here because PEFT's merge_and_unload needs the whole model in memory (in float32:
+about 30 GB for a 7B). Each base tensor is read from its safetensors file; where the adapter has a
+LoRA pair for it, it becomes W + (B @ A) * scaling in float32 (PEFT's operations in PEFT's order:
+the result is equal bit for bit); it goes to an output shard of at most SHARD_BYTES. Memory: one
+output shard plus one tensor in float32, whatever the model's size.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import shutil
 import tempfile
 from pathlib import Path
 
 import torch
-from peft import PeftModel
-from safetensors import SafetensorError
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+from tqdm import tqdm
 
 from fasttune import UserError
 
 logger = logging.getLogger(__name__)
+
+SHARD_BYTES = 512 << 20  # output shard size: what the merge holds besides one float32 tensor
+ADAPTER_PREFIX = "base_model.model."  # PEFT's adapter keys: <prefix><module>.lora_A.weight
 
 
 def base_model_of(adapter_dir: Path) -> str:
@@ -31,39 +41,137 @@ def base_model_of(adapter_dir: Path) -> str:
     return json.loads(config.read_text())["base_model_name_or_path"]
 
 
-def load_merged(adapter_dir: Path, base: str | None = None, dtype=torch.float32):
-    """The base in float32 with the adapter merged in (and the tokenizer saved with the adapter)."""
+def base_directory(base: str) -> Path:
+    """A base model's folder: a local directory as is, a hub name from the Hugging Face cache."""
+    if Path(base).is_dir():
+        return Path(base)
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(base, local_files_only=True))
+    except Exception:  # noqa: BLE001  (any hub error means: not in the cache)
+        raise UserError(f"{base}: the base model is neither a directory nor in the Hugging Face cache; download "
+                        f"it with `hf download {base}`, or pass its folder") from None
+
+
+def weight_files(model_dir: Path) -> list[Path]:
+    """The safetensors files of a checkpoint, in its index's order (or the single file)."""
+    index = model_dir / "model.safetensors.index.json"
+    if index.is_file():
+        return [model_dir / f for f in dict.fromkeys(json.loads(index.read_text())["weight_map"].values())]
+    files = sorted(model_dir.glob("*.safetensors"))
+    if not files:
+        raise UserError(f"{model_dir}: no *.safetensors weights; the merge reads the base model tensor by tensor "
+                        "from safetensors (write a pytorch_model.bin checkpoint again with transformers' "
+                        "save_pretrained)")
+    return files
+
+
+def lora_pairs(adapter_dir: Path) -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor]], float]:
+    """({base weight name: (A, B)}, scaling) of a PEFT LoRA adapter as fasttune trains them: plain LoRA
+    (no DoRA, no per-module rank or alpha), one scaling for all, alpha / r (alpha / sqrt(r): rsLoRA)."""
+    config = json.loads((adapter_dir / "adapter_config.json").read_text())
+    unsupported = [k for k in ("use_dora", "rank_pattern", "alpha_pattern", "modules_to_save", "fan_in_fan_out")
+                   if config.get(k)]
+    if unsupported:
+        raise UserError(f"{adapter_dir / 'adapter_config.json'}: sets {', '.join(unsupported)}, which fasttune's "
+                        "merge does not apply; merge it with PEFT's merge_and_unload")
+    r, alpha = config["r"], config["lora_alpha"]
+    scaling = alpha / math.sqrt(r) if config.get("use_rslora") else alpha / r
+    path = adapter_dir / "adapter_model.safetensors"
+    try:
+        with safe_open(path, framework="pt") as f:
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except (SafetensorError, OSError) as e:  # truncated or overwritten file
+        raise UserError(f"{path} is damaged ({e}); restore it, or train again (RUN_DIR/checkpoints/checkpoint-*/ "
+                        "holds the adapter of the last checkpoints)") from None
+    pairs = {}
+    for key, a in tensors.items():
+        if key.endswith(".lora_A.weight"):
+            module = key.removeprefix(ADAPTER_PREFIX).removesuffix(".lora_A.weight")
+            pairs[f"{module}.weight"] = (a, tensors[key.replace(".lora_A.", ".lora_B.")])
+    return pairs, scaling
+
+
+def merged_tensor(weight: torch.Tensor, pair, scaling: float, dtype: torch.dtype) -> torch.Tensor:
+    """W + (B @ A) * scaling in float32, rounded once to `dtype`: PEFT's LoRA merge, operation for operation."""
+    if not weight.is_floating_point():
+        return weight
+    if pair is None:
+        return weight.to(dtype)
+    a, b = pair
+    return (weight.float() + (b.float() @ a.float()) * scaling).to(dtype)
+
+
+def merge(adapter_dir: Path, out_dir: Path, base: str | None = None) -> Path:
+    """Write base+adapter as safetensors (in the base's dtype) + config + tokenizer to out_dir, atomically."""
+    from transformers import AutoConfig, AutoTokenizer, GenerationConfig
+
     recorded = base_model_of(adapter_dir)
     base = base or recorded
     if base != recorded:
         logger.warning("%s was trained on %s; merging it onto %s", adapter_dir, recorded, base)
-    model = AutoModelForCausalLM.from_pretrained(base, dtype=dtype)
-    try:
-        model = PeftModel.from_pretrained(model, str(adapter_dir)).merge_and_unload()
-    except SafetensorError as e:  # truncated or overwritten file
-        raise UserError(f"{adapter_dir / 'adapter_model.safetensors'} is damaged ({e}); restore it, or train again "
-                        "(RUN_DIR/checkpoints/checkpoint-*/ holds the adapter of the last checkpoints)") from None
-    except RuntimeError as e:  # PEFT: "Error(s) in loading state_dict ... size mismatch for ..."
-        first = next((ln.strip() for ln in str(e).splitlines() if "size mismatch" in ln), str(e).splitlines()[0])
-        raise UserError(f"{adapter_dir} does not fit {base} (it was trained on {recorded}): {first}") from None
-    return model, AutoTokenizer.from_pretrained(str(adapter_dir))
-
-
-def merge(adapter_dir: Path, out_dir: Path, base: str | None = None) -> Path:
-    """Write base+adapter as safetensors (in the base's dtype) + tokenizer to out_dir, atomically."""
-    base = base or base_model_of(adapter_dir)
-    saved_dtype = AutoConfig.from_pretrained(base).dtype or torch.bfloat16  # a torch.dtype in transformers 5
-    model, tokenizer = load_merged(adapter_dir, base)
-    model.to(saved_dtype)
+    base_dir = base_directory(base)
+    config = AutoConfig.from_pretrained(base_dir)
+    dtype = config.dtype or torch.bfloat16  # a torch.dtype in transformers 5
+    pairs, scaling = lora_pairs(adapter_dir)
+    plan = _shards(weight_files(base_dir), dtype)
+    missing = sorted(set(pairs) - {name for shard in plan for name, _ in shard})
+    if missing:
+        raise UserError(f"{adapter_dir} does not fit {base} (it was trained on {recorded}): the base has no "
+                        f"{missing[0]}")
     tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=out_dir.name + ".tmp"))
     try:
         tmp.chmod(0o755)  # mkdtemp makes it private; a run directory is not
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
+        weight_map = {}
+        with tqdm(total=sum(len(s) for s in plan), desc="merging the adapter", unit="tensor") as bar:
+            for i, shard in enumerate(plan):
+                name = f"model-{i + 1:05d}-of-{len(plan):05d}.safetensors" if len(plan) > 1 else "model.safetensors"
+                out = {}
+                for key, file in shard:
+                    with safe_open(file, framework="pt") as f:  # opened per tensor: no file stays mapped
+                        weight = f.get_tensor(key)
+                    delta_shape = (pairs[key][1].shape[0], pairs[key][0].shape[1]) if key in pairs else None
+                    if delta_shape and delta_shape != tuple(weight.shape):
+                        raise UserError(f"{adapter_dir} does not fit {base} (it was trained on {recorded}): size "
+                                        f"mismatch for {key}: {tuple(weight.shape)} in the base, {delta_shape} in "
+                                        "the adapter")
+                    out[key] = merged_tensor(weight, pairs.get(key), scaling, dtype).contiguous()
+                    weight_map[key] = name
+                    bar.update()
+                save_file(out, tmp / name, metadata={"format": "pt"})
+                del out
+        if len(plan) > 1:
+            total = sum((tmp / n).stat().st_size for n in set(weight_map.values()))
+            (tmp / "model.safetensors.index.json").write_text(
+                json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2) + "\n")
+        config.save_pretrained(tmp)
+        try:
+            GenerationConfig.from_pretrained(base_dir).save_pretrained(tmp)
+        except OSError:  # the base has no generation_config.json
+            pass
+        AutoTokenizer.from_pretrained(str(adapter_dir)).save_pretrained(tmp)  # with the run's chat template
         if out_dir.exists():
             shutil.rmtree(out_dir)
         os.replace(tmp, out_dir)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    logger.info("merged %s onto %s -> %s (%s)", adapter_dir, base, out_dir, saved_dtype)
+    logger.info("merged %s onto %s -> %s (%s, %d LoRA pairs)", adapter_dir, base, out_dir, dtype, len(pairs))
     return out_dir
+
+
+def _shards(files: list[Path], dtype: torch.dtype) -> list[list[tuple[str, Path]]]:
+    """The base's tensors (name, file), in file order, cut into output shards of at most SHARD_BYTES
+    (a larger tensor gets a shard of its own). Sizes come from the headers: nothing is loaded."""
+    item = torch.empty((), dtype=dtype).element_size()
+    shards, size = [[]], 0
+    for file in files:
+        with safe_open(file, framework="pt") as f:
+            for key in f.keys():
+                nbytes = math.prod(f.get_slice(key).get_shape()) * item
+                if shards[-1] and size + nbytes > SHARD_BYTES:
+                    shards.append([])
+                    size = 0
+                shards[-1].append((key, file))
+                size += nbytes
+    return shards
