@@ -13,12 +13,17 @@ STAMP  := $(VENV)/.installed
 # does not (GCC < 11, non-x86 targets) cannot build those kernels anyway.
 LLAMA_CMAKE_ARGS := $(shell echo 'int x;' | $${CC:-cc} -mno-amx-int8 -x c -c -o /dev/null - 2>/dev/null \
 	&& echo "-DCMAKE_C_FLAGS=-mno-amx-int8 -DCMAKE_CXX_FLAGS=-mno-amx-int8")
+# llama.cpp on the GPU where it can be built for one: the CUDA toolkit's nvcc and an NVIDIA driver
+# (nvidia-smi). fasttune.infer then offloads every layer (FASTTUNE_GPU_LAYERS=0 keeps the CPU).
+NVCC := $(shell command -v nvcc 2>/dev/null || ls /usr/local/cuda/bin/nvcc 2>/dev/null)
+LLAMA_CUDA := $(if $(and $(NVCC),$(shell command -v nvidia-smi 2>/dev/null)),-DGGML_CUDA=on -DCMAKE_CUDA_COMPILER=$(NVCC))
+OFFLOADS := $(PY) -c "import llama_cpp, sys; sys.exit(not llama_cpp.llama_supports_gpu_offload())"
 NO_AMX := $(PY) -c "import llama_cpp, sys; sys.exit(b'AMX_INT8 = 1' in llama_cpp.llama_print_system_info())"
 export FASTTUNE_CACHE ?= $(HOME)/.cache/fasttune
 export HF_HUB_OFFLINE ?= 1
 export PYTHONUNBUFFERED := 1
 
-.PHONY: install demo test test-slow test-gpu bench clean
+.PHONY: install demo test test-slow test-gpu bench bench-gpu clean
 
 install: $(STAMP)
 
@@ -31,9 +36,11 @@ $(STAMP): pyproject.toml
 	# llama.cpp is compiled for this CPU, but not with its AMX kernels (Intel Xeon 4th gen and later):
 	# in this release they crash on every quantized file (q8_0, q4_k_m, q6_k: llama.cpp issue 20824).
 	# --no-cache-dir: pip would otherwise reuse a wheel it built earlier with other flags.
-	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS) $$CMAKE_ARGS" $(PIP) install --quiet --no-cache-dir 'llama-cpp-python[server]==0.3.36'
-	$(NO_AMX) || CMAKE_ARGS="$(LLAMA_CMAKE_ARGS) $$CMAKE_ARGS" $(PIP) install --quiet --no-cache-dir \
-		--force-reinstall --no-deps 'llama-cpp-python==0.3.36'  # an older .venv's build with AMX: built again
+	@echo "llama-cpp-python: $(if $(LLAMA_CUDA),CUDA build with $(NVCC) (it takes a while),CPU build (no nvcc and nvidia-smi here))"
+	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS) $(LLAMA_CUDA) $$CMAKE_ARGS" $(PIP) install --quiet --no-cache-dir 'llama-cpp-python[server]==0.3.36'
+	$(NO_AMX) $(if $(LLAMA_CUDA),&& $(OFFLOADS)) || CMAKE_ARGS="$(LLAMA_CMAKE_ARGS) $(LLAMA_CUDA) $$CMAKE_ARGS" \
+		$(PIP) install --quiet --no-cache-dir --force-reinstall --no-deps 'llama-cpp-python==0.3.36'  # an older build: again
+	$(if $(LLAMA_CUDA),$(OFFLOADS) || (echo "llama-cpp-python was built without CUDA although nvcc is here" && exit 1))
 	$(NO_AMX) || (echo "llama-cpp-python was built with AMX kernels: does \$$CMAKE_ARGS set its own" \
 		"-DCMAKE_C_FLAGS? add -mno-amx-int8 to them" && exit 1)
 	$(PIP) install --quiet -e '.[test]'
@@ -67,8 +74,22 @@ test: install
 test-slow: install
 	$(PY) -m pytest -q -m slow
 
+# On a machine with an NVIDIA GPU (make install then builds llama.cpp with CUDA): 4-bit training
+# through Unsloth's kernels and llama.cpp with every layer offloaded; bench-gpu adds training speed
+# and memory against plain TRL + PEFT + bitsandbytes (the planner against torch.cuda.max_memory_allocated)
+# and offloaded decoding.
+HAS_CUDA := $(PY) -c "import torch, sys; sys.exit(not torch.cuda.is_available())" || \
+	(echo "no CUDA device here: these targets run on a machine with an NVIDIA GPU" && exit 1)
+
 test-gpu: install
+	$(HAS_CUDA)
 	$(PY) -m pytest -q -m gpu
+
+bench-gpu: install
+	$(HAS_CUDA)
+	$(PY) bench/train.py --model qwen2.5-0.5b-shaped
+	$(PY) bench/train.py --model tiny
+	$(PY) bench/decode.py
 
 bench: install
 	$(PY) bench/data.py

@@ -55,6 +55,7 @@ def main(argv=None):
         # chat_format None: the chat template embedded in the GGUF
         model_settings=[ModelSettings(model=str(args.gguf), model_alias=name, n_ctx=args.ctx, chat_format=None,
                                       n_threads=cpu_threads(), n_threads_batch=cpu_threads(), verbose=False,
+                                      n_gpu_layers=infer.gpu_layers(),
                                       lora_path=str(args.lora) if args.lora else None)],
     )
     guard(app, args.host, args.allow_origin)

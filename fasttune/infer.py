@@ -8,11 +8,28 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 from pathlib import Path
 
 from fasttune import UserError, cpu_threads
 
 logger = logging.getLogger(__name__)
+
+
+def gpu_layers(supports_offload: bool | None = None) -> int:
+    """How many layers llama.cpp puts on the GPU: all (-1) when llama-cpp-python was built with a GPU
+    backend (`make install` builds CUDA where nvcc is), none (0) otherwise; $FASTTUNE_GPU_LAYERS sets
+    the number (0: the CPU, e.g. while the GPU trains). supports_offload: the build's answer (tests)."""
+    value = os.environ.get("FASTTUNE_GPU_LAYERS")
+    if value:
+        if not value.lstrip("-").isdigit() or int(value) < -1:
+            raise UserError(f"FASTTUNE_GPU_LAYERS={value!r}: expected a whole number of layers, or -1 for all")
+        return int(value)
+    if supports_offload is None:
+        import llama_cpp
+
+        supports_offload = bool(llama_cpp.llama_supports_gpu_offload())
+    return -1 if supports_offload else 0
 
 
 @contextlib.contextmanager
@@ -24,6 +41,7 @@ def load(path: str | Path, n_ctx: int = 4096, **kwargs):
     check_runnable(path)
     kwargs.setdefault("n_threads", cpu_threads())
     kwargs.setdefault("n_threads_batch", cpu_threads())  # prompts and eval; llama-cpp-python's default: every host core
+    kwargs.setdefault("n_gpu_layers", gpu_layers())
     # llama.cpp pads the context to a multiple of 256 but llama-cpp-python 0.3.36 sizes its token
     # buffer to the number asked for, and overflows it past that: ask for the padded size.
     n_ctx = -(-n_ctx // 256) * 256

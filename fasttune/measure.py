@@ -159,17 +159,31 @@ class Measured:
 
 
 def _logits(llm, ids: list[int], span: list[int]) -> np.ndarray:
-    """The logits at `span` (consecutive positions). The tokens before it go in without logits: llama.cpp
-    then skips the output layer there, a vocabulary-wide matmul per token (a quarter of Qwen2.5-0.5B)."""
+    """The logits at `span` (consecutive positions), in one pass over what llm does not hold yet.
+
+    Only the span asks for logits, so llama.cpp skips the output layer (a vocabulary-wide matmul per
+    token: a quarter of Qwen2.5-0.5B) everywhere else, and prompt and span go in one call (small calls
+    cost several times more per token on a CPU). The cache of the prefix `ids` shares with what llm
+    holds (a system prompt, a fixed instruction) is kept. Written against llama-cpp-python 0.3.36's
+    internals (pinned): its eval() asks for logits at every token or at the last one only.
+    """
     first, last = span[0], span[-1]
-    assert llm.scores.shape[0] > last, "load the model with logits_all=True: scores has a row per position"
-    llm.reset()
-    llm._logits_all = False  # llama-cpp-python 0.3.36 (pinned): read in eval() alone
-    if first:
-        llm.eval(ids[:first])
-    llm._logits_all = True
-    llm.eval(ids[first : last + 1])
-    return np.array(llm.scores[first : last + 1], dtype=np.float32)
+    held = llm.input_ids[: llm.n_tokens]
+    keep = next((i for i, (a, b) in enumerate(zip(held, ids[:first])) if a != b), min(len(held), first))
+    llm._ctx.kv_cache_seq_rm(-1, keep, -1)
+    llm.n_tokens, rows = keep, []
+    for start in range(keep, last + 1, llm.n_batch):
+        chunk = ids[start : min(last + 1, start + llm.n_batch)]
+        llm._batch.set_batch(chunk, n_past=start, logits_all=False)  # logits at the chunk's last token only
+        wanted = [j for j in range(len(chunk)) if start + j >= first]
+        for j in wanted:
+            llm._batch.batch.logits[j] = True
+        llm._ctx.decode(llm._batch)
+        rows += [np.ctypeslib.as_array(llm._ctx.get_logits_ith(j), shape=(llm.n_vocab(),)).copy() for j in wanted]
+        llm.input_ids[start : start + len(chunk)] = chunk
+        llm.n_tokens = start + len(chunk)
+    llm._requires_eval = True  # the context's last logits are not a prompt's: generate() evaluates again
+    return np.array(rows, dtype=np.float32)
 
 
 def measure_file(path: Path, qtype: str, reference: Reference | None, drift_cases: list[Case],
@@ -193,7 +207,7 @@ def measure_file(path: Path, qtype: str, reference: Reference | None, drift_case
     if adapter:
         row["adapter_mb"] = round(adapter_bytes / 1e6, 1)
     out = Measured(row)
-    with infer.load(path, n_ctx=max(lengths) + 64, logits_all=True, **lora) as llm:
+    with infer.load(path, n_ctx=max(lengths) + 64, **lora) as llm:
         row["bits_per_weight"] = round(infer.bits_per_weight(llm, extra_bytes=adapter_bytes), 2)
         if reference:
             row.update(_fidelity(llm, reference))
@@ -227,9 +241,6 @@ def _answer(llm, out: Measured, task: Task, indices, name: str) -> None:
     from fasttune import evaluate
 
     indices = list(indices)
-    # sampling runs inside llama.cpp: the answers need no per-position logits, and copying a
-    # vocabulary-sized row per prompt token would be most of the time on a small model
-    llm._logits_all = False  # llama-cpp-python 0.3.36 (pinned): read in eval() alone
     start = time.perf_counter()
     got = evaluate.answer_llm(llm, [task.prompts[i] for i in indices], task.max_new_tokens,
                               desc=f"answering with {name}")

@@ -28,3 +28,20 @@ def test_qlora_trains_on_cuda(tmp_path, memorized_chats):
     losses = [log["loss"] for log in trainer.state.log_history if "loss" in log]
     assert sum(losses[-3:]) / 3 < 0.5 * losses[0], losses
     assert torch.cuda.max_memory_allocated() > 0
+
+
+def test_llama_cpp_offloads_and_answers_as_on_the_cpu(trained_run, monkeypatch):
+    """`make install` built llama.cpp with CUDA here; every layer on the GPU gives the CPU's greedy answer."""
+    import llama_cpp
+
+    from fasttune import infer
+
+    assert llama_cpp.llama_supports_gpu_offload(), "make install found no nvcc: llama-cpp-python is a CPU build"
+    assert infer.gpu_layers() == -1
+    answers = {}
+    for layers in ("0", "-1"):
+        monkeypatch.setenv("FASTTUNE_GPU_LAYERS", layers)
+        with infer.load(trained_run[0] / "gguf" / "memorize-bf16.gguf", n_ctx=512) as llm:
+            ids = llm.tokenize(b"<|im_start|>user\nhello<|im_end|>\n<|im_start|>assistant\n", special=True)
+            answers[layers] = [t for _, t in zip(range(16), llm.generate(ids, temp=0.0))]
+    assert answers["0"] == answers["-1"]

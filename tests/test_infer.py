@@ -29,3 +29,25 @@ def test_threads_are_the_cpus_this_process_may_use(monkeypatch):
     monkeypatch.setenv("FASTTUNE_THREADS", "all")
     with pytest.raises(UserError, match="FASTTUNE_THREADS='all': expected a whole number"):
         cpu_threads()
+
+
+def test_all_layers_go_to_the_gpu_when_the_build_can_offload(monkeypatch):
+    monkeypatch.delenv("FASTTUNE_GPU_LAYERS", raising=False)
+    assert infer.gpu_layers(supports_offload=True) == -1
+    assert infer.gpu_layers(supports_offload=False) == 0
+    # this build: make install builds CUDA only where nvcc is
+    assert infer.gpu_layers() == (-1 if llama_cpp.llama_supports_gpu_offload() else 0)
+    monkeypatch.setenv("FASTTUNE_GPU_LAYERS", "0")  # the CPU while the GPU trains
+    assert infer.gpu_layers(supports_offload=True) == 0
+    monkeypatch.setenv("FASTTUNE_GPU_LAYERS", "12")
+    assert infer.gpu_layers(supports_offload=False) == 12
+    for bad in ("all", "-2", "1.5"):
+        monkeypatch.setenv("FASTTUNE_GPU_LAYERS", bad)
+        with pytest.raises(UserError, match=f"FASTTUNE_GPU_LAYERS='{bad}': expected a whole number"):
+            infer.gpu_layers()
+
+
+def test_load_asks_llama_cpp_for_the_offload(trained_run, monkeypatch):
+    monkeypatch.setenv("FASTTUNE_GPU_LAYERS", "7")
+    with infer.load(trained_run[0] / "gguf" / "memorize-bf16.gguf", n_ctx=256) as llm:
+        assert llm.model_params.n_gpu_layers == 7

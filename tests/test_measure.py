@@ -50,5 +50,21 @@ def test_logits_at_the_answer_span_are_those_of_a_full_pass(trained_run, tokeniz
         llm.eval(case.ids)
         full = np.array(llm.scores[: len(case.ids)], dtype=np.float32)[case.span]
         got = measure._logits(llm, case.ids, case.span)
-    assert got.shape == full.shape
-    np.testing.assert_allclose(got, full, atol=1e-3)
+        assert got.shape == full.shape
+        np.testing.assert_allclose(got, full, atol=1e-3)
+        # the next cases keep the cache of the prefix they share with the one before (the system prompt)
+        evaluated, decode = [], llm._ctx.decode
+        llm._ctx.decode = lambda batch: (evaluated.append(batch.batch.n_tokens), decode(batch))
+        many = measure.cases(tokenizer, chats)
+        after = [measure._logits(llm, c.ids, c.span) for c in many]
+        llm._ctx.decode = decode
+        for c, logits in zip(many, after):
+            llm.reset()
+            llm.eval(c.ids)
+            np.testing.assert_allclose(logits, np.array(llm.scores[: len(c.ids)], dtype=np.float32)[c.span], atol=1e-3)
+    with infer.load(run_dir / "gguf" / "memorize-q4_k_m.gguf", n_ctx=512, n_batch=8) as llm:  # cases in chunks
+        for c, logits in zip(many, after):
+            np.testing.assert_allclose(measure._logits(llm, c.ids, c.span), logits, atol=1e-3)
+    shared = min(next(i for i, (a, b) in enumerate(zip(x.ids, y.ids)) if a != b) for x, y in zip(many, many[1:]))
+    assert len(evaluated) == len(many)  # one call per case
+    assert shared > 10 and sum(evaluated) <= sum(c.span[-1] + 1 for c in many) - (len(many) - 1) * shared
