@@ -7,13 +7,14 @@ on Qwen2.5-shaped checkpoints of growing size, in one run.
 For each shape: a random-weight bf16 checkpoint with Qwen2.5's real widths (written tensor by
 tensor in 2 GB shards, as the hub ships them) and a random LoRA adapter (r 16, the seven
 projections, B non-zero so every delta is real). Then, each in a fresh process (its peak resident
-memory, ru_maxrss, is its own):
+memory, VmHWM, is its own):
   peft     today's usual merge: the base loaded in float32, PeftModel.merge_and_unload, cast to
            bf16, save_pretrained (what fasttune did before the streamed merge)
   stream   fasttune.merge.merge
   export   fasttune.convert.convert of the streamed merge to a bf16 GGUF
   imports  a process that imports what `stream` imports and stops: the floor under every row
-Reported: seconds and peak RSS per step, and the ratios stream / peft. Shapes in --stream_only skip
+Reported: seconds and peak RSS per step (GiB), the --plan prediction beside the streamed steps, and
+the ratios stream / peft. Shapes in --stream_only skip
 the peft row (a 7B in float32 needs about 30 GB). Appends to bench/RESULTS.md. Needs free disk of
 about 3 x the bf16 size of the largest shape.
 """
@@ -108,7 +109,7 @@ def build(dest: Path, shape: dict) -> tuple[Path, Path, int]:
             weight_map |= dict.fromkeys(shard, file)
             del tensors
         (base / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
-        config.dtype = torch.bfloat16
+        config.dtype, config.architectures = torch.bfloat16, ["Qwen2ForCausalLM"]
         config.save_pretrained(base)
         AutoTokenizer.from_pretrained(tiny_model_dir()).save_pretrained(base)
         adapter.mkdir()
@@ -129,10 +130,12 @@ def build(dest: Path, shape: dict) -> tuple[Path, Path, int]:
 
 
 def run_step(step: str, base: Path, adapter: Path, out: Path) -> tuple[float, int]:
-    """(seconds, peak RSS bytes) of one step in a fresh process."""
-    code = (f"import resource, sys, time\nsys.path.insert(0, {str(ROOT)!r})\nBASE, ADAPTER, OUT = "
+    """(seconds, peak RSS bytes) of one step in a fresh process. The peak is VmHWM, the high-water mark of
+    the process's own address space: ru_maxrss would carry over this process's RSS from the fork."""
+    code = (f"import sys, time\nsys.path.insert(0, {str(ROOT)!r})\nBASE, ADAPTER, OUT = "
             f"{str(base)!r}, {str(adapter)!r}, {str(out)!r}\nt = time.perf_counter()\n{STEPS[step]}\n"
-            "print('RESULT', time.perf_counter() - t, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)")
+            "hwm = next(ln for ln in open('/proc/self/status') if ln.startswith('VmHWM'))\n"
+            "print('RESULT', time.perf_counter() - t, int(hwm.split()[1]) * 1024)")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
     if proc.returncode:
         sys.exit(f"{step} on {base} failed:\n{proc.stderr[-3000:]}")
@@ -147,9 +150,12 @@ def main():
                         help="shapes measured without the peft row (too large for float32 in this machine's RAM)")
     parser.add_argument("--work", type=Path, help="keep the checkpoints here (default: a temporary folder)")
     a = parser.parse_args()
+    sys.path.insert(0, str(ROOT))
+    from fasttune import plan
+
     gb = 1 << 30
-    lines = ["| shape | parameters | bf16 GB | peft s | peft peak GB | stream s | stream peak GB | export s | "
-             "export peak GB | imports peak GB | stream / peft: time | stream / peft: peak |",
+    lines = ["| shape | parameters | bf16 GB | peft s | peft peak GB | stream s | stream peak GB (planned) | export s | "
+             "export peak GB (planned) | imports peak GB | stream / peft: time | stream / peft: peak |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     with tempfile.TemporaryDirectory() as tmp:
         work = a.work or Path(tmp)
@@ -169,10 +175,13 @@ def main():
             shutil.rmtree(work / name / "merged-stream")
             (work / name / "merged-stream.gguf").unlink()
             peft = measured.get("peft")
+            planned = dict(plan.after_training(plan.shapes(str(base), TARGETS), 16, "cpu"))
             cells = [name, f"{params / 1e9:.2f} B", f"{2 * params / gb:.2f}",
                      f"{peft[0]:.0f}" if peft else "-", f"{peft[1] / gb:.2f}" if peft else "-",
-                     f"{measured['stream'][0]:.0f}", f"{measured['stream'][1] / gb:.2f}",
-                     f"{measured['export'][0]:.0f}", f"{measured['export'][1] / gb:.2f}",
+                     f"{measured['stream'][0]:.0f}",
+                     f"{measured['stream'][1] / gb:.2f} ({planned['merge (streamed)'] / gb:.2f})",
+                     f"{measured['export'][0]:.0f}",
+                     f"{measured['export'][1] / gb:.2f} ({planned['GGUF export (streamed)'] / gb:.2f})",
                      f"{measured['imports'][1] / gb:.2f}",
                      f"{measured['stream'][0] / peft[0]:.2f}" if peft else "-",
                      f"{measured['stream'][1] / peft[1]:.2f}" if peft else "-"]

@@ -32,7 +32,7 @@ from fasttune.chat_formats import stop_ids
 logger = logging.getLogger(__name__)
 
 MAX_POSITIONS = 512  # answer positions for KL/top-1: each keeps a vocabulary-sized row of the 16-bit file's
-FIDELITY_CONVERSATIONS = 4  # compared with the merged HF model (its logits are computed in fp32 on the CPU)
+FIDELITY_CONVERSATIONS = 4  # compared with the merged HF model (float32 on a CPU, bf16 on a GPU)
 GREEDY_TOKENS = 32  # greedy continuation compared token by token with the merged model's
 CHAT_TOKENS = 256  # the fidelity chat answer: room to stop by itself
 
@@ -107,7 +107,10 @@ def merged_reference(merged_dir: Path, fidelity_cases: list[Case]) -> Reference:
     logger.info("the merged model's logits and greedy answers on %d conversations (the fidelity reference)",
                 len(fidelity_cases))
     tokenizer = AutoTokenizer.from_pretrained(merged_dir)
-    model = AutoModelForCausalLM.from_pretrained(merged_dir, dtype=torch.float32).eval()
+    # as the evaluation: float32 on the CPU, bf16 on a GPU (a 7B in float32 is 30 GB of host memory)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    model = AutoModelForCausalLM.from_pretrained(merged_dir, dtype=dtype).to(device).eval()
     # plain argmax, as llama.cpp's greedy: not the model's generation_config (Qwen2.5-Instruct's has
     # repetition_penalty 1.05, which applies even without sampling)
     plain = GenerationConfig(do_sample=False, max_new_tokens=GREEDY_TOKENS, eos_token_id=stop_ids(tokenizer),
@@ -115,11 +118,11 @@ def merged_reference(merged_dir: Path, fidelity_cases: list[Case]) -> Reference:
     ref = Reference(fidelity_cases, [], [], [], stop_ids(tokenizer))
     with torch.no_grad():
         for c in fidelity_cases:
-            ref.logits.append(model(torch.tensor([c.ids])).logits[0].numpy()[c.span])
-            out = model.generate(torch.tensor([c.prompt_ids]), generation_config=plain, output_logits=True,
-                                 return_dict_in_generate=True)
+            ref.logits.append(model(torch.tensor([c.ids], device=device)).logits[0].float().cpu().numpy()[c.span])
+            out = model.generate(torch.tensor([c.prompt_ids], device=device), generation_config=plain,
+                                 output_logits=True, return_dict_in_generate=True)
             ref.greedy.append(out.sequences[0, len(c.prompt_ids):].tolist())
-            ref.greedy_logits.append(torch.cat(out.logits).numpy())
+            ref.greedy_logits.append(torch.cat(out.logits).float().cpu().numpy())
     del model
     return ref
 

@@ -58,4 +58,8 @@ def load_for_training(cfg: ModelConfig, seed: int):
         use_gradient_checkpointing="unsloth" if cfg.gradient_checkpointing else False,
         random_state=seed,
     )
+    if not torch.cuda.is_available():
+        # On a GPU Unsloth logs its own line: "Unsloth <version> patched N layers with N QKV layers, ...".
+        logger.info("training path: Unsloth's CPU backend (transformers + PEFT forward; Unsloth's fused LoRA "
+                    "kernels run on a GPU)")
     return model, tokenizer

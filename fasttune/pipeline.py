@@ -47,6 +47,8 @@ def run(cfg: config.Config) -> Path | None:
 
     # Save: adapter, merged 16-bit model.
     train.save_adapter(model, tokenizer, run_dir / "adapter")
+    del model  # the 4-bit training model: the GPU (or RAM) it holds goes to the evaluation's merged model
+    free_accelerator_memory()
     base = base_model.resolve(cfg.model.model)
     merge.merge(run_dir / "adapter", run_dir / "merged", base=base)
     rundir.add_file(run_dir, run_dir / "adapter", "adapter")
@@ -60,3 +62,14 @@ def run(cfg: config.Config) -> Path | None:
     scores = evaluate.evaluate_run(run_dir, cfg, base, result.measured, files, result.lora)
     cli.report_run(run_dir, result, td, scores)
     return run_dir
+
+
+def free_accelerator_memory() -> None:
+    """Return what torch caches to the GPU (and what Python holds in cycles: the trainer, Unsloth's patches)."""
+    import gc
+
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()

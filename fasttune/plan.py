@@ -138,6 +138,27 @@ class Plan:
                 ("CUDA context" if self.device == "cuda" else "tokenizer, runtime", self.overhead)]
 
 
+# After training, host RAM (bench/merge.py measures the merge and the export against PEFT's merge):
+RUNTIME_RAM = 256 * MIB  # torch + transformers + safetensors imported (a fresh process's high-water mark)
+MERGE_SHARD = 512 * MIB  # fasttune.merge.SHARD_BYTES
+
+
+def after_training(s: Shapes, lora_r: int, device: str) -> list[tuple[str, int]]:
+    """(step, peak host RAM in bytes) of what runs after training. The merge and the export stream
+    tensor by tensor, so they grow with the largest tensor, not the model; the importance matrix and
+    the HF-side evaluation hold the whole merged model (bf16, or float32 on a CPU)."""
+    params = s.linear + s.other
+    largest = 2 * max(s.vocab * s.hidden, s.ffn * s.hidden)  # bf16: the embedding, or an MLP matrix
+    # an output shard and safetensors' serialized copy of it; one MLP matrix and its delta in float32; the adapter
+    merge = (RUNTIME_RAM + 2 * max(min(MERGE_SHARD, 2 * params), largest) + 2 * 4 * s.ffn * s.hidden
+             + 4 * lora_r * s.lora_per_rank)
+    export = RUNTIME_RAM + 2 * largest + 256 * MIB  # one tensor and its converted copy; the writer, the tokenizer
+    on_gpu = device == "cuda"  # loaded in bf16 on the host, then moved to the GPU
+    return [("merge (streamed)", merge), ("GGUF export (streamed)", export),
+            ("importance matrix (bf16)", RUNTIME_RAM + 2 * params),
+            ("evaluation, fidelity reference", RUNTIME_RAM + (2 if on_gpu else 4) * params)]
+
+
 def plan(model: ModelConfig, train: TrainConfig, device: str | None = None, sizes: Shapes | None = None) -> Plan:
     """Predicted peak memory of training `model` with `train`'s batch on `device` (default: this machine's)."""
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -221,4 +242,10 @@ def describe(model: ModelConfig, train: TrainConfig, gpu_gb: float | None = None
             f"\n    {flags}: needs {need / GIB:.2f} GB" for flags, need in remedies(model, train, sizes))
     if not torch.cuda.is_available():
         text += f"\n  on this CPU (no GPU here): peak {plan(model, train, 'cpu', sizes).total() / GIB:.2f} GB of RAM"
+    gpu, cpu = (after_training(sizes, model.lora_r, d) for d in ("cuda", "cpu"))
+    text += f"\n  after training: host RAM (GB) {'with a GPU':>12}{'CPU alone':>12}"
+    for (step, on_gpu), (_, on_cpu) in zip(gpu, cpu):
+        text += f"\n    {step:<30}{on_gpu / GIB:12.2f}{on_cpu / GIB:12.2f}"
+    text += ("\n  With a GPU the whole models go to it in bf16 after loading; on a CPU the evaluation runs in float32. "
+             "The merge and the export hold one tensor at a time.")
     return text

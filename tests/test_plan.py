@@ -130,6 +130,23 @@ def test_gpu_plan_never_exceeds_the_gpu_it_fits(qwen7b_config):
     assert p.fits(24 * plan.GIB) and not p.fits(8 * plan.GIB)
 
 
+def test_after_training_the_streamed_steps_stay_flat_and_the_plan_says_so(qwen7b_config):
+    """A 7B's merge and export fit in 4 GB of RAM; the whole-model steps are counted as what they are."""
+    cfg = cfg_for(qwen7b_config, "--lora_r", "16")
+    big = dict(plan.after_training(plan.shapes(cfg.model.model, cfg.model.lora_target_modules), 16, "cpu"))
+    small = dict(plan.after_training(plan.shapes("tiny", cfg.model.lora_target_modules), 16, "cpu"))
+    on_gpu = dict(plan.after_training(plan.shapes(cfg.model.model, cfg.model.lora_target_modules), 16, "cuda"))
+    assert big["merge (streamed)"] < 4 * plan.GIB and big["GGUF export (streamed)"] < 4 * plan.GIB
+    assert big["merge (streamed)"] < 10 * small["merge (streamed)"]  # the model is ~2000 times larger
+    assert big["evaluation, fidelity reference"] > 4 * 7.6e9  # 7.6 B parameters in float32
+    assert on_gpu["evaluation, fidelity reference"] < 0.6 * big["evaluation, fidelity reference"]  # bf16
+    out = subprocess.run([sys.executable, "recipes/sft.py", "--model", str(qwen7b_config), "--lora_r", "16", "--plan"],
+                         cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    merge_row = next(line for line in out.stdout.splitlines() if "merge (streamed)" in line)
+    assert float(merge_row.split()[-1]) == pytest.approx(big["merge (streamed)"] / plan.GIB, abs=0.01)
+
+
 if __name__ == "__main__":  # python -m tests.test_plan OUT_DIR FLAGS...: print the measured peak in bytes
     config = cfg_for("tiny", *sys.argv[2:])
     config.train.out = sys.argv[1]
