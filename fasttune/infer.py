@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import re
 from pathlib import Path
 
 from fasttune import UserError, cpu_threads
@@ -22,7 +23,7 @@ def gpu_layers(supports_offload: bool | None = None) -> int:
     the number (0: the CPU, e.g. while the GPU trains). supports_offload: the build's answer (tests)."""
     value = os.environ.get("FASTTUNE_GPU_LAYERS")
     if value:
-        if not value.lstrip("-").isdigit() or int(value) < -1:
+        if not re.fullmatch(r"-1|\d+", value):
             raise UserError(f"FASTTUNE_GPU_LAYERS={value!r}: expected a whole number of layers, or -1 for all")
         return int(value)
     if supports_offload is None:

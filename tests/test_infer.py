@@ -41,7 +41,7 @@ def test_all_layers_go_to_the_gpu_when_the_build_can_offload(monkeypatch):
     assert infer.gpu_layers(supports_offload=True) == 0
     monkeypatch.setenv("FASTTUNE_GPU_LAYERS", "12")
     assert infer.gpu_layers(supports_offload=False) == 12
-    for bad in ("all", "-2", "1.5"):
+    for bad in ("all", "-2", "1.5", "--1", " 3"):
         monkeypatch.setenv("FASTTUNE_GPU_LAYERS", bad)
         with pytest.raises(UserError, match=f"FASTTUNE_GPU_LAYERS='{bad}': expected a whole number"):
             infer.gpu_layers()
