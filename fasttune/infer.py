@@ -46,6 +46,8 @@ def load(path: str | Path, n_ctx: int = 4096, **kwargs):
     # llama.cpp pads the context to a multiple of 256 but llama-cpp-python 0.3.36 sizes its token
     # buffer to the number asked for, and overflows it past that: ask for the padded size.
     n_ctx = -(-n_ctx // 256) * 256
+    if layers := kwargs["n_gpu_layers"]:
+        logger.info("%s: %s layers on the GPU", path.name, "all" if layers == -1 else layers)
     try:
         llm = Llama(model_path=str(path), n_ctx=n_ctx, verbose=False, **kwargs)
     except ValueError as e:  # llama-cpp-python's "Failed to load model from file"

@@ -42,16 +42,18 @@ def base_model_of(adapter_dir: Path) -> str:
 
 
 def base_directory(base: str) -> Path:
-    """A base model's folder: a local directory as is, a hub name from the Hugging Face cache."""
+    """A base model's folder: a local directory as is; a hub name from the Hugging Face cache, or
+    downloaded (online): Unsloth may have trained on its 4-bit copy, another repository."""
     if Path(base).is_dir():
         return Path(base)
-    from huggingface_hub import snapshot_download
+    from huggingface_hub import constants, snapshot_download
 
+    patterns = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja"]
     try:
-        return Path(snapshot_download(base, local_files_only=True))
-    except Exception:  # noqa: BLE001  (any hub error means: not in the cache)
-        raise UserError(f"{base}: the base model is neither a directory nor in the Hugging Face cache; download "
-                        f"it with `hf download {base}`, or pass its folder") from None
+        return Path(snapshot_download(base, allow_patterns=patterns, local_files_only=constants.HF_HUB_OFFLINE))
+    except Exception as e:  # noqa: BLE001  (no network, unknown name, not in the cache: the hub raises many types)
+        raise UserError(f"{base}: the 16-bit base model is neither a directory nor in the Hugging Face cache "
+                        f"({type(e).__name__}); download it with `hf download {base}`, or pass its folder") from None
 
 
 def weight_files(model_dir: Path) -> list[Path]:

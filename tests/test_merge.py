@@ -97,3 +97,13 @@ def test_adapter_options_the_merge_does_not_apply_are_refused(trained_run, tmp_p
     (adapter / "adapter_config.json").write_text(json.dumps(config | {"use_dora": True}))
     with pytest.raises(UserError, match=r"adapter_config.json: sets use_dora"):
         merge(adapter, tmp_path / "merged", base=model_lib.resolve("tiny"))
+
+
+def test_a_base_neither_here_nor_in_the_cache_is_one_line(trained_run, tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(UserError, match=r"nobody/no-such-model: the 16-bit base model is neither a directory nor in "
+                                        r"the Hugging Face cache .*hf download nobody/no-such-model"):
+        merge(trained_run[0] / "adapter", tmp_path / "merged", base="nobody/no-such-model")
