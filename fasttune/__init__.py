@@ -34,3 +34,16 @@ def cpu_threads() -> int:
     except (OSError, ValueError):
         pass
     return cpus
+
+
+def free_accelerator_memory() -> None:
+    """Hand back what a deleted model held: reference cycles (a trainer, Unsloth's patches) and the GPU
+    memory torch keeps cached, which llama.cpp, loading next, cannot otherwise use."""
+    import gc
+
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+

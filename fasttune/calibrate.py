@@ -20,6 +20,8 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from fasttune import free_accelerator_memory
+
 logger = logging.getLogger(__name__)
 
 # Enough text to rank channels reliably (llama.cpp's own default run is ~100 chunks of 512 tokens);
@@ -112,6 +114,8 @@ def compute(merged_dir: Path, conversations: list[list[dict]], source: str) -> I
     finally:
         for h in handles:
             h.remove()
+        del model
+        free_accelerator_memory()
     logger.info("importance matrix over %d tokens of %s (%d tensors)", tokens, source, len(sums))
     return ImportanceMatrix({name: s.double().cpu().numpy() for name, s in sums.items()}, tokens, source)
 

@@ -20,7 +20,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from fasttune import UserError, intervals
+from fasttune import UserError, free_accelerator_memory, intervals
 from fasttune.rundir import replacing, write_json, write_text
 
 logger = logging.getLogger(__name__)
@@ -280,6 +280,7 @@ def evaluate(run_dir: Path, examples, metric: str, variants: list, base: str, ma
             model, tokenizer = _hf_variant(variant, run_dir, base)
             answers = answer_hf(model, tokenizer, prompts, max_new_tokens)
             del model
+            free_accelerator_memory()
         if name not in (answered or {}):
             seconds = time.perf_counter() - start
         scores = [scorer(a.text, r, tolerance) for a, r in zip(answers, references)]

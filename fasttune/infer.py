@@ -51,7 +51,9 @@ def load(path: str | Path, n_ctx: int = 4096, **kwargs):
     try:
         llm = Llama(model_path=str(path), n_ctx=n_ctx, verbose=False, **kwargs)
     except ValueError as e:  # llama-cpp-python's "Failed to load model from file"
-        raise UserError(f"{path}: llama.cpp cannot load this file ({e}); re-export it") from None
+        hint = (" or, if the GPU is out of memory, run it on the CPU: FASTTUNE_GPU_LAYERS=0"
+                if kwargs["n_gpu_layers"] else "")
+        raise UserError(f"{path}: llama.cpp cannot load this file ({e}); re-export it{hint}") from None
     try:
         yield llm
     finally:

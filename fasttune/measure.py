@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from fasttune import infer
+from fasttune import free_accelerator_memory, infer
 from fasttune.chat_formats import stop_ids
 
 logger = logging.getLogger(__name__)
@@ -124,6 +124,7 @@ def merged_reference(merged_dir: Path, fidelity_cases: list[Case]) -> Reference:
             ref.greedy.append(out.sequences[0, len(c.prompt_ids):].tolist())
             ref.greedy_logits.append(torch.cat(out.logits).float().cpu().numpy())
     del model
+    free_accelerator_memory()
     return ref
 
 

@@ -73,8 +73,11 @@ def lora_pairs(adapter_dir: Path) -> tuple[dict[str, tuple[torch.Tensor, torch.T
     """({base weight name: (A, B)}, scaling) of a PEFT LoRA adapter as fasttune trains them: plain LoRA
     (no DoRA, no per-module rank or alpha), one scaling for all, alpha / r (alpha / sqrt(r): rsLoRA)."""
     config = json.loads((adapter_dir / "adapter_config.json").read_text())
-    unsupported = [k for k in ("use_dora", "rank_pattern", "alpha_pattern", "modules_to_save", "fan_in_fan_out")
-                   if config.get(k)]
+    if config.get("peft_type", "LORA") != "LORA":
+        raise UserError(f"{adapter_dir / 'adapter_config.json'}: a {config['peft_type']} adapter; fasttune merges "
+                        "LoRA adapters (merge this one with PEFT's merge_and_unload)")
+    unsupported = [k for k in ("use_dora", "rank_pattern", "alpha_pattern", "modules_to_save", "fan_in_fan_out",
+                               "lora_bias", "trainable_token_indices", "layer_replication") if config.get(k)]
     if unsupported:
         raise UserError(f"{adapter_dir / 'adapter_config.json'}: sets {', '.join(unsupported)}, which fasttune's "
                         "merge does not apply; merge it with PEFT's merge_and_unload")
@@ -88,21 +91,29 @@ def lora_pairs(adapter_dir: Path) -> tuple[dict[str, tuple[torch.Tensor, torch.T
         raise UserError(f"{path} is damaged ({e}); restore it, or train again (RUN_DIR/checkpoints/checkpoint-*/ "
                         "holds the adapter of the last checkpoints)") from None
     pairs = {}
-    for key, a in tensors.items():
-        if key.endswith(".lora_A.weight"):
-            module = key.removeprefix(ADAPTER_PREFIX).removesuffix(".lora_A.weight")
-            pairs[f"{module}.weight"] = (a, tensors[key.replace(".lora_A.", ".lora_B.")])
+    for key in tensors:
+        if not key.endswith((".lora_A.weight", ".lora_B.weight")):  # embeddings' LoRA, biases, full weights
+            raise UserError(f"{path}: holds {key}, which is not a LoRA pair of a linear layer; fasttune's merge "
+                            "would leave it out (merge this adapter with PEFT's merge_and_unload)")
+        a_key = key.replace(".lora_B.", ".lora_A.")
+        if a_key not in tensors or a_key.replace(".lora_A.", ".lora_B.") not in tensors:
+            raise UserError(f"{path}: {key} has no {'lora_B' if a_key == key else 'lora_A'} beside it; restore the "
+                            "adapter, or train again")
+        module = a_key.removeprefix(ADAPTER_PREFIX).removesuffix(".lora_A.weight")
+        pairs[f"{module}.weight"] = (tensors[a_key], tensors[a_key.replace(".lora_A.", ".lora_B.")])
     return pairs, scaling
 
 
 def merged_tensor(weight: torch.Tensor, pair, scaling: float, dtype: torch.dtype) -> torch.Tensor:
     """W + (B @ A) * scaling in float32, rounded once to `dtype`: PEFT's LoRA merge, operation for operation."""
-    if not weight.is_floating_point():
-        return weight
     if pair is None:
-        return weight.to(dtype)
+        return weight.to(dtype) if weight.is_floating_point() else weight
     a, b = pair
-    return (weight.float() + (b.float() @ a.float()) * scaling).to(dtype)
+    delta = b.float() @ a.float()
+    delta.mul_(scaling)  # in place: no third float32 matrix; the same bits as PEFT's out-of-place product
+    merged = weight.float()
+    merged += delta  # PEFT merges with an in-place += as well
+    return merged.to(dtype)
 
 
 def merge(adapter_dir: Path, out_dir: Path, base: str | None = None) -> Path:
@@ -115,9 +126,13 @@ def merge(adapter_dir: Path, out_dir: Path, base: str | None = None) -> Path:
         logger.warning("%s was trained on %s; merging it onto %s", adapter_dir, recorded, base)
     base_dir = base_directory(base)
     config = AutoConfig.from_pretrained(base_dir)
+    if getattr(config, "quantization_config", None):
+        raise UserError(f"{base}: a quantized checkpoint; the merge needs the 16-bit base model it was made from")
     dtype = config.dtype or torch.bfloat16  # a torch.dtype in transformers 5
     pairs, scaling = lora_pairs(adapter_dir)
-    plan = _shards(weight_files(base_dir), dtype)
+    # tied: the head is the embedding, which transformers' save_pretrained (and PEFT's merge) writes once
+    skip = {"lm_head.weight"} if config.get_text_config().tie_word_embeddings else set()
+    plan = _shards(weight_files(base_dir), dtype, skip)
     missing = sorted(set(pairs) - {name for shard in plan for name, _ in shard})
     if missing:
         raise UserError(f"{adapter_dir} does not fit {base} (it was trained on {recorded}): the base has no "
@@ -162,14 +177,14 @@ def merge(adapter_dir: Path, out_dir: Path, base: str | None = None) -> Path:
     return out_dir
 
 
-def _shards(files: list[Path], dtype: torch.dtype) -> list[list[tuple[str, Path]]]:
-    """The base's tensors (name, file), in file order, cut into output shards of at most SHARD_BYTES
-    (a larger tensor gets a shard of its own). Sizes come from the headers: nothing is loaded."""
+def _shards(files: list[Path], dtype: torch.dtype, skip: set[str]) -> list[list[tuple[str, Path]]]:
+    """The base's tensors (name, file) but `skip`, in file order, cut into output shards of at most
+    SHARD_BYTES (a larger tensor gets a shard of its own). Sizes come from the headers: nothing is loaded."""
     item = torch.empty((), dtype=dtype).element_size()
     shards, size = [[]], 0
     for file in files:
         with safe_open(file, framework="pt") as f:
-            for key in f.keys():
+            for key in (k for k in f.keys() if k not in skip):
                 nbytes = math.prod(f.get_slice(key).get_shape()) * item
                 if shards[-1] and size + nbytes > SHARD_BYTES:
                     shards.append([])

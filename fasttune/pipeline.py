@@ -13,7 +13,8 @@ import fasttune.model as model_lib  # first: imports unsloth, which patches tran
 
 from transformers import AutoConfig
 
-from fasttune import base_model, cli, config, convert, dataset, evaluate, export, merge, rundir, train
+from fasttune import (base_model, cli, config, convert, dataset, evaluate, export, free_accelerator_memory, merge,
+                      rundir, train)
 
 
 def run(cfg: config.Config) -> Path | None:
@@ -62,14 +63,3 @@ def run(cfg: config.Config) -> Path | None:
     scores = evaluate.evaluate_run(run_dir, cfg, base, result.measured, files, result.lora)
     cli.report_run(run_dir, result, td, scores)
     return run_dir
-
-
-def free_accelerator_memory() -> None:
-    """Return what torch caches to the GPU (and what Python holds in cycles: the trainer, Unsloth's patches)."""
-    import gc
-
-    import torch
-
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()

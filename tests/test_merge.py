@@ -107,3 +107,31 @@ def test_a_base_neither_here_nor_in_the_cache_is_one_line(trained_run, tmp_path,
     with pytest.raises(UserError, match=r"nobody/no-such-model: the 16-bit base model is neither a directory nor in "
                                         r"the Hugging Face cache .*hf download nobody/no-such-model"):
         merge(trained_run[0] / "adapter", tmp_path / "merged", base="nobody/no-such-model")
+
+
+def test_adapter_content_the_merge_would_leave_out_is_refused(trained_run, tmp_path):
+    """A key that is not a linear layer's LoRA pair (an embedding's LoRA, a full weight), a pair
+    missing its half, or a quantized base: each a one-line error, never a merge that silently differs."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    def adapter_with(change, name):
+        adapter = shutil.copytree(trained_run[0] / "adapter", tmp_path / name)
+        tensors = load_file(adapter / "adapter_model.safetensors")
+        change(tensors)
+        save_file(tensors, adapter / "adapter_model.safetensors")
+        return adapter
+
+    extra = adapter_with(lambda t: t.update({"base_model.model.model.embed_tokens.weight": torch.zeros(4, 4)}), "extra")
+    with pytest.raises(UserError, match=r"holds base_model\.model\.model\.embed_tokens\.weight, which is not a LoRA"):
+        merge(extra, tmp_path / "merged", base=model_lib.resolve("tiny"))
+    lone = adapter_with(lambda t: t.pop(next(k for k in sorted(t) if k.endswith("lora_B.weight"))), "lone")
+    with pytest.raises(UserError, match=r"lora_A\.weight has no lora_B beside it"):
+        merge(lone, tmp_path / "merged", base=model_lib.resolve("tiny"))
+    quantized = shutil.copytree(model_lib.resolve("tiny"), tmp_path / "quantized")
+    config = json.loads((quantized / "config.json").read_text())
+    (quantized / "config.json").write_text(json.dumps(config | {"quantization_config": {"quant_method": "fp8"}}))
+    with pytest.raises(UserError, match=r"quantized: a quantized checkpoint; the merge needs the 16-bit base"):
+        merge(trained_run[0] / "adapter", tmp_path / "merged", base=str(quantized))
+    assert not (tmp_path / "merged").exists()
