@@ -125,13 +125,14 @@ def vocab(tokenizer, vocab_size: int) -> tuple[list[str], list[int]]:
 
 # --- tensors ----------------------------------------------------------------------------------------
 
-def _safetensors_files(model_dir: Path) -> list[Path]:
+def safetensors_files(model_dir: Path, fix: str = "export needs a merged safetensors checkpoint") -> list[Path]:
+    """A checkpoint's weight files: its index's shards, or model.safetensors; else an error ending in `fix`."""
     index = model_dir / "model.safetensors.index.json"
     if index.is_file():
         return sorted({model_dir / f for f in json.loads(index.read_text())["weight_map"].values()})
     single = model_dir / "model.safetensors"
     if not single.is_file():
-        raise UserError(f"{model_dir}: no model.safetensors (or index); export needs a merged safetensors checkpoint")
+        raise UserError(f"{model_dir}: no model.safetensors (or index); {fix}")
     return [single]
 
 
@@ -212,7 +213,7 @@ def convert(model_dir: str | Path, out_path: str | Path, outtype: str = "bf16", 
         if (factors := _llama3_rope_factors(config)) is not None:
             add(gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.ROPE_FREQS] + ".weight", tuple(factors.shape), lambda: factors)
         heads = {"q_proj": config.num_attention_heads, "k_proj": config.num_key_value_heads}
-        for st_file in _safetensors_files(model_dir):
+        for st_file in safetensors_files(model_dir):
             with _open_safetensors(st_file) as f:
                 for hf_name in f.keys():
                     if hf_name == "lm_head.weight" and config.tie_word_embeddings:

@@ -27,6 +27,7 @@ from safetensors.torch import save_file
 from tqdm import tqdm
 
 from fasttune import UserError
+from fasttune.convert import safetensors_files
 
 logger = logging.getLogger(__name__)
 
@@ -54,19 +55,6 @@ def base_directory(base: str) -> Path:
     except Exception as e:  # noqa: BLE001  (no network, unknown name, not in the cache: the hub raises many types)
         raise UserError(f"{base}: the 16-bit base model is neither a directory nor in the Hugging Face cache "
                         f"({type(e).__name__}); download it with `hf download {base}`, or pass its folder") from None
-
-
-def weight_files(model_dir: Path) -> list[Path]:
-    """The safetensors files of a checkpoint, in its index's order (or the single file)."""
-    index = model_dir / "model.safetensors.index.json"
-    if index.is_file():
-        return [model_dir / f for f in dict.fromkeys(json.loads(index.read_text())["weight_map"].values())]
-    files = sorted(model_dir.glob("*.safetensors"))
-    if not files:
-        raise UserError(f"{model_dir}: no *.safetensors weights; the merge reads the base model tensor by tensor "
-                        "from safetensors (write a pytorch_model.bin checkpoint again with transformers' "
-                        "save_pretrained)")
-    return files
 
 
 def lora_pairs(adapter_dir: Path) -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor]], float]:
@@ -132,7 +120,9 @@ def merge(adapter_dir: Path, out_dir: Path, base: str | None = None) -> Path:
     pairs, scaling = lora_pairs(adapter_dir)
     # tied: the head is the embedding, which transformers' save_pretrained (and PEFT's merge) writes once
     skip = {"lm_head.weight"} if config.get_text_config().tie_word_embeddings else set()
-    plan = _shards(weight_files(base_dir), dtype, skip)
+    files = safetensors_files(base_dir, "the merge reads the 16-bit base tensor by tensor from safetensors (write a "
+                                        "pytorch_model.bin checkpoint again with transformers' save_pretrained)")
+    plan = _shards(files, dtype, skip)
     missing = sorted(set(pairs) - {name for shard in plan for name, _ in shard})
     if missing:
         raise UserError(f"{adapter_dir} does not fit {base} (it was trained on {recorded}): the base has no "

@@ -72,6 +72,7 @@ def test_merged_logits_equal_base_plus_adapter(trained_run, tokenizer, memorized
     assert (unmerged - saved).abs().max() < 0.3
     # top-1 may flip only at near-ties on prompt positions the model never trained on
     assert (unmerged.argmax(-1) == saved.argmax(-1)).float().mean() >= 0.95
+    assert AutoModelForCausalLM.from_pretrained(run_dir / "merged").dtype == torch.bfloat16
 
 
 def test_adapter_records_its_base(trained_run):
