@@ -29,7 +29,9 @@ import logging
 import random
 from pathlib import Path
 
-from fasttune import intervals, mix, rundir
+import numpy as np
+
+from fasttune import intervals, measure, mix, rundir
 from fasttune.convert import DIRECT_TYPES
 
 logger = logging.getLogger(__name__)
@@ -41,6 +43,9 @@ CALIBRATED_CANDIDATES = ["iq4_xs", "q2_k"]
 # run's adapter applied at load time, unrounded (the delta survives a base rounded coarsely).
 PAIR_BASE = "q4_k_m"
 KL_BUDGET = 10  # a file's KL from the 16-bit file may be at most this many times q8_0's
+# A file's KL pass stops early at one of measure.LOOKS once this interval of its KL / q8_0's (on the same
+# conversations) lies wholly on one side of KL_BUDGET. 99 %, not 95 %: three looks each get a chance to err.
+SCREEN_CONFIDENCE = 0.99
 SMALLER = 0.9  # a less faithful file wins only at this fraction of the size of the one it replaces, or less
 # The task decides only when half the eval set could show a loss below this share of the tolerance: at
 # exactly the tolerance, one disagreement would fail every file.
@@ -79,39 +84,88 @@ def examples_needed(tolerance: float) -> int:
     return hi
 
 
+def kl_ratio(yardstick: list[float], kl: list[float], confidence: float | None = None):
+    """A file's KL from the 16-bit file over q8_0's, on the conversations both were measured on (KL
+    summed per conversation: yardstick is q8_0's, kl the file's, the first len(kl) conversations).
+    With confidence: (ratio, lo, hi), a seeded bootstrap over conversations (positions within one
+    conversation are not independent). 0/0 is 0: a file that equals the 16-bit file where q8_0 does."""
+    a, b = np.asarray(kl, dtype=np.float64), np.asarray(yardstick[: len(kl)], dtype=np.float64)
+
+    def ratio(top, bottom):
+        return np.divide(top, bottom, out=np.where(top > 0, np.inf, 0.0), where=bottom > 0)
+
+    value = float(ratio(a.sum(), b.sum()))
+    if confidence is None:
+        return value
+    rng = np.random.default_rng(0)
+    draws = rng.integers(0, len(a), (intervals.RESAMPLES, len(a)))
+    lo, hi = np.quantile(ratio(a[draws].sum(1), b[draws].sum(1)), [(1 - confidence) / 2, (1 + confidence) / 2])
+    return value, float(lo), float(hi)
+
+
+def settled(yardstick: list[float], kl: list[float]) -> bool:
+    """Whether more conversations could no longer move the file across KL_BUDGET (measure.measure's
+    `settled`): the SCREEN_CONFIDENCE interval of kl_ratio excludes it."""
+    _, lo, hi = kl_ratio(yardstick, kl, SCREEN_CONFIDENCE)
+    return hi < KL_BUDGET or lo > KL_BUDGET
+
+
+def _faithfulness(rows: list[dict]):
+    """Sort key, most faithful first: KL / q8_0's (each file's own `kl_ratio` where it was screened on
+    fewer conversations than q8_0), else KL; then size."""
+    q8 = next((r for r in rows if r["type"] == "q8_0" and r.get("kl") is not None), None)
+
+    def key(r):
+        if r.get("kl") is None:
+            return (float("inf"), r["size_mb"])
+        if q8 is None:
+            return (r["kl"], r["size_mb"])
+        return (r.get("kl_ratio", kl_ratio([q8["kl"]], [r["kl"]])), r["size_mb"])
+    return key
+
+
+def order(rows: list[dict]) -> list[dict]:
+    """The candidates (rows[1:]) from the most faithful down: the order the task tests them in, fixed
+    before any eval score is seen."""
+    return sorted(rows[1:], key=_faithfulness(rows))
+
+
 def pick(rows: list[dict], tolerance: float, choice: dict[str, list[float]] | None = None,
          n_eval: int = 0) -> tuple[dict, str]:
     """(winner, why) among measured rows, the 16-bit reference first. Each row gets `qualifies`,
     `verdict` and, when the task decided, `difference` (its paired interval against the reference).
 
-    choice: each file's per-example scores on the choice examples (the task decides), or None (KL
-    decides; n_eval, the eval set's size, explains why in `why`).
+    choice: the per-example scores on the choice examples (the task decides) of the reference and of
+    every file tested, or None (KL decides; n_eval, the eval set's size, explains why in `why`).
 
     The files are taken in one order, fixed before any eval score is seen: by KL (training answers),
     then size. The task tests them along it and stops at the first one it cannot show within the
     tolerance (fixed-sequence testing: the chance that any file passing really loses more stays at
-    2.5 %, without a correction for testing several).
+    2.5 %, without a correction for testing several); the files after it need no eval answers.
     """
-    ref, rest = rows[0], rows[1:]
-    q8 = next((r for r in rest if r["type"] == "q8_0" and r.get("kl") is not None), None)
+    ref = rows[0]
+    q8 = next((r for r in rows[1:] if r["type"] == "q8_0" and r.get("kl") is not None), None)
     budget = KL_BUDGET * q8["kl"] if q8 else None
-    order = sorted(rest, key=lambda r: (r["kl"] if r.get("kl") is not None else float("inf"), r["size_mb"]))
+    ranked, key = order(rows), _faithfulness(rows)
     stopped_at = None
-    for r in order:
+    for r in ranked:
         if choice is not None:
+            if stopped_at:
+                r["qualifies"] = False
+                r["verdict"] = f"not tested: {stopped_at['type']}, more faithful, was not shown within"
+                continue
             d = intervals.paired(choice[r["file"]], choice[ref["file"]])
             r["difference"] = d.as_dict()
-            r["qualifies"] = stopped_at is None and d.lo > -tolerance
-            r["verdict"] = (f"not tested: {stopped_at['type']}, more faithful, was not shown within" if stopped_at
-                            else f"shown to lose less than {tolerance:g} points" if r["qualifies"]
+            r["qualifies"] = d.lo > -tolerance
+            r["verdict"] = (f"shown to lose less than {tolerance:g} points" if r["qualifies"]
                             else f"may lose {-d.lo:.1f} points")
-            stopped_at = stopped_at or (None if r["qualifies"] else r)
+            stopped_at = None if r["qualifies"] else r
         else:
-            r["qualifies"] = budget is not None and r.get("kl") is not None and r["kl"] <= budget
+            r["qualifies"] = budget is not None and r.get("kl") is not None and key(r)[0] <= KL_BUDGET
             r["verdict"] = ("no q8_0 to set the KL budget" if budget is None else
                             f"KL {'within' if r['qualifies'] else 'over'} the budget")
     winner = ref
-    for r in (r for r in order if r["qualifies"]):
+    for r in (r for r in ranked if r["qualifies"]):
         if r["size_mb"] <= SMALLER * winner["size_mb"]:
             if winner is not ref:
                 winner["verdict"] += f"; replaced by {r['type']}, at least 10 % smaller"
@@ -157,13 +211,14 @@ def choose(rows: list[dict], tolerance: float, calibrated: str | None, choice: d
 
 
 def frontier(rows: list[dict]) -> list[str]:
-    """The files no smaller file beats on KL: the most faithful per byte, smallest first."""
-    measured = sorted((r for r in rows if r.get("kl") is not None), key=lambda r: (r["size_mb"], r["kl"]))
+    """The files no smaller file beats on faithfulness (KL / q8_0's): the most faithful per byte, smallest first."""
+    key = _faithfulness(rows)
+    measured = sorted((r for r in rows if r.get("kl") is not None), key=lambda r: (r["size_mb"], key(r)[0]))
     out, best = [], float("inf")
     for r in measured:
-        if r["kl"] < best:
+        if key(r)[0] < best:
             out.append(r["file"])
-            best = r["kl"]
+            best = key(r)[0]
     return out
 
 
@@ -181,6 +236,21 @@ def report(run_dir: Path, result: dict, held_out: tuple[list[float], list[float]
     rundir.write_text(gguf_dir / "auto.md", markdown(result))
     chart(result, gguf_dir / "auto.png")
     return result
+
+
+def ratio_text(row: dict, interval: bool = True) -> str:
+    """A row's KL / q8_0's as reports print it: "3.1 [2.4, 4.0]" ("-": not measured against q8_0)."""
+    if row.get("kl_ratio") is None:
+        return "-"
+    lo, hi = row.get("kl_ratio_interval") or (None, None)
+    return f"{row['kl_ratio']:.3g}" + (f" [{lo:.3g}, {hi:.3g}]" if interval and lo is not None else "")
+
+
+def screening_line() -> str:
+    return (f"KL / q8_0's is on the same answer positions (up to {measure.MAX_POSITIONS}), with a 95 % interval "
+            f"over conversations. A file's KL pass stops at {', '.join(map(str, measure.LOOKS))} positions once the "
+            f"{SCREEN_CONFIDENCE:.0%} interval of that ratio lies wholly above or below the budget of {KL_BUDGET}: "
+            "more positions could not move it across.")
 
 
 def held_out_line(result: dict) -> str:
@@ -210,18 +280,21 @@ def markdown(result: dict) -> str:
              + ", ".join(result["frontier"]) + ".", "",
              rule + " Among the files that qualify, from the most faithful down, a file replaces the choice only "
              "when it is at least 10 % smaller. "
+             + screening_line() + " "
              + (f"Quantized with an importance matrix from {result['imatrix']}." if result["imatrix"]
                 else "No importance matrix."), "",
              f"Mixed precision: {mix.describe()}. A `base-...gguf + "
              "...-lora.gguf` row: the base model quantized, the LoRA adapter kept in F32 and applied at load time "
              "(`--lora`); its size is both files'."
              + (f" No such pair was measured: {result['no_pair']}." if result.get("no_pair") else ""), "",
-             "| file | size MB | bits/weight | KL | top-1 % |" + (" difference (choice examples) |" if by_task else "")
-             + " verdict | |", "|---|---|---|---|---|" + ("---|" if by_task else "") + "---|---|"]
+             "| file | size MB | bits/weight | KL | KL / q8_0's (95 %) | positions | top-1 % |"
+             + (" difference (choice examples) |" if by_task else "")
+             + " verdict | |", "|---|---|---|---|---|---|---|" + ("---|" if by_task else "") + "---|---|"]
     for r in result["candidates"]:
         kl = f"{r['kl']:.4f}" if r.get("kl") is not None else "-"
         top1 = f"{r['top1']:.1f}" if r.get("top1") is not None else "-"
-        lines.append(f"| {r['file']} | {r['size_mb']} | {r['bits_per_weight']} | {kl} | {top1} | "
+        lines.append(f"| {r['file']} | {r['size_mb']} | {r['bits_per_weight']} | {kl} | {ratio_text(r)} | "
+                     f"{r.get('drift_positions', '-')} | {top1} | "
                      + (f"{intervals.text(r.get('difference'))} | " if by_task else "")
                      + f"{r.get('verdict', 'reference')} | {'**chosen**' if r['chosen'] else ''} |")
     return "\n".join(lines) + "\n"
@@ -230,11 +303,12 @@ def markdown(result: dict) -> str:
 def table(result: dict) -> str:
     """What a recipe and export/gguf.py print."""
     by_task = result["decided_by"] == "task"
-    head = f"{'file':<44} {'MB':>8} {'bits/w':>7} {'KL':>8} {'top-1%':>7}" + (f" {'difference':>20}" if by_task else "")
+    head = (f"{'file':<44} {'MB':>8} {'bits/w':>7} {'KL':>8} {'x q8_0':>8} {'top-1%':>7}"
+            + (f" {'difference':>20}" if by_task else ""))
     lines = [head, "-" * len(head)]
     for r in result["candidates"]:
         lines.append(f"{r['file'][:44]:<44} {r['size_mb']:>8.1f} {r['bits_per_weight']:>7.2f} "
-                     f"{r.get('kl') or 0:>8.4f} {r.get('top1') or 0:>7.1f}"
+                     f"{r.get('kl') or 0:>8.4f} {ratio_text(r, interval=False):>8} {r.get('top1') or 0:>7.1f}"
                      + (f" {intervals.text(r.get('difference')):>20}" if by_task else "")
                      + ("  <- chosen" if r["chosen"] else ""))
     return "\n".join(lines) + f"\n{result['why']}\n{held_out_line(result)}"

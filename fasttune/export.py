@@ -17,7 +17,7 @@ import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from fasttune import UserError, autoquant, calibrate, infer, measure, mix, rundir
+from fasttune import UserError, autoquant, calibrate, infer, intervals, measure, mix, rundir
 from fasttune.chat_formats import ensure_chat_template
 from fasttune.convert import DIRECT_TYPES, convert
 from fasttune.lora_gguf import convert_lora
@@ -144,8 +144,8 @@ def export_run(run_dir: Path, cfg, quants: list[str], base: str | Path | None = 
         pairs.insert(0, (base_path, adapter, qtype))
 
     # Measure: every file once, the 16-bit one first (the others' KL is against it). The eval prompts
-    # are answered where the answers count: by the files kept (the final evaluation reuses them) and,
-    # with auto, by the candidates on the examples the choice is made on, if the set can resolve it.
+    # are answered where the answers count: by the files kept (the final evaluation reuses them); auto's
+    # candidates answer the examples the choice is made on later, in _choose, and only as far as needed.
     task = eval_task(run_dir, cfg) if auto or cfg.eval.evaluate else None
     n_eval, tol = len(task.prompts) if task else 0, cfg.export.quant_tolerance if tolerance is None else tolerance
     choice_at, report_at = autoquant.split(n_eval, tol, cfg.train.seed) if auto else ([], [])
@@ -154,9 +154,8 @@ def export_run(run_dir: Path, cfg, quants: list[str], base: str | Path | None = 
     everything = list(range(n_eval))
     kept_at = everything if cfg.eval.evaluate else choice_at
     answer_at = {p.name: everything if (p, q) == files[0] else kept_at for p, q in files}
-    answer_at |= {p.name: choice_at for p, _ in candidates}
-    answer_at |= {infer.model_name(b, a): choice_at if (b, a, q) == pair_candidate else kept_at for b, a, q in pairs}
-    measured = measure_run(run_dir, cfg, files + candidates, pairs, task, answer_at)
+    answer_at |= {infer.model_name(b, a): kept_at for b, a, q in pairs if (b, a, q) != pair_candidate}
+    measured = measure_run(run_dir, cfg, files + candidates, pairs, task, answer_at, screen=auto)
     result = Result(files, {m.row["file"]: m for m in measured},
                     [(a, b) for b, a, q in pairs if (b, a, q) != pair_candidate])
 
@@ -214,12 +213,33 @@ def _choose(run_dir: Path, options: dict[str, tuple[Path, str, Path | None]], re
             task: measure.Task | None, tolerance: float, calibrated: str | None, choice_at: list[int],
             report_at: list[int], no_pair: str | None) -> dict:
     """auto's decision (fasttune.autoquant) on the measured rows (options: model name -> (path, type,
-    adapter)); the winner then answers the eval prompts it has not (the final evaluation reuses them),
-    and its score on the examples that took no part in the choice goes into gguf/auto.*."""
+    adapter)). When the task decides, the candidates answer the choice examples in autoquant.order, and
+    none after the first that fails (it ends the test). The winner then answers the eval prompts it
+    has not (the final evaluation reuses them), and its score on the examples that took no part in the
+    choice goes into gguf/auto.*."""
     measured = result.measured
-    choice = {name: [measured[name].scores[i] for i in choice_at] for name in options} if choice_at else None
-    decision = autoquant.choose([measured[name].row for name in options], tolerance, calibrated, choice,
-                                len(task.prompts) if task else 0, no_pair=no_pair)
+    yardstick = next((m.case_kl for m in measured.values() if m.row["type"] == "q8_0" and m.case_kl), None)
+    for name in options:
+        m = measured[name]
+        if yardstick and m.case_kl:
+            value, lo, hi = autoquant.kl_ratio(yardstick, m.case_kl, intervals.CONFIDENCE)
+            m.row.update(kl_ratio=round(value, 4), kl_ratio_interval=[round(lo, 4), round(hi, 4)])
+    rows = [measured[name].row for name in options]
+    choice = None
+    if choice_at:
+        reference = rows[0]["file"]
+        for row in [rows[0]] + autoquant.order(rows):
+            path, _, adapter = options[row["file"]]
+            measure.answer(path, task, choice_at, into=measured[row["file"]], adapter=adapter)
+            scores = [measured[row["file"]].scores[i] for i in choice_at]
+            if row["file"] != reference:
+                ref_scores = [measured[reference].scores[i] for i in choice_at]
+                if intervals.paired(scores, ref_scores).lo <= -tolerance:
+                    break
+        choice = {name: [m.scores[i] for i in choice_at] for name, m in measured.items()
+                  if name in options and m.answers and all(m.answers[i] is not None for i in choice_at)}
+    decision = autoquant.choose(rows, tolerance, calibrated, choice, len(task.prompts) if task else 0,
+                                no_pair=no_pair)
     if not task:
         return autoquant.report(run_dir, decision, None)
     path, _, adapter = options[decision["winner"]]
@@ -236,13 +256,15 @@ def eval_task(run_dir: Path, cfg) -> measure.Task | None:
 
 
 def measure_run(run_dir: Path, cfg, files: list[tuple[Path, str]], pairs: list[tuple[Path, Path, str]],
-                task: measure.Task | None, answer_at: dict[str, list[int]]) -> list[measure.Measured]:
+                task: measure.Task | None, answer_at: dict[str, list[int]], screen: bool = False) -> list[measure.Measured]:
     """measure.measure on the run's own data: fidelity and drift on its training answers (the eval
-    examples stay out of anything a choice is made on); answer_at: which eval prompts each file answers."""
+    examples stay out of anything a choice is made on); answer_at: which eval prompts each file answers.
+    screen: a file's KL pass stops once autoquant's budget is settled for it (auto only)."""
     # at most one answer position per conversation counts towards MAX_POSITIONS: no more are read
     conversations = [ex.messages for ex in rundir.examples(run_dir, "train", limit=measure.MAX_POSITIONS)]
     return measure.measure(run_dir / "merged", files, conversations, task, fidelity=cfg.export.verify, pairs=pairs,
-                           drift=bool(files) and files[0][1] in SIXTEEN_BIT, task_at=answer_at)
+                           drift=bool(files) and files[0][1] in SIXTEEN_BIT, task_at=answer_at,
+                           settled=autoquant.settled if screen else None)
 
 
 def _write_report(run_dir: Path, measured: list[measure.Measured], kept: set[str]) -> None:

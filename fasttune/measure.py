@@ -32,6 +32,7 @@ from fasttune.chat_formats import stop_ids
 logger = logging.getLogger(__name__)
 
 MAX_POSITIONS = 512  # answer positions for KL/top-1: each keeps a vocabulary-sized row of the 16-bit file's
+LOOKS = (64, 128, 256)  # answer positions after which a drift pass may stop early (measure_file's `settled`)
 FIDELITY_CONVERSATIONS = 4  # compared with the merged HF model (float32 on a CPU, bf16 on a GPU)
 GREEDY_TOKENS = 32  # greedy continuation compared token by token with the merged model's
 CHAT_TOKENS = 256  # the fidelity chat answer: room to stop by itself
@@ -160,6 +161,7 @@ class Measured:
     answer_seconds: float = 0.0
     scores: list = field(default_factory=list)  # the metric's score per eval prompt, in [0, 1] (None: not asked)
     logprobs: list[np.ndarray] | None = None  # the drift cases' log-probabilities (kept for the 16-bit file)
+    case_kl: list[float] | None = None  # KL from the 16-bit file summed over each drift case measured
 
 
 def _logits(llm, ids: list[int], span: list[int]) -> np.ndarray:
@@ -192,11 +194,13 @@ def _logits(llm, ids: list[int], span: list[int]) -> np.ndarray:
 
 def measure_file(path: Path, qtype: str, reference: Reference | None, drift_cases: list[Case],
                  drift_ref: list[np.ndarray] | None, task: Task | None, adapter: Path | None = None,
-                 task_at=None) -> Measured:
+                 task_at=None, settled=None) -> Measured:
     """Load `path` (with a GGUF LoRA `adapter` applied, if given) once and measure it.
 
     drift_ref None: this is the 16-bit reference; its log-probabilities are returned for the others.
     task_at: which eval prompts to answer (None: all of them).
+    settled: called with the KL summed per drift case so far at each of LOOKS; True stops the drift
+    pass there (the verdict it feeds cannot change with more positions). None: every case.
     """
     task_at = list(range(len(task.prompts)) if task and task_at is None else task_at or [])
     lengths = [256] + [len(c.ids) for c in drift_cases]
@@ -215,18 +219,36 @@ def measure_file(path: Path, qtype: str, reference: Reference | None, drift_case
         row["bits_per_weight"] = round(infer.bits_per_weight(llm, extra_bytes=adapter_bytes), 2)
         if reference:
             row.update(_fidelity(llm, reference))
-        logprobs = [log_softmax(_logits(llm, c.ids, c.span)).astype(np.float32)
-                    for c in tqdm(drift_cases, desc=f"answer positions of {path.name}", unit="case", leave=False)]
         if drift_ref is None:
-            out.logprobs = logprobs
+            out.logprobs = [log_softmax(_logits(llm, c.ids, c.span)).astype(np.float32)
+                            for c in tqdm(drift_cases, desc=f"answer positions of {path.name}", unit="case",
+                                          leave=False)]
             row.update(kl=0.0, top1=100.0, drift_positions=sum(len(c.span) for c in drift_cases))
         elif drift_cases:
-            d = [distance(p, q) for p, q in zip(drift_ref, logprobs)]
+            d = _drift(llm, drift_cases, drift_ref, settled, path.name)
+            out.case_kl = [float(x["kl"].sum()) for x in d]
             row.update(kl=float(f"{np.mean(np.concatenate([x['kl'] for x in d])):.4g}"),  # 4 significant digits
                        top1=round(100 * float(np.mean(np.concatenate([x["agree"] for x in d]))), 1),
-                       drift_positions=sum(len(c.span) for c in drift_cases))
+                       drift_positions=sum(len(c.span) for c in drift_cases[: len(d)]))
         if task_at:
             _answer(llm, out, task, task_at, row["file"])
+    return out
+
+
+def _drift(llm, drift_cases: list[Case], drift_ref: list[np.ndarray], settled, name: str) -> list[dict]:
+    """distance() from the 16-bit file per drift case, in order, until `settled` says so at a look."""
+    out, positions, looks = [], 0, [n for n in LOOKS if settled]
+    bar = tqdm(total=sum(len(c.span) for c in drift_cases), desc=f"answer positions of {name}", unit="pos",
+               leave=False)
+    for c, ref in zip(drift_cases, drift_ref):
+        out.append(distance(ref, log_softmax(_logits(llm, c.ids, c.span))))
+        positions += len(c.span)
+        bar.update(len(c.span))
+        if looks and positions >= looks[0]:
+            looks = [n for n in looks if n > positions]
+            if settled([float(x["kl"].sum()) for x in out]):
+                break
+    bar.close()
     return out
 
 
@@ -304,12 +326,14 @@ def _fidelity(llm, ref: Reference) -> dict:
 
 def measure(merged_dir: Path, files: list[tuple[Path, str]], conversations: list[list[dict]], task: Task | None,
             fidelity: bool = True, pairs: list[tuple[Path, Path, str]] = (), drift: bool = True,
-            task_at: dict[str, list[int]] | None = None) -> list[Measured]:
+            task_at: dict[str, list[int]] | None = None, settled=None, yardstick: str = "q8_0") -> list[Measured]:
     """Measure `files` ((path, quant type); with drift, the first is the 16-bit reference the others'
     KL and top-1 are against), then each (base GGUF, GGUF LoRA adapter, type) pair the same way.
 
     conversations: where fidelity and drift are measured (the last message of each is the answer).
     task_at: model name (infer.model_name) -> which eval prompts it answers (None: every model answers all).
+    settled(yardstick's KL per case, a file's KL per case so far) -> True: that file's drift pass stops
+    early (measure_file). The `yardstick` type is measured first after the reference, on every case.
     """
     from transformers import AutoTokenizer
 
@@ -318,15 +342,19 @@ def measure(merged_dir: Path, files: list[tuple[Path, str]], conversations: list
     if not drift_cases:
         raise RuntimeError("no conversation has a clean answer span to measure on")
     reference = merged_reference(merged_dir, drift_cases[:FIDELITY_CONVERSATIONS]) if fidelity else None
-    results, drift_ref = [], None
-    logger.info("measuring %d GGUF files, one load each: %d answer positions%s", len(files),
+    results, drift_ref, yard = [], None, None
+    logger.info("measuring %d GGUF files, one load each: %d answer positions%s", len(files) + len(pairs),
                 sum(len(c.span) for c in drift_cases), f", up to {len(task.prompts)} eval prompts" if task else "")
     models = [(path, qtype, None) for path, qtype in files] + [(base, qtype, adapter) for base, adapter, qtype in pairs]
+    if settled:  # the yardstick first after the reference; the rest keep their order (a stable sort)
+        models = models[:1] + sorted(models[1:], key=lambda m: m[1] != yardstick)
     for path, qtype, adapter in tqdm(models, desc="measuring GGUF files", unit="file"):
+        stop = (lambda kl, yard=yard: settled(yard[: len(kl)], kl)) if settled and yard else None
         m = measure_file(path, qtype, reference, drift_cases if drift else [], drift_ref if drift else [], task,
-                         adapter=adapter,
+                         adapter=adapter, settled=stop,
                          task_at=None if task_at is None else task_at.get(infer.model_name(path, adapter), []))
         drift_ref = drift_ref or m.logprobs
+        yard = yard or (m.case_kl if qtype == yardstick else None)
         m.logprobs = None
         results.append(m)
     return results

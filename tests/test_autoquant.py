@@ -63,6 +63,35 @@ def test_without_q8_0_nothing_qualifies_by_kl():
     assert winner["type"] == "bf16" and why.startswith("no quant was measured against q8_0: keeping x-bf16.gguf")
 
 
+def test_kl_ratio_and_when_screening_may_stop():
+    """A file's KL / q8_0's, summed per conversation, and whether its 99 % interval over conversations
+    has left the budget of 10 behind."""
+    q8 = [0.01] * 400
+    assert autoquant.kl_ratio(q8, [0.3] * 20) == pytest.approx(30)
+    assert autoquant.settled(q8, [0.3] * 20) and autoquant.settled(q8, [0.02] * 20)  # clearly over, clearly within
+    assert not autoquant.settled(q8, [0.0, 0.2] * 10)  # 10 x on average: more conversations could tip it
+    one = [0.0] * 9 + [2.0]  # 20 x q8_0, all of it in one conversation of ten
+    assert autoquant.kl_ratio(q8, one) == pytest.approx(20) and not autoquant.settled(q8, one)
+    assert not autoquant.settled(q8, one * 4) and autoquant.settled(q8, one * 40)  # 40 conversations, 400
+    value, lo, hi = autoquant.kl_ratio(q8, one * 4, 0.95)
+    assert lo < value < hi and autoquant.kl_ratio(q8, one * 4, 0.95) == (value, lo, hi)  # seeded
+    assert autoquant.kl_ratio(q8[:10], q8[:5]) == 1.0  # the yardstick's first conversations only
+    assert autoquant.kl_ratio([0.0, 0.0], [0.0, 0.0]) == 0.0 and autoquant.kl_ratio([0.0], [0.1]) == float("inf")
+
+
+def test_a_screened_file_is_judged_by_its_ratio_on_the_positions_it_was_measured_on():
+    """q3_k_m's KL over its first 64 positions reads within 10 x q8_0's KL over all 512, but on those
+    same 64 positions it is 15 x q8_0's: over the budget, and ordered after q4_k_m."""
+    rows = table(*LADDER[:4], ("q3_k_m", 29.5, 0.015))
+    rows[5]["kl_ratio"] = 15.0
+    winner, _ = pick(rows, tolerance=1.0, n_eval=12)
+    assert [r["qualifies"] for r in rows[1:]] == [True, True, True, False, False] and winner["type"] == "q6_k"
+    assert [r["type"] for r in autoquant.order(rows)] == ["q8_0", "q6_k", "q5_k_m", "q3_k_m", "q4_k_m"]
+    assert autoquant.frontier(rows)[0] == "x-q3_k_m.gguf"  # the smallest file is always on it
+    del rows[5]["kl_ratio"]
+    assert pick(rows, tolerance=1.0, n_eval=12)[0]["type"] == "q3_k_m"  # by KL alone it would have won
+
+
 def scores(n, wrong=()):
     return [0.0 if i in wrong else 1.0 for i in range(n)]
 
@@ -156,8 +185,12 @@ def test_export_auto_measures_every_candidate_once_and_keeps_one(run_copy, count
         assert r["size_mb"] > 0 and r["bits_per_weight"] > 0 and r["kl"] >= 0 and "difference" not in r
     assert rows[0]["bits_per_weight"] == 16.0 and rows[1]["bits_per_weight"] == 8.5  # q8_0: 34 bytes / 32 weights
     assert all(r["calibrated"] for r in rows[2:])  # every k-quant went through the importance matrix
-    budget = 10 * rows[1]["kl"]
-    assert [r["qualifies"] for r in rows[1:]] == [r["kl"] <= budget for r in rows[1:]]
+    # KL / q8_0's on the same positions (4 training conversations: under the first look, none screened)
+    assert rows[1]["kl_ratio"] == 1.0 and all(r["drift_positions"] == rows[1]["drift_positions"] for r in rows)
+    for r in rows[1:]:
+        assert r["kl_ratio"] == pytest.approx(r["kl"] / rows[1]["kl"], rel=1e-3)
+        assert r["kl_ratio_interval"][0] <= r["kl_ratio"] <= r["kl_ratio_interval"][1]
+    assert [r["qualifies"] for r in rows[1:]] == [r["kl_ratio"] <= autoquant.KL_BUDGET for r in rows[1:]]
     winner = next(r for r in rows if r["chosen"])
     assert winner["type"] != "bf16" and winner["qualifies"] and auto["winner"] == winner["file"]
     assert auto["held_out"]["examples"] == 4 and auto["held_out"]["winner"]["n"] == 4
@@ -199,31 +232,34 @@ def test_export_auto_measures_every_candidate_once_and_keeps_one(run_copy, count
 
 
 def test_when_the_task_decides_the_halves_stay_apart(tmp_path, monkeypatch):
-    """export._choose with measurements made up so that the two halves disagree: the choice sees only
-    the choosing half, the report only the other, and the winner fills in only what it lacked."""
+    """export._choose with measurements made up so that the two halves disagree: the candidates answer
+    the choosing half in KL order and none after the first that fails, the choice sees only that half,
+    the report only the other, and the winner fills in only what it lacked."""
     from fasttune import measure
 
     n, tol = 8, 100.0
     monkeypatch.setattr(autoquant, "RESOLVE", 1.0)  # 4 examples resolve 100 points (88.8)
     choice_at, report_at = autoquant.split(n, tol, seed=1)
     assert choice_at and not set(choice_at) & set(report_at)
-    files = [(tmp_path / f"m-{q}.gguf", q) for q in ("bf16", "q8_0", "q4_k_m")]
+    files = [(tmp_path / f"m-{q}.gguf", q) for q in ("bf16", "q3_k_m", "q4_k_m", "q8_0")]
     truth = {"m-bf16.gguf": [1.0] * n,  # right on every example
              "m-q8_0.gguf": [1.0 if i in choice_at else 0.0 for i in range(n)],  # right only where it is chosen
-             "m-q4_k_m.gguf": [0.0] * n}
+             "m-q4_k_m.gguf": [0.0] * n, "m-q3_k_m.gguf": [1.0] * n}
     measured = {}
-    for (path, q), size, kl in zip(files, (100, 53, 30), (0.0, 0.001, 0.5)):
-        answered = range(n) if q == "bf16" else choice_at
+    for (path, q), size, kl in zip(files, (100, 25, 30, 53), (0.0, 0.9, 0.5, 0.001)):
         m = measure.Measured({"file": path.name, "type": q, "size_mb": size, "bits_per_weight": 1, "kl": kl,
                               "top1": 100})
-        m.answers = [object() if i in answered else None for i in range(n)]
-        m.scores = [truth[path.name][i] if i in answered else None for i in range(n)]
+        if q == "bf16":  # the reference answered every prompt while it was measured
+            m.answers, m.scores = [object()] * n, list(truth[path.name])
         measured[path.name] = m
     asked = []
 
     def answer(path, task, indices, into, adapter=None):
+        if not into.answers:
+            into.answers, into.scores = [None] * n, [None] * n
         todo = [i for i in indices if into.answers[i] is None]
-        asked.append((path.name, todo))
+        if todo:
+            asked.append((path.name, todo))
         for i in todo:
             into.answers[i], into.scores[i] = object(), truth[path.name][i]
 
@@ -235,7 +271,10 @@ def test_when_the_task_decides_the_halves_stay_apart(tmp_path, monkeypatch):
     decision = export._choose(tmp_path, options, export.Result(files[:1], measured), task, tol, None,
                               choice_at, report_at, no_pair="none here")
     assert decision["decided_by"] == "task" and decision["winner"] == "m-q8_0.gguf"
-    assert asked == [("m-q8_0.gguf", report_at)]  # the winner answers only the half it had not
+    # q8_0 passes, q4_k_m fails and ends the test: q3_k_m (less faithful, though right everywhere) never answers
+    assert asked == [("m-q8_0.gguf", choice_at), ("m-q4_k_m.gguf", choice_at), ("m-q8_0.gguf", report_at)]
+    rows = {r["file"]: r for r in decision["candidates"]}
+    assert rows["m-q3_k_m.gguf"]["verdict"] == "not tested: q4_k_m, more faithful, was not shown within"
     assert decision["held_out"]["winner"]["value"] == 0  # wrong on every example it was not chosen on
     assert decision["held_out"]["difference"]["value"] == -100 and decision["held_out"]["examples"] == len(report_at)
     assert measured["m-q4_k_m.gguf"].answers.count(None) == len(report_at)  # a loser never sees the other half

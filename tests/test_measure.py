@@ -68,3 +68,31 @@ def test_logits_at_the_answer_span_are_those_of_a_full_pass(trained_run, tokeniz
     shared = min(next(i for i, (a, b) in enumerate(zip(x.ids, y.ids)) if a != b) for x, y in zip(many, many[1:]))
     assert len(evaluated) == len(many)  # one call per case
     assert shared > 10 and sum(evaluated) <= sum(c.span[-1] + 1 for c in many) - (len(many) - 1) * shared
+
+
+def test_a_drift_pass_stops_at_the_first_look_that_settles_it(trained_run, tokenizer):
+    """measure_file asks `settled` at each of LOOKS (64, 128, 256 positions) and stops where it says
+    so; the KL it has by then is the full pass's, conversation for conversation."""
+    import numpy as np
+
+    from fasttune import measure
+
+    run_dir, _ = trained_run
+    chats = [[{"role": "user", "content": f"What is {i} plus {i}?"},
+              {"role": "assistant", "content": f"{i} plus {i} is {2 * i}: add {i} to itself and you get {2 * i}."}]
+             for i in range(60)]
+    cases = measure.cases(tokenizer, chats)
+    spans = np.cumsum([len(c.span) for c in cases])
+    assert spans[-1] > 300  # past every look
+    gguf = run_dir / "gguf"
+    ref = measure.measure_file(gguf / "memorize-bf16.gguf", "bf16", None, cases, None, None).logprobs
+    full = measure.measure_file(gguf / "memorize-q4_k_m.gguf", "q4_k_m", None, cases, ref, None,
+                                settled=lambda kl: False)
+    assert full.row["drift_positions"] == spans[-1] and len(full.case_kl) == len(cases)
+    asked = []
+    early = measure.measure_file(gguf / "memorize-q4_k_m.gguf", "q4_k_m", None, cases, ref, None,
+                                 settled=lambda kl: asked.append(len(kl)) or len(asked) == 2)
+    first, second = (int(np.searchsorted(spans, look)) + 1 for look in measure.LOOKS[:2])
+    assert asked == [first, second]  # once per look, at the first conversation that reaches it
+    assert early.row["drift_positions"] == spans[second - 1] < spans[-1] and len(early.case_kl) == second
+    np.testing.assert_allclose(early.case_kl, full.case_kl[:second], rtol=1e-5)
