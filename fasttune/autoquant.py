@@ -249,7 +249,7 @@ def ratio_text(row: dict, interval: bool = True) -> str:
 def screening_line() -> str:
     return (f"KL / q8_0's is on the same answer positions (up to {measure.MAX_POSITIONS}), with a 95 % interval "
             f"over conversations. A file's KL pass stops at {', '.join(map(str, measure.LOOKS))} positions once the "
-            f"{SCREEN_CONFIDENCE:.0%} interval of that ratio lies wholly above or below the budget of {KL_BUDGET}: "
+            f"{100 * SCREEN_CONFIDENCE:g} % interval of that ratio lies wholly above or below the budget of {KL_BUDGET}: "
             "more positions could not move it across.")
 
 
