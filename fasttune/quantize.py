@@ -14,9 +14,11 @@ import os
 import re
 import sys
 import tempfile
+import threading
 from pathlib import Path
 
 import numpy as np
+from tqdm import tqdm
 
 from fasttune import UserError, cpu_threads
 from fasttune.convert import DIRECT_TYPES
@@ -27,6 +29,9 @@ logger = logging.getLogger(__name__)
 # refuses iq1_*, iq2_*, iq3_xxs and q2_k_s without one outright, the others lose far more without it.
 NEEDS_IMATRIX = {"iq1_s", "iq1_m", "iq2_xxs", "iq2_xs", "iq2_s", "iq2_m", "iq3_xxs", "iq3_xs", "iq3_s", "iq3_m",
                  "iq4_nl", "iq4_xs", "q2_k", "q2_k_s"}
+
+
+TENSOR_LINE = re.compile(r"^\[\s*(\d+)/\s*(\d+)\]", re.MULTILINE)  # llama.cpp's per-tensor line: "[  12/ 290] blk.0..."
 
 
 def llama_ftype(name: str) -> int:
@@ -63,23 +68,45 @@ def check_quant_name(name: str, calibrated: bool = False) -> None:
 
 @contextlib.contextmanager
 def _native_output_captured():
-    """Send llama.cpp's C-level stdout/stderr (a line per tensor) to a temp file; yields a reader.
+    """Send llama.cpp's C-level stdout/stderr (a line per tensor) to a temp file. Yields (a reader of
+    what it wrote so far, a text stream to the real stderr for a progress bar meanwhile).
 
     Written by hand because llama-cpp-python's log callback does not cover the quantizer's output.
     """
     sys.stdout.flush()
     sys.stderr.flush()
     saved = [os.dup(1), os.dup(2)]
-    with tempfile.TemporaryFile(mode="w+b") as sink:
+    with (tempfile.TemporaryFile(mode="w+b") as sink, os.fdopen(os.dup(saved[1]), "w") as console,
+          open(sink.fileno(), "w", buffering=1, closefd=False) as text):
         os.dup2(sink.fileno(), 1)
         os.dup2(sink.fileno(), 2)
-        try:
-            yield lambda: (sink.seek(0), sink.read().decode(errors="replace"))[1]
+        try:  # llama-cpp-python's log callback prints to sys.stderr, which need not be fd 2 (pytest's capture)
+            with contextlib.redirect_stdout(text), contextlib.redirect_stderr(text):
+                yield (lambda: os.pread(sink.fileno(), os.fstat(sink.fileno()).st_size, 0).decode(errors="replace"),
+                       console)
         finally:
             os.dup2(saved[0], 1)
             os.dup2(saved[1], 2)
             for fd in saved:
                 os.close(fd)
+
+
+def _run_with_progress(call, log, console, desc: str) -> int:
+    """Run `call` (a llama.cpp function: ctypes lets go of the GIL) in a thread and show its progress,
+    read from the `[ i/ n] tensor ...` lines llama.cpp writes per tensor: a 7B's i-quant takes minutes."""
+    result = {}
+    worker = threading.Thread(target=lambda: result.setdefault("rc", call()), daemon=True)
+    worker.start()
+    with tqdm(desc=desc, unit="tensor", file=console, leave=False) as bar:
+        while True:
+            worker.join(0.5)
+            seen = TENSOR_LINE.findall(log())
+            if seen:
+                bar.total = int(seen[-1][1])
+                bar.update(int(seen[-1][0]) - bar.n)
+            if not worker.is_alive():  # after the last read: the bar ends at n/n
+                break
+    return result["rc"]
 
 
 def quantize(src: str | Path, out_path: str | Path, qtype: str, threads: int | None = None,
@@ -113,8 +140,10 @@ def quantize(src: str | Path, out_path: str | Path, qtype: str, threads: int | N
         params.tt_overrides = ctypes.cast(table, ctypes.POINTER(llama_cpp.llama_model_tensor_override))
     tmp = out_path.with_name(out_path.name + ".partial")
     try:
-        with _native_output_captured() as captured:
-            rc = llama_cpp.llama_model_quantize(str(src).encode(), str(tmp).encode(), ctypes.byref(params))
+        with _native_output_captured() as (captured, console):
+            rc = _run_with_progress(
+                lambda: llama_cpp.llama_model_quantize(str(src).encode(), str(tmp).encode(), ctypes.byref(params)),
+                captured, console, f"quantizing {out_path.name}")
             native_log = captured()
         if rc != 0 and re.search(r"no space left|file too large|disk quota", native_log, re.IGNORECASE):
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(out_path))

@@ -119,3 +119,19 @@ def test_calibration_lowers_kl_on_real_smollm2_weights(tmp_path):
     kl = drift(model_dir, bf16, files, held_out)
     for q in ("q4_k_m", "q3_k_m"):
         assert kl[q, True] < 0.9 * kl[q, False], (q, kl)
+
+
+def test_quantizing_shows_progress_and_keeps_llama_cpp_quiet(calibrated, capfd, tmp_path):
+    """llama.cpp's line per tensor becomes a progress bar on stderr (an i-quant of a 7B runs for
+    minutes); a failure still quotes llama.cpp's last lines."""
+    work, matrix, bf16 = calibrated
+    capfd.readouterr()
+    quantize.quantize(bf16, tmp_path / "x-iq4_xs.gguf", "iq4_xs", imatrix=matrix.values())
+    err = capfd.readouterr().err
+    n = len(gguf_file.read(bf16).tensors)
+    assert "quantizing x-iq4_xs.gguf" in err and f"{n}/{n}" in err, err[-500:]
+    assert "converting to" not in err and "blk.0." not in err  # llama.cpp's own lines stay in the capture
+    bf16.with_name("broken.gguf").write_bytes(bf16.read_bytes()[: 1 << 20])  # cut: llama.cpp cannot read it
+    with pytest.raises(RuntimeError, match=r"llama_model_quantize\(broken.gguf -> q4_k_m\) failed with code"):
+        quantize.quantize(bf16.with_name("broken.gguf"), tmp_path / "x.gguf", "q4_k_m")
+    assert not (tmp_path / "x.gguf").exists() and not (tmp_path / "x.gguf.partial").exists()
