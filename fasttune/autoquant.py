@@ -249,8 +249,8 @@ def ratio_text(row: dict, interval: bool = True) -> str:
 def screening_line() -> str:
     return (f"KL / q8_0's is on the same answer positions (up to {measure.MAX_POSITIONS}), with a 95 % interval "
             f"over conversations. A file's KL pass stops at {', '.join(map(str, measure.LOOKS))} positions once the "
-            f"{100 * SCREEN_CONFIDENCE:g} % interval of that ratio lies wholly above or below the budget of {KL_BUDGET}: "
-            "more positions could not move it across.")
+            f"{100 * SCREEN_CONFIDENCE:g} % interval of that ratio lies wholly above or below the budget of "
+            f"{KL_BUDGET}: more positions could not move it across.")
 
 
 def held_out_line(result: dict) -> str:

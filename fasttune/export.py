@@ -155,7 +155,11 @@ def export_run(run_dir: Path, cfg, quants: list[str], base: str | Path | None = 
     kept_at = everything if cfg.eval.evaluate else choice_at
     answer_at = {p.name: everything if (p, q) == files[0] else kept_at for p, q in files}
     answer_at |= {infer.model_name(b, a): kept_at for b, a, q in pairs if (b, a, q) != pair_candidate}
-    measured = measure_run(run_dir, cfg, files + candidates, pairs, task, answer_at, screen=auto)
+    # auto's candidates are compared with the merged model only once one is kept (_choose)
+    listed_models = {p.name for p, _ in files} | {infer.model_name(b, a) for b, a, q in pairs
+                                                   if (b, a, q) != pair_candidate}
+    measured = measure_run(run_dir, cfg, files + candidates, pairs, task, answer_at,
+                           screen=auto, fidelity_for=listed_models if auto else None)
     result = Result(files, {m.row["file"]: m for m in measured},
                     [(a, b) for b, a, q in pairs if (b, a, q) != pair_candidate])
 
@@ -215,8 +219,8 @@ def _choose(run_dir: Path, options: dict[str, tuple[Path, str, Path | None]], re
     """auto's decision (fasttune.autoquant) on the measured rows (options: model name -> (path, type,
     adapter)). When the task decides, the candidates answer the choice examples in autoquant.order, and
     none after the first that fails (it ends the test). The winner then answers the eval prompts it
-    has not (the final evaluation reuses them), and its score on the examples that took no part in the
-    choice goes into gguf/auto.*."""
+    has not (the final evaluation reuses them) and, a candidate, is compared with the merged model in
+    that load; its score on the examples that took no part in the choice goes into gguf/auto.*."""
     measured = result.measured
     yardstick = next((m.case_kl for m in measured.values() if m.row["type"] == "q8_0" and m.case_kl), None)
     for name in options:
@@ -240,10 +244,11 @@ def _choose(run_dir: Path, options: dict[str, tuple[Path, str, Path | None]], re
                   if name in options and m.answers and all(m.answers[i] is not None for i in choice_at)}
     decision = autoquant.choose(rows, tolerance, calibrated, choice, len(task.prompts) if task else 0,
                                 no_pair=no_pair)
+    path, _, adapter = options[decision["winner"]]
+    measure.answer(path, task, range(len(task.prompts)) if task else [], into=measured[decision["winner"]],
+                   adapter=adapter, fidelity=True)
     if not task:
         return autoquant.report(run_dir, decision, None)
-    path, _, adapter = options[decision["winner"]]
-    measure.answer(path, task, range(len(task.prompts)), into=measured[decision["winner"]], adapter=adapter)
     ref, win = (measured[name].scores for name in (decision["reference"], decision["winner"]))
     return autoquant.report(run_dir, decision, ([ref[i] for i in report_at], [win[i] for i in report_at]))
 
@@ -256,15 +261,17 @@ def eval_task(run_dir: Path, cfg) -> measure.Task | None:
 
 
 def measure_run(run_dir: Path, cfg, files: list[tuple[Path, str]], pairs: list[tuple[Path, Path, str]],
-                task: measure.Task | None, answer_at: dict[str, list[int]], screen: bool = False) -> list[measure.Measured]:
+                task: measure.Task | None, answer_at: dict[str, list[int]], screen: bool = False,
+                fidelity_for: set[str] | None = None) -> list[measure.Measured]:
     """measure.measure on the run's own data: fidelity and drift on its training answers (the eval
     examples stay out of anything a choice is made on); answer_at: which eval prompts each file answers.
-    screen: a file's KL pass stops once autoquant's budget is settled for it (auto only)."""
+    screen: a file's KL pass stops once autoquant's budget is settled for it; fidelity_for: the files
+    compared with the merged model now (auto; None: all)."""
     # at most one answer position per conversation counts towards MAX_POSITIONS: no more are read
     conversations = [ex.messages for ex in rundir.examples(run_dir, "train", limit=measure.MAX_POSITIONS)]
     return measure.measure(run_dir / "merged", files, conversations, task, fidelity=cfg.export.verify, pairs=pairs,
                            drift=bool(files) and files[0][1] in SIXTEEN_BIT, task_at=answer_at,
-                           settled=autoquant.settled if screen else None)
+                           settled=autoquant.settled if screen else None, fidelity_for=fidelity_for)
 
 
 def _write_report(run_dir: Path, measured: list[measure.Measured], kept: set[str]) -> None:

@@ -162,6 +162,7 @@ class Measured:
     scores: list = field(default_factory=list)  # the metric's score per eval prompt, in [0, 1] (None: not asked)
     logprobs: list[np.ndarray] | None = None  # the drift cases' log-probabilities (kept for the 16-bit file)
     case_kl: list[float] | None = None  # KL from the 16-bit file summed over each drift case measured
+    fidelity_pending: Reference | None = None  # measured against it at the file's next load (answer(fidelity=True))
 
 
 def _logits(llm, ids: list[int], span: list[int]) -> np.ndarray:
@@ -203,11 +204,6 @@ def measure_file(path: Path, qtype: str, reference: Reference | None, drift_case
     pass there (the verdict it feeds cannot change with more positions). None: every case.
     """
     task_at = list(range(len(task.prompts)) if task and task_at is None else task_at or [])
-    lengths = [256] + [len(c.ids) for c in drift_cases]
-    if reference:
-        lengths += [len(c.ids) + len(g) for c, g in zip(reference.cases, reference.greedy)]
-        lengths.append(len(reference.cases[0].prompt_ids) + CHAT_TOKENS)
-    lengths += [task.prompt_lengths[i] + task.max_new_tokens for i in task_at]
     lora = {"lora_path": str(adapter)} if adapter else {}
     adapter_bytes = adapter.stat().st_size if adapter else 0
     row = {"file": infer.model_name(path, adapter), "type": qtype,
@@ -215,7 +211,7 @@ def measure_file(path: Path, qtype: str, reference: Reference | None, drift_case
     if adapter:
         row["adapter_mb"] = round(adapter_bytes / 1e6, 1)
     out = Measured(row)
-    with infer.load(path, n_ctx=max(lengths) + 64, **lora) as llm:
+    with infer.load(path, n_ctx=_context(reference, drift_cases, task, task_at), **lora) as llm:
         row["bits_per_weight"] = round(infer.bits_per_weight(llm, extra_bytes=adapter_bytes), 2)
         if reference:
             row.update(_fidelity(llm, reference))
@@ -235,6 +231,17 @@ def measure_file(path: Path, qtype: str, reference: Reference | None, drift_case
     return out
 
 
+def _context(reference: Reference | None, drift_cases: list[Case], task: Task | None, task_at) -> int:
+    """The context a load needs for what it measures: the longest drift case, fidelity case with its
+    greedy continuation, chat answer, eval prompt with its answer."""
+    lengths = [256] + [len(c.ids) for c in drift_cases]
+    if reference:
+        lengths += [len(c.ids) + len(g) for c, g in zip(reference.cases, reference.greedy)]
+        lengths.append(len(reference.cases[0].prompt_ids) + CHAT_TOKENS)
+    lengths += [task.prompt_lengths[i] + task.max_new_tokens for i in task_at]
+    return max(lengths) + 64
+
+
 def _drift(llm, drift_cases: list[Case], drift_ref: list[np.ndarray], settled, name: str) -> list[dict]:
     """distance() from the 16-bit file per drift case, in order, until `settled` says so at a look."""
     out, positions, looks = [], 0, [n for n in LOOKS if settled]
@@ -252,14 +259,21 @@ def _drift(llm, drift_cases: list[Case], drift_ref: list[np.ndarray], settled, n
     return out
 
 
-def answer(path: Path, task: Task, indices, into: Measured, adapter: Path | None = None) -> None:
+def answer(path: Path, task: Task | None, indices, into: Measured, adapter: Path | None = None,
+           fidelity: bool = False) -> None:
     """Answer the eval prompts at `indices` that `into` (path's measurement, with `adapter` applied)
-    has no answer for yet, with one more load; its row gets the score over every prompt answered so far."""
+    has no answer for yet, with one more load; its row gets the score over every prompt answered so far.
+    fidelity: also measure the file against the merged model, if measure() left that pending."""
     todo = [i for i in indices if not into.answers or into.answers[i] is None]
-    if todo:
-        n_ctx = max(task.prompt_lengths[i] + task.max_new_tokens for i in todo) + 64
+    pending = into.fidelity_pending if fidelity else None
+    if todo or pending:
+        n_ctx = _context(pending, [], task, todo)
         with infer.load(path, n_ctx=n_ctx, **({"lora_path": str(adapter)} if adapter else {})) as llm:
-            _answer(llm, into, task, todo, into.row["file"])
+            if pending:
+                into.row.update(_fidelity(llm, pending))
+                into.fidelity_pending = None
+            if todo:
+                _answer(llm, into, task, todo, into.row["file"])
 
 
 def _answer(llm, out: Measured, task: Task, indices, name: str) -> None:
@@ -326,7 +340,8 @@ def _fidelity(llm, ref: Reference) -> dict:
 
 def measure(merged_dir: Path, files: list[tuple[Path, str]], conversations: list[list[dict]], task: Task | None,
             fidelity: bool = True, pairs: list[tuple[Path, Path, str]] = (), drift: bool = True,
-            task_at: dict[str, list[int]] | None = None, settled=None, yardstick: str = "q8_0") -> list[Measured]:
+            task_at: dict[str, list[int]] | None = None, settled=None, yardstick: str = "q8_0",
+            fidelity_for: set[str] | None = None) -> list[Measured]:
     """Measure `files` ((path, quant type); with drift, the first is the 16-bit reference the others'
     KL and top-1 are against), then each (base GGUF, GGUF LoRA adapter, type) pair the same way.
 
@@ -334,6 +349,8 @@ def measure(merged_dir: Path, files: list[tuple[Path, str]], conversations: list
     task_at: model name (infer.model_name) -> which eval prompts it answers (None: every model answers all).
     settled(yardstick's KL per case, a file's KL per case so far) -> True: that file's drift pass stops
     early (measure_file). The `yardstick` type is measured first after the reference, on every case.
+    fidelity_for: the model names measured against the merged model in this pass (None: all); the
+    others keep it pending for answer(fidelity=True), for the one of them that is kept.
     """
     from transformers import AutoTokenizer
 
@@ -350,9 +367,12 @@ def measure(merged_dir: Path, files: list[tuple[Path, str]], conversations: list
         models = models[:1] + sorted(models[1:], key=lambda m: m[1] != yardstick)
     for path, qtype, adapter in tqdm(models, desc="measuring GGUF files", unit="file"):
         stop = (lambda kl, yard=yard: settled(yard[: len(kl)], kl)) if settled and yard else None
-        m = measure_file(path, qtype, reference, drift_cases if drift else [], drift_ref if drift else [], task,
-                         adapter=adapter, settled=stop,
-                         task_at=None if task_at is None else task_at.get(infer.model_name(path, adapter), []))
+        name = infer.model_name(path, adapter)
+        now = fidelity_for is None or name in fidelity_for
+        m = measure_file(path, qtype, reference if now else None, drift_cases if drift else [],
+                         drift_ref if drift else [], task, adapter=adapter, settled=stop,
+                         task_at=None if task_at is None else task_at.get(name, []))
+        m.fidelity_pending = None if now else reference
         drift_ref = drift_ref or m.logprobs
         yard = yard or (m.case_kl if qtype == yardstick else None)
         m.logprobs = None

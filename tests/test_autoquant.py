@@ -210,13 +210,14 @@ def test_export_auto_measures_every_candidate_once_and_keeps_one(run_copy, count
         assert (gguf_dir / name).is_file(), name
     assert "On 4 eval examples that took no part in the choice" in (gguf_dir / "auto.md").read_text()
 
-    # One load per file, the winner once more for the eval prompts; each file answers the fidelity
-    # chat, and only the files kept answer the 4 eval prompts.
+    # One load per file, the winner once more for the eval prompts and its fidelity to the merged
+    # model; only the files kept answer the fidelity chat and the 4 eval prompts.
     loads, chats = counted
     names = [r["file"] for r in rows]
     kept = {"memorize-bf16.gguf", winner["file"]}
     assert loads == Counter({name: 1 + (name == winner["file"]) for name in names}), loads
-    assert chats == Counter({name: 1 + 4 * (name in kept) for name in names}), chats
+    assert chats == Counter({name: 5 for name in kept}), chats
+    assert {r["file"] for r in measured.values() if "tokenization_identical" in r} == kept
     # The final evaluation and the printed summary reuse those answers: no file is loaded again.
     before = (Counter(loads), Counter(chats))
     files = [p for p, _ in result.files]
@@ -254,7 +255,7 @@ def test_when_the_task_decides_the_halves_stay_apart(tmp_path, monkeypatch):
         measured[path.name] = m
     asked = []
 
-    def answer(path, task, indices, into, adapter=None):
+    def answer(path, task, indices, into, adapter=None, fidelity=False):
         if not into.answers:
             into.answers, into.scores = [None] * n, [None] * n
         todo = [i for i in indices if into.answers[i] is None]
