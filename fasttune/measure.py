@@ -118,7 +118,7 @@ def merged_reference(merged_dir: Path, fidelity_cases: list[Case]) -> Reference:
                              pad_token_id=tokenizer.pad_token_id)
     ref = Reference(fidelity_cases, [], [], [], stop_ids(tokenizer))
     with torch.no_grad():
-        for c in fidelity_cases:
+        for c in tqdm(fidelity_cases, desc="the merged model's answers", unit="conversation", leave=False):
             ref.logits.append(model(torch.tensor([c.ids], device=device)).logits[0].float().cpu().numpy()[c.span])
             out = model.generate(torch.tensor([c.prompt_ids], device=device), generation_config=plain,
                                  output_logits=True, return_dict_in_generate=True)
