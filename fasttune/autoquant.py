@@ -46,6 +46,7 @@ KL_BUDGET = 10  # a file's KL from the 16-bit file may be at most this many time
 # A file's KL pass stops early at one of measure.LOOKS once this interval of its KL / q8_0's (on the same
 # conversations) lies wholly on one side of KL_BUDGET. 99 %, not 95 %: three looks each get a chance to err.
 SCREEN_CONFIDENCE = 0.99
+SCREEN_CONVERSATIONS = 20  # and only after this many conversations: a bootstrap over fewer is too narrow to trust
 SMALLER = 0.9  # a less faithful file wins only at this fraction of the size of the one it replaces, or less
 # The task decides only when half the eval set could show a loss below this share of the tolerance: at
 # exactly the tolerance, one disagreement would fail every file.
@@ -97,6 +98,8 @@ def kl_ratio(yardstick: list[float], kl: list[float], confidence: float | None =
     value = float(ratio(a.sum(), b.sum()))
     if confidence is None:
         return value
+    if len(a) < 2:  # one conversation says nothing about the spread
+        return value, float("nan"), float("nan")
     rng = np.random.default_rng(0)
     draws = rng.integers(0, len(a), (intervals.RESAMPLES, len(a)))
     lo, hi = np.quantile(ratio(a[draws].sum(1), b[draws].sum(1)), [(1 - confidence) / 2, (1 + confidence) / 2])
@@ -105,7 +108,9 @@ def kl_ratio(yardstick: list[float], kl: list[float], confidence: float | None =
 
 def settled(yardstick: list[float], kl: list[float]) -> bool:
     """Whether more conversations could no longer move the file across KL_BUDGET (measure.measure's
-    `settled`): the SCREEN_CONFIDENCE interval of kl_ratio excludes it."""
+    `settled`): after SCREEN_CONVERSATIONS at least, the SCREEN_CONFIDENCE interval of kl_ratio excludes it."""
+    if len(kl) < SCREEN_CONVERSATIONS:
+        return False
     _, lo, hi = kl_ratio(yardstick, kl, SCREEN_CONFIDENCE)
     return hi < KL_BUDGET or lo > KL_BUDGET
 
@@ -246,9 +251,17 @@ def ratio_text(row: dict, interval: bool = True) -> str:
     return f"{row['kl_ratio']:.3g}" + (f" [{lo:.3g}, {hi:.3g}]" if interval and lo is not None else "")
 
 
+def positions_text(row: dict) -> str:
+    """Answer positions (conversations) a row's KL is over."""
+    if "drift_positions" not in row:
+        return "-"
+    return f"{row['drift_positions']}" + (f" ({row['drift_conversations']})" if "drift_conversations" in row else "")
+
+
 def screening_line() -> str:
     return (f"KL / q8_0's is on the same answer positions (up to {measure.MAX_POSITIONS}), with a 95 % interval "
-            f"over conversations. A file's KL pass stops at {', '.join(map(str, measure.LOOKS))} positions once the "
+            f"over conversations. A file's KL pass stops at {', '.join(map(str, measure.LOOKS))} positions, from "
+            f"{SCREEN_CONVERSATIONS} conversations on, once the "
             f"{100 * SCREEN_CONFIDENCE:g} % interval of that ratio lies wholly above or below the budget of "
             f"{KL_BUDGET}: more positions could not move it across.")
 
@@ -287,14 +300,14 @@ def markdown(result: dict) -> str:
              "...-lora.gguf` row: the base model quantized, the LoRA adapter kept in F32 and applied at load time "
              "(`--lora`); its size is both files'."
              + (f" No such pair was measured: {result['no_pair']}." if result.get("no_pair") else ""), "",
-             "| file | size MB | bits/weight | KL | KL / q8_0's (95 %) | positions | top-1 % |"
+             "| file | size MB | bits/weight | KL | KL / q8_0's (95 %) | positions (conversations) | top-1 % |"
              + (" difference (choice examples) |" if by_task else "")
              + " verdict | |", "|---|---|---|---|---|---|---|" + ("---|" if by_task else "") + "---|---|"]
     for r in result["candidates"]:
         kl = f"{r['kl']:.4f}" if r.get("kl") is not None else "-"
         top1 = f"{r['top1']:.1f}" if r.get("top1") is not None else "-"
         lines.append(f"| {r['file']} | {r['size_mb']} | {r['bits_per_weight']} | {kl} | {ratio_text(r)} | "
-                     f"{r.get('drift_positions', '-')} | {top1} | "
+                     f"{positions_text(r)} | {top1} | "
                      + (f"{intervals.text(r.get('difference'))} | " if by_task else "")
                      + f"{r.get('verdict', 'reference')} | {'**chosen**' if r['chosen'] else ''} |")
     return "\n".join(lines) + "\n"

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -227,7 +228,8 @@ def _choose(run_dir: Path, options: dict[str, tuple[Path, str, Path | None]], re
         m = measured[name]
         if yardstick and m.case_kl:
             value, lo, hi = autoquant.kl_ratio(yardstick, m.case_kl, intervals.CONFIDENCE)
-            m.row.update(kl_ratio=round(value, 4), kl_ratio_interval=[round(lo, 4), round(hi, 4)])
+            m.row.update(kl_ratio=round(value, 4),
+                         kl_ratio_interval=None if math.isnan(lo) else [round(lo, 4), round(hi, 4)])
     rows = [measured[name].row for name in options]
     choice = None
     if choice_at:

@@ -219,13 +219,14 @@ def measure_file(path: Path, qtype: str, reference: Reference | None, drift_case
             out.logprobs = [log_softmax(_logits(llm, c.ids, c.span)).astype(np.float32)
                             for c in tqdm(drift_cases, desc=f"answer positions of {path.name}", unit="case",
                                           leave=False)]
-            row.update(kl=0.0, top1=100.0, drift_positions=sum(len(c.span) for c in drift_cases))
+            row.update(kl=0.0, top1=100.0, drift_positions=sum(len(c.span) for c in drift_cases),
+                       drift_conversations=len(drift_cases))
         elif drift_cases:
             d = _drift(llm, drift_cases, drift_ref, settled, path.name)
             out.case_kl = [float(x["kl"].sum()) for x in d]
             row.update(kl=float(f"{np.mean(np.concatenate([x['kl'] for x in d])):.4g}"),  # 4 significant digits
                        top1=round(100 * float(np.mean(np.concatenate([x["agree"] for x in d]))), 1),
-                       drift_positions=sum(len(c.span) for c in drift_cases[: len(d)]))
+                       drift_positions=sum(len(c.span) for c in drift_cases[: len(d)]), drift_conversations=len(d))
         if task_at:
             _answer(llm, out, task, task_at, row["file"])
     return out

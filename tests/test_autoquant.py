@@ -75,6 +75,9 @@ def test_kl_ratio_and_when_screening_may_stop():
     assert not autoquant.settled(q8, one * 4) and autoquant.settled(q8, one * 40)  # 40 conversations, 400
     value, lo, hi = autoquant.kl_ratio(q8, one * 4, 0.95)
     assert lo < value < hi and autoquant.kl_ratio(q8, one * 4, 0.95) == (value, lo, hi)  # seeded
+    assert not autoquant.settled(q8, [0.3] * 19)  # under 20 conversations the bootstrap is too narrow to stop on
+    assert autoquant.kl_ratio(q8, [0.3], 0.95)[0] == pytest.approx(30)  # one conversation: a ratio, no interval
+    assert all(x != x for x in autoquant.kl_ratio(q8, [0.3], 0.95)[1:])
     assert autoquant.kl_ratio(q8[:10], q8[:5]) == 1.0  # the yardstick's first conversations only
     assert autoquant.kl_ratio([0.0, 0.0], [0.0, 0.0]) == 0.0 and autoquant.kl_ratio([0.0], [0.1]) == float("inf")
 
