@@ -28,6 +28,10 @@ logger = logging.getLogger(__name__)
 # small enough to take seconds on a GPU and a minute or two for a 0.5B model on a laptop CPU.
 MAX_TOKENS = 32_768
 MAX_LENGTH = 1024  # tokens per conversation
+# Conversations per forward pass, right-padded, up to this many tokens with the padding: one short
+# conversation at a time leaves a CPU's matmuls small. Its logits are as large as one MAX_LENGTH
+# conversation's.
+BATCH_TOKENS = 1024
 
 
 @dataclass
@@ -84,33 +88,41 @@ def compute(merged_dir: Path, conversations: list[list[dict]], source: str) -> I
     model = AutoModelForCausalLM.from_pretrained(merged_dir, dtype=torch.bfloat16).to(device).eval()
 
     sums: dict[str, torch.Tensor] = {}
+    real = {}  # "rows": which rows of the flattened batch are tokens, not padding
 
-    def hook(gguf_name):
-        def accumulate(module, inputs):
-            x = inputs[0].detach().reshape(-1, module.in_features).float()
-            sums[gguf_name] = sums.get(gguf_name, 0) + (x * x).sum(0)  # (in_features,)
-        return accumulate
+    def add(gguf_name, x):
+        x = x.detach().reshape(-1, x.shape[-1])[real["rows"]].float()
+        sums[gguf_name] = sums.get(gguf_name, 0) + (x * x).sum(0)  # (in_features,)
 
-    head = model.get_output_embeddings()
+    # The output layer is never run: its input is the decoder's last hidden state, and its vocabulary-
+    # wide logits would be a quarter of a 0.5B's compute. A tied head is the token embedding in GGUF,
+    # which llama.cpp quantizes without a matrix.
+    head, decoder = model.get_output_embeddings(), model.get_decoder()
+    head_name = None
     handles = []
     for module_name, module in model.named_modules():
-        if not isinstance(module, torch.nn.Linear) or (module is head and config.tie_word_embeddings):
-            continue  # a tied head is the token embedding in GGUF, which llama.cpp quantizes without one
+        if not isinstance(module, torch.nn.Linear):
+            continue
         gguf_name = names.get_name(f"{module_name}.weight", try_suffixes=(".weight",))
-        if gguf_name is not None:
-            handles.append(module.register_forward_pre_hook(hook(gguf_name)))
+        if module is head:
+            head_name = None if config.tie_word_embeddings else gguf_name
+        elif gguf_name is not None:
+            handles.append(module.register_forward_pre_hook(lambda m, inputs, name=gguf_name: add(name, inputs[0])))
 
     tokens = 0
     try:
         with torch.no_grad(), tqdm(total=MAX_TOKENS, desc="importance matrix", unit="tok") as bar:
-            for conv in conversations:
-                ids = tokenizer.apply_chat_template(conv, tokenize=True, return_dict=False)[:MAX_LENGTH]
-                ids = ids[: MAX_TOKENS - tokens]
-                if not ids:
-                    break
-                model(torch.tensor([ids], device=device), use_cache=False)  # one at a time: no padding to mask
-                tokens += len(ids)
-                bar.update(len(ids))
+            for group in _batches(tokenizer, conversations):
+                width = max(map(len, group))
+                # right padding: causal attention keeps every real token's activations as they are alone
+                mask = torch.tensor([[1] * len(ids) + [0] * (width - len(ids)) for ids in group], device=device)
+                padded = torch.tensor([ids + [0] * (width - len(ids)) for ids in group], device=device)
+                real["rows"] = mask.reshape(-1).bool()
+                hidden = decoder(input_ids=padded, attention_mask=mask, use_cache=False).last_hidden_state
+                if head_name:
+                    add(head_name, hidden)
+                tokens += sum(map(len, group))
+                bar.update(sum(map(len, group)))
     finally:
         for h in handles:
             h.remove()
@@ -118,6 +130,23 @@ def compute(merged_dir: Path, conversations: list[list[dict]], source: str) -> I
         free_accelerator_memory()
     logger.info("importance matrix over %d tokens of %s (%d tensors)", tokens, source, len(sums))
     return ImportanceMatrix({name: s.double().cpu().numpy() for name, s in sums.items()}, tokens, source)
+
+
+def _batches(tokenizer, conversations: list[list[dict]]):
+    """The conversations' token ids (each cut at MAX_LENGTH, MAX_TOKENS in all), in order, grouped so
+    that each group padded to its longest member holds at most BATCH_TOKENS."""
+    group, total = [], 0
+    for conv in conversations:
+        ids = tokenizer.apply_chat_template(conv, tokenize=True, return_dict=False)[:MAX_LENGTH][: MAX_TOKENS - total]
+        if not ids:
+            break
+        if group and (len(group) + 1) * max(len(ids), *map(len, group)) > BATCH_TOKENS:
+            yield group
+            group = []
+        group.append(ids)
+        total += len(ids)
+    if group:
+        yield group
 
 
 def for_run(run_dir: Path) -> ImportanceMatrix:

@@ -139,7 +139,12 @@ def quantize(src: str | Path, out_path: str | Path, qtype: str, threads: int | N
             entry.type = ggml_type(type_name)
         params.tt_overrides = ctypes.cast(table, ctypes.POINTER(llama_cpp.llama_model_tensor_override))
     tmp = out_path.with_name(out_path.name + ".partial")
+    # llama-cpp-python passes llama.cpp's lines on only at this logger's level, which a verbose=False
+    # load leaves at ERROR: without them, no progress and no failure tail
+    native = logging.getLogger("llama-cpp-python")
+    level = native.level
     try:
+        native.setLevel(logging.DEBUG)
         with _native_output_captured() as (captured, console):
             rc = _run_with_progress(
                 lambda: llama_cpp.llama_model_quantize(str(src).encode(), str(tmp).encode(), ctypes.byref(params)),
@@ -152,6 +157,7 @@ def quantize(src: str | Path, out_path: str | Path, qtype: str, threads: int | N
             raise RuntimeError(f"llama_model_quantize({src.name} -> {qtype}) failed with code {rc}:\n{tail}")
         os.replace(tmp, out_path)
     finally:
+        native.setLevel(level)
         tmp.unlink(missing_ok=True)
     logger.info("wrote %s (%.1f MB)", out_path, out_path.stat().st_size / 1e6)
     return out_path

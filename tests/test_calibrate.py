@@ -124,10 +124,16 @@ def test_calibration_lowers_kl_on_real_smollm2_weights(tmp_path):
 def test_quantizing_shows_progress_and_keeps_llama_cpp_quiet(calibrated, capfd, tmp_path):
     """llama.cpp's line per tensor becomes a progress bar on stderr (an i-quant of a 7B runs for
     minutes); a failure still quotes llama.cpp's last lines."""
+    import logging
+
     work, matrix, bf16 = calibrated
+    with infer.load(bf16, n_ctx=64):  # a quiet load (verbose=False) leaves llama-cpp-python's log level at ERROR
+        pass
+    assert logging.getLogger("llama-cpp-python").level == logging.ERROR
     capfd.readouterr()
     quantize.quantize(bf16, tmp_path / "x-iq4_xs.gguf", "iq4_xs", imatrix=matrix.values())
     err = capfd.readouterr().err
+    assert logging.getLogger("llama-cpp-python").level == logging.ERROR  # put back
     n = len(gguf_file.read(bf16).tensors)
     assert "quantizing x-iq4_xs.gguf" in err and f"{n}/{n}" in err, err[-500:]
     assert "converting to" not in err and "blk.0." not in err  # llama.cpp's own lines stay in the capture
@@ -135,3 +141,43 @@ def test_quantizing_shows_progress_and_keeps_llama_cpp_quiet(calibrated, capfd, 
     with pytest.raises(RuntimeError, match=r"llama_model_quantize\(broken.gguf -> q4_k_m\) failed with code"):
         quantize.quantize(bf16.with_name("broken.gguf"), tmp_path / "x.gguf", "q4_k_m")
     assert not (tmp_path / "x.gguf").exists() and not (tmp_path / "x.gguf.partial").exists()
+
+
+def test_conversations_batched_give_the_matrix_they_give_one_at_a_time(calibrated, monkeypatch):
+    """calibrate.compute runs several conversations per forward pass, right-padded: the padding must
+    add nothing to the sums, and no real token may see it."""
+    from transformers import AutoTokenizer
+
+    work, matrix, _ = calibrated
+    conversations = [ex.messages for ex in rundir.examples(work, "train")]
+    tokenizer = AutoTokenizer.from_pretrained(work / "merged")
+    groups = list(calibrate._batches(tokenizer, conversations))
+    assert len(groups) < len(conversations) and len({len(ids) for g in groups for ids in g}) > 1  # padding happens
+    monkeypatch.setattr(calibrate, "BATCH_TOKENS", 1)  # one conversation per pass
+    alone = calibrate.compute(work / "merged", conversations, source="one at a time")
+    assert alone.tokens == matrix.tokens and alone.sums.keys() == matrix.sums.keys()
+    for name, sums in matrix.sums.items():  # bf16 matmuls of another shape round differently: 1 %
+        np.testing.assert_allclose(sums, alone.sums[name], rtol=0.01, err_msg=name)
+
+
+def test_an_untied_output_layer_gets_the_mean_square_of_the_last_hidden_state(tmp_path, memorized_chats):
+    """compute never runs the output layer (its logits are a quarter of a 0.5B's compute); an untied
+    one still gets its matrix, from the decoder's last hidden state: what its forward hook would see."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from fasttune.tiny import TINY_CONFIG, build_model
+
+    model_dir = build_model(tmp_path / "untied", dict(TINY_CONFIG, tie_word_embeddings=False))
+    conversations = [ex.messages for ex in memorized_chats]
+    matrix = calibrate.compute(model_dir, conversations, source="memorize")
+    assert len(matrix.sums) == 15 and "output.weight" in matrix.sums
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16).eval()
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    seen = []
+    model.lm_head.register_forward_pre_hook(lambda m, inputs: seen.append(inputs[0][0].float()))
+    with torch.no_grad():
+        for conv in conversations:
+            model(torch.tensor([tokenizer.apply_chat_template(conv, tokenize=True, return_dict=False)]))
+    want = (torch.cat(seen) ** 2).sum(0).double().numpy()
+    np.testing.assert_allclose(matrix.sums["output.weight"], want, rtol=0.01)
