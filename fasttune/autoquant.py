@@ -11,7 +11,8 @@ fasttune.measure measures each against the 16-bit file; this module decides:
    first that does not. A smaller set cannot show that (12 examples cannot rule out a 30-point
    loss), so the low-variance signal decides instead: the KL divergence from the 16-bit file over
    the answer positions of the training examples, within KL_BUDGET times q8_0's own (8-bit
-   rounding, the loss nobody can measure in a task score, sets the scale).
+   rounding, the loss nobody can measure in a task score, sets the scale): the upper end of the
+   95 % interval of that ratio, over conversations, must be within it.
 2. Which of them wins. Starting from the 16-bit file, walk the qualifying files from the most
    faithful (lowest KL) down; a file replaces the current choice only when it is at least 10 %
    smaller. A 1 % smaller file that is ten times less faithful buys nothing.
@@ -166,9 +167,14 @@ def pick(rows: list[dict], tolerance: float, choice: dict[str, list[float]] | No
                             else f"may lose {-d.lo:.1f} points")
             stopped_at = None if r["qualifies"] else r
         else:
-            r["qualifies"] = budget is not None and r.get("kl") is not None and key(r)[0] <= KL_BUDGET
+            # the upper end of the ratio's 95 % interval, where measured: a ratio whose interval straddles
+            # the budget is a coin flip that the next run's rounding may turn either way
+            upper = (r.get("kl_ratio_interval") or [None, key(r)[0]])[1]
+            r["qualifies"] = budget is not None and r.get("kl") is not None and upper <= KL_BUDGET
             r["verdict"] = ("no q8_0 to set the KL budget" if budget is None else
-                            f"KL {'within' if r['qualifies'] else 'over'} the budget")
+                            "KL within the budget" if r["qualifies"] else
+                            "KL over the budget" if key(r)[0] > KL_BUDGET else
+                            "KL may be over the budget (the upper end of its interval is)")
     winner = ref
     for r in (r for r in ranked if r["qualifies"]):
         if r["size_mb"] <= SMALLER * winner["size_mb"]:
@@ -284,7 +290,7 @@ def markdown(result: dict) -> str:
             f"{result['choice_examples']} of the {result['eval_examples']} eval examples, lies above "
             f"-{result['tolerance']:g} points." if by_task else
             f"Qualifies: mean KL({result['reference']} || file) per answer token of the training examples at most "
-            f"{result['kl_budget']} x q8_0's. The eval set could not have decided, so no paired differences were "
+            f"{result['kl_budget']} x q8_0's, at the upper end of the ratio's 95 % interval. The eval set could not have decided, so no paired differences were "
             "measured for the choice: only the files kept answer the eval prompts (the line above), and those "
             "listed with --quants.")
     lines = [f"# Quant chosen by measurement: {result['winner']}", "", result["why"] + ".", "",

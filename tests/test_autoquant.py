@@ -82,6 +82,18 @@ def test_kl_ratio_and_when_screening_may_stop():
     assert autoquant.kl_ratio([0.0, 0.0], [0.0, 0.0]) == 0.0 and autoquant.kl_ratio([0.0], [0.1]) == float("inf")
 
 
+def test_kl_qualifies_by_the_upper_end_of_the_ratio_interval():
+    """A ratio of 9 whose interval reaches 18 may be over the budget: the file does not qualify, and
+    the verdict says why; the same ratio with a tight interval does."""
+    rows = table(*LADDER[:2], ("q4_k_m", 30, 0.018))
+    rows[3].update(kl_ratio=9.0, kl_ratio_interval=[4.7, 18.5])
+    winner, _ = pick(rows, tolerance=1.0, n_eval=12)
+    assert not rows[3]["qualifies"] and winner["type"] == "q6_k"
+    assert rows[3]["verdict"] == "KL may be over the budget (the upper end of its interval is)"
+    rows[3]["kl_ratio_interval"] = [8.1, 9.9]
+    assert pick(rows, tolerance=1.0, n_eval=12)[0]["type"] == "q4_k_m"
+
+
 def test_a_screened_file_is_judged_by_its_ratio_on_the_positions_it_was_measured_on():
     """q3_k_m's KL over its first 64 positions reads within 10 x q8_0's KL over all 512, but on those
     same 64 positions it is 15 x q8_0's: over the budget, and ordered after q4_k_m."""
@@ -193,7 +205,8 @@ def test_export_auto_measures_every_candidate_once_and_keeps_one(run_copy, count
     for r in rows[1:]:
         assert r["kl_ratio"] == pytest.approx(r["kl"] / rows[1]["kl"], rel=1e-3)
         assert r["kl_ratio_interval"][0] <= r["kl_ratio"] <= r["kl_ratio_interval"][1]
-    assert [r["qualifies"] for r in rows[1:]] == [r["kl_ratio"] <= autoquant.KL_BUDGET for r in rows[1:]]
+    assert [r["qualifies"] for r in rows[1:]] == [r["kl_ratio_interval"][1] <= autoquant.KL_BUDGET
+                                                  for r in rows[1:]]
     winner = next(r for r in rows if r["chosen"])
     assert winner["type"] != "bf16" and winner["qualifies"] and auto["winner"] == winner["file"]
     assert auto["held_out"]["examples"] == 4 and auto["held_out"]["winner"]["n"] == 4
@@ -301,8 +314,8 @@ def test_export_auto_without_eval_data_decides_by_kl(run_copy):
     assert result["no_pair"] == "the run has no adapter/"
     assert "No such pair was measured: the run has no adapter/." in (run_copy / "gguf" / "auto.md").read_text()
     assert all("score" not in r and r["kl"] >= 0 for r in rows) and rows[0]["kl"] == 0
-    budget = 10 * rows[1]["kl"]  # q8_0's
-    assert [r["qualifies"] for r in rows[1:]] == [r["kl"] <= budget for r in rows[1:]]
+    assert [r["qualifies"] for r in rows[1:]] == [r["kl_ratio_interval"][1] <= autoquant.KL_BUDGET
+                                                  for r in rows[1:]]
     winner = next(r for r in rows if r["chosen"])
     assert winner["type"] != "bf16" and winner["qualifies"]  # q8_0 is always within its own budget
     assert "No eval data: the chosen file's task score is not measured." in (run_copy / "gguf" / "auto.md").read_text()
