@@ -45,7 +45,7 @@ CALIBRATED_CANDIDATES = ["iq4_xs", "q2_k"]
 PAIR_BASE = "q4_k_m"
 KL_BUDGET = 10  # a file's KL from the 16-bit file may be at most this many times q8_0's
 # A file's KL pass stops early at one of measure.LOOKS once this interval of its KL / q8_0's (on the same
-# conversations) lies wholly on one side of KL_BUDGET. 99 %, not 95 %: three looks each get a chance to err.
+# conversations) lies wholly on one side of KL_BUDGET. 99 %, not 95 %: each look is a chance to err.
 SCREEN_CONFIDENCE = 0.99
 SCREEN_CONVERSATIONS = 20  # and only after this many conversations: a bootstrap over fewer is too narrow to trust
 SMALLER = 0.9  # a less faithful file wins only at this fraction of the size of the one it replaces, or less
@@ -108,12 +108,25 @@ def kl_ratio(yardstick: list[float], kl: list[float], confidence: float | None =
 
 
 def settled(yardstick: list[float], kl: list[float]) -> bool:
-    """Whether more conversations could no longer move the file across KL_BUDGET (measure.measure's
-    `settled`): after SCREEN_CONVERSATIONS at least, the SCREEN_CONFIDENCE interval of kl_ratio excludes it."""
+    """Whether more conversations would, at SCREEN_CONFIDENCE, not move the file across KL_BUDGET
+    (measure.measure's `settled`): after SCREEN_CONVERSATIONS at least, that interval of kl_ratio excludes it."""
     if len(kl) < SCREEN_CONVERSATIONS:
         return False
     _, lo, hi = kl_ratio(yardstick, kl, SCREEN_CONFIDENCE)
     return hi < KL_BUDGET or lo > KL_BUDGET
+
+
+def ratio_fields(yardstick: list[float], kl: list[float]) -> dict:
+    """What a row records of its KL / q8_0's: the ratio, and its 95 % interval when there are
+    SCREEN_CONVERSATIONS conversations for a bootstrap to stand on (else None: the point ratio decides)."""
+    value, lo, hi = kl_ratio(yardstick, kl, intervals.CONFIDENCE)
+    enough = len(kl) >= SCREEN_CONVERSATIONS
+    return {"kl_ratio": round(value, 4), "kl_ratio_interval": [round(lo, 4), round(hi, 4)] if enough else None}
+
+
+def within(difference: intervals.Interval, tolerance: float) -> bool:
+    """The task's test: the paired interval shows the file loses less than `tolerance` points."""
+    return difference.lo > -tolerance
 
 
 def _faithfulness(rows: list[dict]):
@@ -122,7 +135,7 @@ def _faithfulness(rows: list[dict]):
     q8 = next((r for r in rows if r["type"] == "q8_0" and r.get("kl") is not None), None)
 
     def key(r):
-        if r.get("kl") is None:
+        if r.get("kl") is None or not np.isfinite(r["kl"]):  # a file whose logits are not finite is the least faithful
             return (float("inf"), r["size_mb"])
         if q8 is None:
             return (r["kl"], r["size_mb"])
@@ -162,7 +175,7 @@ def pick(rows: list[dict], tolerance: float, choice: dict[str, list[float]] | No
                 continue
             d = intervals.paired(choice[r["file"]], choice[ref["file"]])
             r["difference"] = d.as_dict()
-            r["qualifies"] = d.lo > -tolerance
+            r["qualifies"] = within(d, tolerance)
             r["verdict"] = (f"shown to lose less than {tolerance:g} points" if r["qualifies"]
                             else f"may lose {-d.lo:.1f} points")
             stopped_at = None if r["qualifies"] else r
@@ -193,7 +206,9 @@ def pick(rows: list[dict], tolerance: float, choice: dict[str, list[float]] | No
     else:
         rule = (f"within the KL budget of {KL_BUDGET} x q8_0's divergence from {ref['file']} ({budget:.4g})"
                 if budget is not None else "measured against q8_0")
-        detail = f": KL {winner['kl']:.4g}" if winner is not ref else ""
+        detail = ("" if winner is ref else f": KL {winner['kl']:.4g}" + (
+            f", {ratio_text(winner)} x q8_0's on the same {winner['drift_positions']} positions"
+            if winner.get("kl_ratio") is not None and "drift_positions" in winner else ""))
         rule_out = ("the task score did not decide: no eval data" if not n_eval else
                     "the task score did not decide: one eval example cannot be halved" if n_eval == 1 else
                     f"the task score did not decide: at best, {n_eval // 2} of the {n_eval} eval examples can show "
@@ -266,10 +281,11 @@ def positions_text(row: dict) -> str:
 
 def screening_line() -> str:
     return (f"KL / q8_0's is on the same answer positions (up to {measure.MAX_POSITIONS}), with a 95 % interval "
-            f"over conversations. A file's KL pass stops at {', '.join(map(str, measure.LOOKS))} positions, from "
-            f"{SCREEN_CONVERSATIONS} conversations on, once the "
-            f"{100 * SCREEN_CONFIDENCE:g} % interval of that ratio lies wholly above or below the budget of "
-            f"{KL_BUDGET}: more positions could not move it across.")
+            f"over conversations when there are {SCREEN_CONVERSATIONS} or more (else the ratio alone decides). "
+            f"When KL decides, a file's KL pass stops at the first conversation past "
+            f"{', '.join(map(str, measure.LOOKS))} positions, from {SCREEN_CONVERSATIONS} conversations on, once "
+            f"the {100 * SCREEN_CONFIDENCE:g} % interval of that ratio lies wholly above or below the budget of "
+            f"{KL_BUDGET}: at that confidence, more positions would not move it across.")
 
 
 def held_out_line(result: dict) -> str:
@@ -334,9 +350,10 @@ def table(result: dict) -> str:
 
 
 def chart(result: dict, path: Path) -> Path:
-    """Left: KL from the 16-bit file against size, the budget drawn, each file in the legend (labels
-    next to points collide when sizes are nearly equal). Right: every measured score difference from
-    the 16-bit file with its 95 % interval as an error bar, the tolerance drawn."""
+    """Left: KL / q8_0's against size, with its 95 % interval where measured, the budget drawn, each
+    file in the legend (labels next to points collide when sizes are nearly equal). Right: every
+    measured score difference from the 16-bit file with its 95 % interval as an error bar, the
+    tolerance drawn."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -344,18 +361,20 @@ def chart(result: dict, path: Path) -> Path:
 
     rows = result["candidates"]
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
-    q8 = next((r for r in rows if r["type"] == "q8_0" and r.get("kl") is not None), None)
-    for i, r in enumerate(r for r in rows[1:] if r.get("kl") is not None):
-        left.scatter(r["size_mb"], max(r["kl"], 1e-6), s=90 if r["chosen"] else 40, marker="os^vD<>p*h"[i % 10],
-                     edgecolor="black" if r["chosen"] else "none", zorder=3,
-                     label=f"{r['type']}: {r['size_mb']} MB, {r['bits_per_weight']} b/w"
-                           + (" (chosen)" if r["chosen"] else ""))
-    if q8:
-        left.axhline(result["kl_budget"] * max(q8["kl"], 1e-6), color="tab:green", linestyle="--",
-                     label=f"budget: {result['kl_budget']} x q8_0's KL")
+    key = _faithfulness(rows)
+    floor = 1e-3  # a log axis: ratios of 0 (the file equals the 16-bit one) drawn at the floor
+    for i, r in enumerate(r for r in rows[1:] if r.get("kl") is not None and np.isfinite(key(r)[0])):
+        y = max(key(r)[0], floor)
+        lo, hi = r.get("kl_ratio_interval") or (y, y)
+        left.errorbar(r["size_mb"], y, yerr=[[y - max(lo, floor)], [max(hi, floor) - y]], capsize=3,
+                      fmt="os^vD<>p*h"[i % 10], markersize=9 if r["chosen"] else 6,
+                      markeredgecolor="black" if r["chosen"] else "none", zorder=3,
+                      label=f"{r['type']}: {r['size_mb']} MB, {r['bits_per_weight']} b/w"
+                            + (" (chosen)" if r["chosen"] else ""))
+    left.axhline(result["kl_budget"], color="tab:green", linestyle="--", label=f"budget: {result['kl_budget']} x")
     left.set_yscale("log")
     left.set_xlabel("file size (MB)")
-    left.set_ylabel(f"KL from {rows[0]['type']} per answer token")
+    left.set_ylabel(f"KL from {rows[0]['type']} / q8_0's (95 % interval)")
     left.grid(alpha=0.3)
     left.legend(fontsize=7)
     bars = [(r["type"], r["difference"]) for r in rows[1:] if r.get("difference")]

@@ -29,8 +29,7 @@ logger = logging.getLogger(__name__)
 MAX_TOKENS = 32_768
 MAX_LENGTH = 1024  # tokens per conversation
 # Conversations per forward pass, right-padded, up to this many tokens with the padding: one short
-# conversation at a time leaves a CPU's matmuls small. Its logits are as large as one MAX_LENGTH
-# conversation's.
+# conversation at a time leaves a CPU's matmuls small; activations stay those of one MAX_LENGTH one.
 BATCH_TOKENS = 1024
 
 

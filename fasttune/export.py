@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -159,8 +158,9 @@ def export_run(run_dir: Path, cfg, quants: list[str], base: str | Path | None = 
     # auto's candidates are compared with the merged model only once one is kept (_choose)
     listed_models = {p.name for p, _ in files} | {infer.model_name(b, a) for b, a, q in pairs
                                                    if (b, a, q) != pair_candidate}
+    # screening by KL only when KL decides: when the task does, KL sets the order files are tested in
     measured = measure_run(run_dir, cfg, files + candidates, pairs, task, answer_at,
-                           screen=auto, fidelity_for=listed_models if auto else None)
+                           screen=auto and not choice_at, fidelity_for=listed_models if auto else None)
     result = Result(files, {m.row["file"]: m for m in measured},
                     [(a, b) for b, a, q in pairs if (b, a, q) != pair_candidate])
 
@@ -223,13 +223,12 @@ def _choose(run_dir: Path, options: dict[str, tuple[Path, str, Path | None]], re
     has not (the final evaluation reuses them) and, a candidate, is compared with the merged model in
     that load; its score on the examples that took no part in the choice goes into gguf/auto.*."""
     measured = result.measured
-    yardstick = next((m.case_kl for m in measured.values() if m.row["type"] == "q8_0" and m.case_kl), None)
+    yardstick = next((m.case_kl for m in measured.values() if m.row["type"] == measure.YARDSTICK and m.case_kl),
+                     None)
     for name in options:
         m = measured[name]
         if yardstick and m.case_kl:
-            value, lo, hi = autoquant.kl_ratio(yardstick, m.case_kl, intervals.CONFIDENCE)
-            m.row.update(kl_ratio=round(value, 4),
-                         kl_ratio_interval=None if math.isnan(lo) else [round(lo, 4), round(hi, 4)])
+            m.row.update(autoquant.ratio_fields(yardstick, m.case_kl))
     rows = [measured[name].row for name in options]
     choice = None
     if choice_at:
@@ -240,7 +239,7 @@ def _choose(run_dir: Path, options: dict[str, tuple[Path, str, Path | None]], re
             scores = [measured[row["file"]].scores[i] for i in choice_at]
             if row["file"] != reference:
                 ref_scores = [measured[reference].scores[i] for i in choice_at]
-                if intervals.paired(scores, ref_scores).lo <= -tolerance:
+                if not autoquant.within(intervals.paired(scores, ref_scores), tolerance):
                     break
         choice = {name: [m.scores[i] for i in choice_at] for name, m in measured.items()
                   if name in options and m.answers and all(m.answers[i] is not None for i in choice_at)}

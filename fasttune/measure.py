@@ -33,6 +33,7 @@ logger = logging.getLogger(__name__)
 
 MAX_POSITIONS = 512  # answer positions for KL/top-1: each keeps a vocabulary-sized row of the 16-bit file's
 LOOKS = (64, 128, 256)  # answer positions after which a drift pass may stop early (measure_file's `settled`)
+YARDSTICK = "q8_0"  # measured on every case, first after the 16-bit file: `settled` weighs the others against it
 FIDELITY_CONVERSATIONS = 4  # compared with the merged HF model (float32 on a CPU, bf16 on a GPU)
 GREEDY_TOKENS = 32  # greedy continuation compared token by token with the merged model's
 CHAT_TOKENS = 256  # the fidelity chat answer: room to stop by itself
@@ -245,7 +246,7 @@ def _context(reference: Reference | None, drift_cases: list[Case], task: Task | 
 
 def _drift(llm, drift_cases: list[Case], drift_ref: list[np.ndarray], settled, name: str) -> list[dict]:
     """distance() from the 16-bit file per drift case, in order, until `settled` says so at a look."""
-    out, positions, looks = [], 0, [n for n in LOOKS if settled]
+    out, positions, looks = [], 0, list(LOOKS) if settled else []
     bar = tqdm(total=sum(len(c.span) for c in drift_cases), desc=f"answer positions of {name}", unit="pos",
                leave=False)
     for c, ref in zip(drift_cases, drift_ref):
@@ -341,15 +342,15 @@ def _fidelity(llm, ref: Reference) -> dict:
 
 def measure(merged_dir: Path, files: list[tuple[Path, str]], conversations: list[list[dict]], task: Task | None,
             fidelity: bool = True, pairs: list[tuple[Path, Path, str]] = (), drift: bool = True,
-            task_at: dict[str, list[int]] | None = None, settled=None, yardstick: str = "q8_0",
+            task_at: dict[str, list[int]] | None = None, settled=None,
             fidelity_for: set[str] | None = None) -> list[Measured]:
     """Measure `files` ((path, quant type); with drift, the first is the 16-bit reference the others'
     KL and top-1 are against), then each (base GGUF, GGUF LoRA adapter, type) pair the same way.
 
     conversations: where fidelity and drift are measured (the last message of each is the answer).
     task_at: model name (infer.model_name) -> which eval prompts it answers (None: every model answers all).
-    settled(yardstick's KL per case, a file's KL per case so far) -> True: that file's drift pass stops
-    early (measure_file). The `yardstick` type is measured first after the reference, on every case.
+    settled(YARDSTICK's KL per case, a file's KL per case so far) -> True: that file's drift pass stops
+    early (measure_file). The YARDSTICK type is measured first after the reference, on every case.
     fidelity_for: the model names measured against the merged model in this pass (None: all); the
     others keep it pending for answer(fidelity=True), for the one of them that is kept.
     """
@@ -365,7 +366,7 @@ def measure(merged_dir: Path, files: list[tuple[Path, str]], conversations: list
                 sum(len(c.span) for c in drift_cases), f", up to {len(task.prompts)} eval prompts" if task else "")
     models = [(path, qtype, None) for path, qtype in files] + [(base, qtype, adapter) for base, adapter, qtype in pairs]
     if settled:  # the yardstick first after the reference; the rest keep their order (a stable sort)
-        models = models[:1] + sorted(models[1:], key=lambda m: m[1] != yardstick)
+        models = models[:1] + sorted(models[1:], key=lambda m: m[1] != YARDSTICK)
     for path, qtype, adapter in tqdm(models, desc="measuring GGUF files", unit="file"):
         stop = (lambda kl, yard=yard: settled(yard[: len(kl)], kl)) if settled and yard else None
         name = infer.model_name(path, adapter)
@@ -375,7 +376,7 @@ def measure(merged_dir: Path, files: list[tuple[Path, str]], conversations: list
                          task_at=None if task_at is None else task_at.get(name, []))
         m.fidelity_pending = None if now else reference
         drift_ref = drift_ref or m.logprobs
-        yard = yard or (m.case_kl if qtype == yardstick else None)
+        yard = yard or (m.case_kl if qtype == YARDSTICK else None)
         m.logprobs = None
         results.append(m)
     return results

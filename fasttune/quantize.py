@@ -68,44 +68,63 @@ def check_quant_name(name: str, calibrated: bool = False) -> None:
 
 @contextlib.contextmanager
 def _native_output_captured():
-    """Send llama.cpp's C-level stdout/stderr (a line per tensor) to a temp file. Yields (a reader of
-    what it wrote so far, a text stream to the real stderr for a progress bar meanwhile).
+    """Send llama.cpp's C-level stdout/stderr (a line per tensor) to a temp file, and Python's too:
+    llama-cpp-python's log callback prints llama.cpp's lines to sys.stderr, which need not be fd 2
+    (pytest's capture). Yields (a reader of what was written so far, a text stream to the real
+    stderr for a progress bar meanwhile).
 
-    Written by hand because llama-cpp-python's log callback does not cover the quantizer's output.
+    Written by hand because neither llama-cpp-python nor llama.cpp offers a quantizer without console output.
     """
     sys.stdout.flush()
     sys.stderr.flush()
     saved = [os.dup(1), os.dup(2)]
-    with (tempfile.TemporaryFile(mode="w+b") as sink, os.fdopen(os.dup(saved[1]), "w") as console,
-          open(sink.fileno(), "w", buffering=1, closefd=False) as text):
-        os.dup2(sink.fileno(), 1)
-        os.dup2(sink.fileno(), 2)
-        try:  # llama-cpp-python's log callback prints to sys.stderr, which need not be fd 2 (pytest's capture)
-            with contextlib.redirect_stdout(text), contextlib.redirect_stderr(text):
-                yield (lambda: os.pread(sink.fileno(), os.fstat(sink.fileno()).st_size, 0).decode(errors="replace"),
-                       console)
-        finally:
-            os.dup2(saved[0], 1)
-            os.dup2(saved[1], 2)
-            for fd in saved:
-                os.close(fd)
+    try:
+        with (tempfile.TemporaryFile(mode="w+b") as sink, os.fdopen(os.dup(saved[1]), "w") as console,
+              open(sink.fileno(), "w", buffering=1, closefd=False) as text):
+            os.dup2(sink.fileno(), 1)
+            os.dup2(sink.fileno(), 2)
+            try:
+                with contextlib.redirect_stdout(text), contextlib.redirect_stderr(text):
+                    yield (lambda: os.pread(sink.fileno(), os.fstat(sink.fileno()).st_size, 0).decode(
+                        errors="replace"), console)
+            finally:
+                os.dup2(saved[0], 1)
+                os.dup2(saved[1], 2)
+    finally:
+        for fd in saved:
+            os.close(fd)
 
 
 def _run_with_progress(call, log, console, desc: str) -> int:
     """Run `call` (a llama.cpp function: ctypes lets go of the GIL) in a thread and show its progress,
-    read from the `[ i/ n] tensor ...` lines llama.cpp writes per tensor: a 7B's i-quant takes minutes."""
+    read from the `[ i/ n] tensor ...` lines llama.cpp writes per tensor: a 7B's i-quant takes minutes.
+    An exception in the call is raised here; Ctrl-C waits for the call to end (llama.cpp cannot be
+    stopped, and the files it writes must not be taken away under it)."""
     result = {}
-    worker = threading.Thread(target=lambda: result.setdefault("rc", call()), daemon=True)
+
+    def work():
+        try:
+            result["rc"] = call()
+        except BaseException as error:  # handed to the caller's thread
+            result["error"] = error
+
+    worker = threading.Thread(target=work)
     worker.start()
-    with tqdm(desc=desc, unit="tensor", file=console, leave=False) as bar:
-        while True:
-            worker.join(0.5)
-            seen = TENSOR_LINE.findall(log())
-            if seen:
-                bar.total = int(seen[-1][1])
-                bar.update(int(seen[-1][0]) - bar.n)
-            if not worker.is_alive():  # after the last read: the bar ends at n/n
-                break
+    try:
+        with tqdm(desc=desc, unit="tensor", file=console, leave=False) as bar:
+            while True:
+                worker.join(0.5)
+                seen = TENSOR_LINE.findall(log())
+                if seen:
+                    bar.total = int(seen[-1][1])
+                    bar.update(int(seen[-1][0]) - bar.n)
+                if not worker.is_alive():
+                    bar.refresh()  # the last read shown, n/n, however short the call
+                    break
+    finally:
+        worker.join()
+    if "error" in result:
+        raise result["error"]
     return result["rc"]
 
 

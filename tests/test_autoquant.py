@@ -79,6 +79,9 @@ def test_kl_ratio_and_when_screening_may_stop():
     assert autoquant.kl_ratio(q8, [0.3], 0.95)[0] == pytest.approx(30)  # one conversation: a ratio, no interval
     assert all(x != x for x in autoquant.kl_ratio(q8, [0.3], 0.95)[1:])
     assert autoquant.kl_ratio(q8[:10], q8[:5]) == 1.0  # the yardstick's first conversations only
+    # what a row records: no interval from fewer conversations than screening would stop on
+    assert autoquant.ratio_fields(q8, [0.3] * 19) == {"kl_ratio": 30.0, "kl_ratio_interval": None}
+    assert autoquant.ratio_fields(q8, [0.3] * 20)["kl_ratio_interval"] == [30.0, 30.0]
     assert autoquant.kl_ratio([0.0, 0.0], [0.0, 0.0]) == 0.0 and autoquant.kl_ratio([0.0], [0.1]) == float("inf")
 
 
@@ -92,6 +95,10 @@ def test_kl_qualifies_by_the_upper_end_of_the_ratio_interval():
     assert rows[3]["verdict"] == "KL may be over the budget (the upper end of its interval is)"
     rows[3]["kl_ratio_interval"] = [8.1, 9.9]
     assert pick(rows, tolerance=1.0, n_eval=12)[0]["type"] == "q4_k_m"
+    # a file whose logits were not finite: least faithful, never chosen, and the order of the rest holds
+    rows = table(("q8_0", 53, 0.002), ("q4_k_m", 30, float("nan")), ("q6_k", 41, 0.006))
+    assert [r["type"] for r in autoquant.order(rows)] == ["q8_0", "q6_k", "q4_k_m"]
+    assert pick(rows, tolerance=1.0, n_eval=12)[0]["type"] == "q6_k" and not rows[2]["qualifies"]
 
 
 def test_a_screened_file_is_judged_by_its_ratio_on_the_positions_it_was_measured_on():
@@ -200,13 +207,12 @@ def test_export_auto_measures_every_candidate_once_and_keeps_one(run_copy, count
         assert r["size_mb"] > 0 and r["bits_per_weight"] > 0 and r["kl"] >= 0 and "difference" not in r
     assert rows[0]["bits_per_weight"] == 16.0 and rows[1]["bits_per_weight"] == 8.5  # q8_0: 34 bytes / 32 weights
     assert all(r["calibrated"] for r in rows[2:])  # every k-quant went through the importance matrix
-    # KL / q8_0's on the same positions (4 training conversations: under the first look, none screened)
+    # KL / q8_0's on the same positions. 4 training conversations: under the first look, none screened,
+    # and too few for an interval, so the ratio alone is held against the budget
     assert rows[1]["kl_ratio"] == 1.0 and all(r["drift_positions"] == rows[1]["drift_positions"] for r in rows)
     for r in rows[1:]:
-        assert r["kl_ratio"] == pytest.approx(r["kl"] / rows[1]["kl"], rel=1e-3)
-        assert r["kl_ratio_interval"][0] <= r["kl_ratio"] <= r["kl_ratio_interval"][1]
-    assert [r["qualifies"] for r in rows[1:]] == [r["kl_ratio_interval"][1] <= autoquant.KL_BUDGET
-                                                  for r in rows[1:]]
+        assert r["kl_ratio"] == pytest.approx(r["kl"] / rows[1]["kl"], rel=1e-3) and r["kl_ratio_interval"] is None
+    assert [r["qualifies"] for r in rows[1:]] == [r["kl_ratio"] <= autoquant.KL_BUDGET for r in rows[1:]]
     winner = next(r for r in rows if r["chosen"])
     assert winner["type"] != "bf16" and winner["qualifies"] and auto["winner"] == winner["file"]
     assert auto["held_out"]["examples"] == 4 and auto["held_out"]["winner"]["n"] == 4
@@ -314,8 +320,7 @@ def test_export_auto_without_eval_data_decides_by_kl(run_copy):
     assert result["no_pair"] == "the run has no adapter/"
     assert "No such pair was measured: the run has no adapter/." in (run_copy / "gguf" / "auto.md").read_text()
     assert all("score" not in r and r["kl"] >= 0 for r in rows) and rows[0]["kl"] == 0
-    assert [r["qualifies"] for r in rows[1:]] == [r["kl_ratio_interval"][1] <= autoquant.KL_BUDGET
-                                                  for r in rows[1:]]
+    assert [r["qualifies"] for r in rows[1:]] == [r["kl_ratio"] <= autoquant.KL_BUDGET for r in rows[1:]]
     winner = next(r for r in rows if r["chosen"])
     assert winner["type"] != "bf16" and winner["qualifies"]  # q8_0 is always within its own budget
     assert "No eval data: the chosen file's task score is not measured." in (run_copy / "gguf" / "auto.md").read_text()
