@@ -1,8 +1,8 @@
 """`--quants auto`: choose the quant by measuring it, and say how sure the choice is.
 
 The quant people pick by habit (q4_k_m) can lose most of a fine-tuned task while q6_k keeps it, and
-which one holds depends on the model and the task. fasttune.export writes every candidate and
-fasttune.measure measures each against the 16-bit file; this module decides:
+which one holds depends on the model and the task. fasttune.export writes the candidates and
+fasttune.measure measures each against the 16-bit file as it is written; this module decides:
 
 1. Which files qualify. With enough eval examples to resolve --quant_tolerance, the task decides: the
    files are tested in an order fixed by KL (then size), from the most faithful down, on half of the
@@ -12,7 +12,9 @@ fasttune.measure measures each against the 16-bit file; this module decides:
    loss), so the low-variance signal decides instead: the KL divergence from the 16-bit file over
    the answer positions of the training examples, within KL_BUDGET times q8_0's own (8-bit
    rounding, the loss nobody can measure in a task score, sets the scale): the upper end of the
-   95 % interval of that ratio, over conversations, must be within it.
+   95 % interval of that ratio, over conversations, must be within it. Then llama.cpp's ladder
+   (CANDIDATES) is walked from the most bits down and stops at the first type that does not qualify,
+   as the task's test stops: the smaller types are never written (nor the mixes, without q4_k_m).
 2. Which of them wins. Starting from the 16-bit file, walk the qualifying files from the most
    faithful (lowest KL) down; a file replaces the current choice only when it is at least 10 %
    smaller. A 1 % smaller file that is ten times less faithful buys nothing.
@@ -34,12 +36,15 @@ import numpy as np
 
 from fasttune import intervals, measure, mix, rundir
 from fasttune.convert import DIRECT_TYPES
+from fasttune.quantize import NEEDS_IMATRIX
 
 logger = logging.getLogger(__name__)
 
-# Largest first. The calibrated-only ones need an importance matrix (quantize.NEEDS_IMATRIX).
-CANDIDATES = ["q8_0", "q6_k", "q5_k_m", "q4_k_m", "q3_k_m"]
-CALIBRATED_CANDIDATES = ["iq4_xs", "q2_k"]
+# llama.cpp's ladder, most bits per weight first (iq4_xs 4.25, q3_k_m about 3.9); the types of
+# quantize.NEEDS_IMATRIX only with an importance matrix. When KL decides, auto walks it in this order and
+# stops at the first type that does not qualify: the types after it are not written (fixed-sequence, as
+# the task's test; a type with fewer bits is not expected to be more faithful).
+CANDIDATES = ["q8_0", "q6_k", "q5_k_m", "q4_k_m", "iq4_xs", "q3_k_m", "q2_k"]
 # Beside them (fasttune.export): the mixes of fasttune.mix, and the base model in PAIR_BASE with the
 # run's adapter applied at load time, unrounded (the delta survives a base rounded coarsely).
 PAIR_BASE = "q4_k_m"
@@ -55,8 +60,8 @@ RESOLVE = 0.5
 
 
 def candidates(calibrated: bool) -> list[str]:
-    """The types auto writes and measures, largest first."""
-    return CANDIDATES + (CALIBRATED_CANDIDATES if calibrated else [])
+    """The types auto may write and measure, most bits first."""
+    return [q for q in CANDIDATES if calibrated or q not in NEEDS_IMATRIX]
 
 
 def task_decides(n: int, tolerance: float) -> bool:
@@ -129,18 +134,36 @@ def within(difference: intervals.Interval, tolerance: float) -> bool:
     return difference.lo > -tolerance
 
 
-def _faithfulness(rows: list[dict]):
-    """Sort key, most faithful first: KL / q8_0's (each file's own `kl_ratio` where it was screened on
-    fewer conversations than q8_0), else KL; then size."""
-    q8 = next((r for r in rows if r["type"] == "q8_0" and r.get("kl") is not None), None)
+def yardstick(rows: list[dict]) -> dict | None:
+    """The measured q8_0 row, whose KL sets the budget (None: none was measured)."""
+    return next((r for r in rows if r["type"] == measure.YARDSTICK and r.get("kl") is not None), None)
 
-    def key(r):
-        if r.get("kl") is None or not np.isfinite(r["kl"]):  # a file whose logits are not finite is the least faithful
-            return (float("inf"), r["size_mb"])
-        if q8 is None:
-            return (r["kl"], r["size_mb"])
-        return (r.get("kl_ratio", kl_ratio([q8["kl"]], [r["kl"]])), r["size_mb"])
-    return key
+
+def _ratio(row: dict, q8: dict | None) -> float:
+    """A row's KL / q8_0's (its own `kl_ratio`, on the positions it was measured on, where recorded);
+    its KL without a q8_0; infinite when not measured or not finite (the least faithful)."""
+    if row.get("kl") is None or not np.isfinite(row["kl"]):
+        return float("inf")
+    return row["kl"] if q8 is None else row.get("kl_ratio", kl_ratio([q8["kl"]], [row["kl"]]))
+
+
+def kl_verdict(row: dict, q8: dict | None) -> tuple[bool, str]:
+    """(qualifies, verdict) when KL decides: the upper end of the ratio's 95 % interval, where measured,
+    within KL_BUDGET (a ratio whose interval straddles the budget is a coin flip that the next run's
+    rounding may turn either way), else the ratio itself."""
+    if q8 is None:
+        return False, "no q8_0 to set the KL budget"
+    ratio = _ratio(row, q8)
+    if (row.get("kl_ratio_interval") or [None, ratio])[1] <= KL_BUDGET:
+        return True, "KL within the budget"
+    return False, ("KL over the budget" if ratio > KL_BUDGET
+                   else "KL may be over the budget (the upper end of its interval is)")
+
+
+def _faithfulness(rows: list[dict]):
+    """Sort key, most faithful first: KL / q8_0's (else KL), then size."""
+    q8 = yardstick(rows)
+    return lambda r: (_ratio(r, q8), r["size_mb"])
 
 
 def order(rows: list[dict]) -> list[dict]:
@@ -163,9 +186,9 @@ def pick(rows: list[dict], tolerance: float, choice: dict[str, list[float]] | No
     2.5 %, without a correction for testing several); the files after it need no eval answers.
     """
     ref = rows[0]
-    q8 = next((r for r in rows[1:] if r["type"] == "q8_0" and r.get("kl") is not None), None)
+    q8 = yardstick(rows[1:])
     budget = KL_BUDGET * q8["kl"] if q8 else None
-    ranked, key = order(rows), _faithfulness(rows)
+    ranked = order(rows)
     stopped_at = None
     for r in ranked:
         if choice is not None:
@@ -180,14 +203,7 @@ def pick(rows: list[dict], tolerance: float, choice: dict[str, list[float]] | No
                             else f"may lose {-d.lo:.1f} points")
             stopped_at = None if r["qualifies"] else r
         else:
-            # the upper end of the ratio's 95 % interval, where measured: a ratio whose interval straddles
-            # the budget is a coin flip that the next run's rounding may turn either way
-            upper = (r.get("kl_ratio_interval") or [None, key(r)[0]])[1]
-            r["qualifies"] = budget is not None and r.get("kl") is not None and upper <= KL_BUDGET
-            r["verdict"] = ("no q8_0 to set the KL budget" if budget is None else
-                            "KL within the budget" if r["qualifies"] else
-                            "KL over the budget" if key(r)[0] > KL_BUDGET else
-                            "KL may be over the budget (the upper end of its interval is)")
+            r["qualifies"], r["verdict"] = kl_verdict(r, q8)
     winner = ref
     for r in (r for r in ranked if r["qualifies"]):
         if r["size_mb"] <= SMALLER * winner["size_mb"]:
@@ -222,9 +238,10 @@ def pick(rows: list[dict], tolerance: float, choice: dict[str, list[float]] | No
 
 
 def choose(rows: list[dict], tolerance: float, calibrated: str | None, choice: dict[str, list[float]] | None,
-           n_eval: int, no_pair: str | None = None) -> dict:
+           n_eval: int, no_pair: str | None = None, not_written: dict[str, str] | None = None) -> dict:
     """The decision as gguf/auto.json records it; `report` adds the held-out score and writes it.
-    no_pair: why the base + adapter pair is not among the rows (None: it is)."""
+    no_pair: why the base + adapter pair is not among the rows (None: it is); not_written: candidate
+    type -> why it was not written (the ladder stopped before it)."""
     rows = [dict(r) for r in rows]
     for r in rows:
         r["calibrated"] = bool(calibrated) and r is not rows[0] and r["type"] not in DIRECT_TYPES
@@ -233,7 +250,7 @@ def choose(rows: list[dict], tolerance: float, calibrated: str | None, choice: d
     return {"decided_by": "task" if choice is not None else "kl", "tolerance": tolerance, "kl_budget": KL_BUDGET,
             "reference": rows[0]["file"], "winner": winner["file"], "why": why, "imatrix": calibrated,
             "choice_examples": len(next(iter(choice.values()))) if choice else 0, "eval_examples": n_eval,
-            "frontier": frontier(rows), "no_pair": no_pair, "candidates": rows}
+            "frontier": frontier(rows), "no_pair": no_pair, "not_written": not_written or {}, "candidates": rows}
 
 
 def frontier(rows: list[dict]) -> list[str]:
@@ -288,6 +305,16 @@ def screening_line() -> str:
             f"{KL_BUDGET}: at that confidence, more positions would not move it across.")
 
 
+def not_written_line(result: dict) -> str:
+    """The candidates auto skipped, grouped by why."""
+    why: dict[str, list[str]] = {}
+    for qtype, reason in result["not_written"].items():
+        why.setdefault(reason, []).append(qtype)
+    return ("Not written or measured, as KL decides and llama.cpp's ladder is walked from the most bits down, "
+            "stopping at the first type that does not qualify: "
+            + "; ".join(f"{', '.join(types)} ({reason})" for reason, types in why.items()) + ".")
+
+
 def held_out_line(result: dict) -> str:
     h = result.get("held_out")
     if not h:
@@ -322,6 +349,7 @@ def markdown(result: dict) -> str:
              "...-lora.gguf` row: the base model quantized, the LoRA adapter kept in F32 and applied at load time "
              "(`--lora`); its size is both files'."
              + (f" No such pair was measured: {result['no_pair']}." if result.get("no_pair") else ""), "",
+             *([not_written_line(result), ""] if result.get("not_written") else []),
              "| file | size MB | bits/weight | KL | KL / q8_0's (95 %) | positions (conversations) | top-1 % |"
              + (" difference (choice examples) |" if by_task else "")
              + " verdict | |", "|---|---|---|---|---|---|---|" + ("---|" if by_task else "") + "---|---|"]
@@ -346,7 +374,8 @@ def table(result: dict) -> str:
                      f"{r.get('kl') or 0:>8.4f} {ratio_text(r, interval=False):>8} {r.get('top1') or 0:>7.1f}"
                      + (f" {intervals.text(r.get('difference')):>20}" if by_task else "")
                      + ("  <- chosen" if r["chosen"] else ""))
-    return "\n".join(lines) + f"\n{result['why']}\n{held_out_line(result)}"
+    skipped = f"\n{not_written_line(result)}" if result.get("not_written") else ""
+    return "\n".join(lines) + f"\n{result['why']}\n{held_out_line(result)}{skipped}"
 
 
 def chart(result: dict, path: Path) -> Path:

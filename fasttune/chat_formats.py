@@ -20,7 +20,9 @@ def _read(name: str) -> str:
 
 QWEN2_5_TEMPLATE = _read("qwen2_5.jinja")  # Qwen2.5-Instruct's own
 QWEN3_TEMPLATE = _read("qwen3.jinja")  # Qwen3's own (0.6B-32B)
+QWEN3_2507_TEMPLATE = _read("qwen3_2507.jinja")  # Qwen3-Instruct-2507's own (4B, 30B-A3B, 235B-A22B): no thinking
 LLAMA3_2_TEMPLATE = _read("llama3_2.jinja")  # Llama 3.2-Instruct's own (1B, 3B)
+LLAMA3_1_TEMPLATE = _read("llama3_1.jinja")  # Llama 3.1-Instruct's own (8B, 70B): the fixed date 3.2 is served with
 
 # Qwen3 writes a reasoning block before each answer unless the caller passes enable_thinking=false, and
 # llama.cpp's server passes true unless told otherwise. A run trains on plain answers (fasttune.chat
@@ -109,8 +111,13 @@ FORMATS = [
     ChatFormat("qwen3", QWEN3_TEMPLATE, QWEN3_SERVED, _read("qwen3_training.jinja"),
                _ollama_chatml(None, cue="<think>\n\n</think>\n\n"), _CHATML_STOPS,
                not_in_answers=("<think>", "</think>")),
+    ChatFormat("qwen3-2507", QWEN3_2507_TEMPLATE, QWEN3_2507_TEMPLATE, _read("qwen3_2507_training.jinja"),
+               _ollama_chatml(None), _CHATML_STOPS),
     ChatFormat("llama3.2", LLAMA3_2_TEMPLATE, LLAMA3_2_SERVED, _read("llama3_2_training.jinja"), OLLAMA_LLAMA3_2,
                ("<|eot_id|>", "<|end_of_text|>"), end_of_turn="<|eot_id|>"),
+    # without tools (the loaders carry none) 3.1 renders what 3.2 is served with: the same training template
+    ChatFormat("llama3.1", LLAMA3_1_TEMPLATE, LLAMA3_1_TEMPLATE, _read("llama3_2_training.jinja"), OLLAMA_LLAMA3_2,
+               ("<|eot_id|>", "<|eom_id|>", "<|end_of_text|>"), end_of_turn="<|eot_id|>"),
 ]
 
 

@@ -3,7 +3,8 @@
     write     the listed types (bf16/f16/f32/q8_0 by fasttune.convert, the rest by llama.cpp from the
               16-bit file, calibrated by the run's importance matrix), `auto`'s candidates in
               gguf/candidates/, the GGUF LoRA pair, a Modelfile beside every model file
-    measure   every file once (fasttune.measure), on the run's own data
+    measure   each file once, as soon as it is written (fasttune.measure), on the run's own data; when
+              KL decides, auto writes its ladder only down to the first type that does not qualify
     choose    `auto`: keep one candidate (fasttune.autoquant), delete the rest
 The recipe and export/gguf.py both call export_run. The quant type of every file travels with it
 as data ((path, type) pairs, run.json's `type`), never parsed back from a file name.
@@ -117,35 +118,14 @@ def export_run(run_dir: Path, cfg, quants: list[str], base: str | Path | None = 
     for q in listed:
         check_quant_name(q, calibrated=matrix is not None)
 
-    # Write: the listed types into gguf/, auto's candidates beside them in gguf/candidates/ (the
-    # plain quants, the mixes, the pair), the GGUF LoRA pair into gguf/lora/.
+    # Write and measure, each file once, the 16-bit one first (the others' KL is against it): the listed
+    # types in gguf/, auto's candidates in gguf/candidates/ (the plain quants, the mixes, the pair), the
+    # GGUF LoRA pair in gguf/lora/. The eval prompts are answered where the answers count: by the files
+    # kept (the final evaluation reuses them); auto's candidates answer the examples the choice is made
+    # on later, in _choose, and only as far as needed.
     gguf_dir, merged = run_dir / "gguf", run_dir / "merged"
     meta = dict(name=run_dir.name, base_model=cfg.model.model, recipe=cfg.recipe)
     prompt = cfg.data.system_prompt
-    files = write_types(merged, gguf_dir, listed, meta, prompt, matrix)
-    for path, q in files:
-        rundir.add_file(run_dir, path, "model", q)
-    reference = next((pq for pq in files if pq[1] in SIXTEEN_BIT), None)
-    candidates, pairs, pair_candidate = [], [], None
-    no_pair = why_no_pair(run_dir, base) if auto else None
-    if auto:
-        todo = [q for q in autoquant.candidates(calibrated=matrix is not None) if q not in listed]
-        candidates = write_types(merged, gguf_dir / "candidates", todo, meta, prompt, matrix, source16=reference[0])
-        if (run_dir / "adapter" / "adapter_config.json").is_file():
-            plain = {q: p for p, q in files + candidates}
-            candidates += write_mixes(run_dir, gguf_dir / "candidates", reference[0], plain, meta, prompt, matrix)
-        if no_pair is None:
-            pair_candidate = write_pair(run_dir, gguf_dir / "candidates" / "lora", base, autoquant.PAIR_BASE, meta,
-                                        prompt, matrix)
-            pairs.append(pair_candidate)
-    if lora_gguf:
-        base_path, adapter, qtype = write_pair(run_dir, gguf_dir / "lora", base, listed[0], meta, prompt, matrix)
-        _keep_pair(run_dir, base_path, adapter, listed[0])
-        pairs.insert(0, (base_path, adapter, qtype))
-
-    # Measure: every file once, the 16-bit one first (the others' KL is against it). The eval prompts
-    # are answered where the answers count: by the files kept (the final evaluation reuses them); auto's
-    # candidates answer the examples the choice is made on later, in _choose, and only as far as needed.
     task = eval_task(run_dir, cfg) if auto or cfg.eval.evaluate else None
     n_eval, tol = len(task.prompts) if task else 0, cfg.export.quant_tolerance if tolerance is None else tolerance
     choice_at, report_at = autoquant.split(n_eval, tol, cfg.train.seed) if auto else ([], [])
@@ -153,16 +133,31 @@ def export_run(run_dir: Path, cfg, quants: list[str], base: str | Path | None = 
     # all only for the final evaluation, else like the candidates
     everything = list(range(n_eval))
     kept_at = everything if cfg.eval.evaluate else choice_at
-    answer_at = {p.name: everything if (p, q) == files[0] else kept_at for p, q in files}
-    answer_at |= {infer.model_name(b, a): kept_at for b, a, q in pairs if (b, a, q) != pair_candidate}
-    # auto's candidates are compared with the merged model only once one is kept (_choose)
-    listed_models = {p.name for p, _ in files} | {infer.model_name(b, a) for b, a, q in pairs
-                                                   if (b, a, q) != pair_candidate}
+
+    files = write_types(merged, gguf_dir, listed, meta, prompt, matrix)
+    for path, q in files:
+        rundir.add_file(run_dir, path, "model", q)
     # screening by KL only when KL decides: when the task does, KL sets the order files are tested in
-    measured = measure_run(run_dir, cfg, files + candidates, pairs, task, answer_at,
-                           screen=auto and not choice_at, fidelity_for=listed_models if auto else None)
-    result = Result(files, {m.row["file"]: m for m in measured},
-                    [(a, b) for b, a, q in pairs if (b, a, q) != pair_candidate])
+    kl_decides = auto and not choice_at
+    measure_one = measurer(run_dir, cfg, task, drift=files[0][1] in SIXTEEN_BIT, screen=kl_decides)
+    measured = [measure_one(p, q, task_at=everything if (p, q) == files[0] else kept_at) for p, q in files]
+    candidates, pairs, pair_candidate, not_written = [], [], None, {}
+    no_pair = why_no_pair(run_dir, base) if auto else None
+    if auto:
+        candidates, more, not_written = _write_candidates(run_dir, files, measured, measure_one, meta, prompt, matrix,
+                                                          walk=kl_decides)
+        measured += more
+        if no_pair is None:
+            pair_candidate = write_pair(run_dir, gguf_dir / "candidates" / "lora", base, autoquant.PAIR_BASE, meta,
+                                        prompt, matrix)
+            b, a, q = pair_candidate
+            measured.append(measure_one(b, q, adapter=a, task_at=[], fidelity_now=False))
+    if lora_gguf:
+        base_path, adapter, qtype = write_pair(run_dir, gguf_dir / "lora", base, listed[0], meta, prompt, matrix)
+        _keep_pair(run_dir, base_path, adapter, listed[0])
+        pairs.append((base_path, adapter, qtype))
+        measured.append(measure_one(base_path, qtype, adapter=adapter, task_at=kept_at))
+    result = Result(files, {m.row["file"]: m for m in measured}, [(a, b) for b, a, _ in pairs])
 
     # Choose: auto keeps one candidate in gguf/ (a pair in gguf/lora/) and deletes the rest.
     if auto:
@@ -171,7 +166,7 @@ def export_run(run_dir: Path, cfg, quants: list[str], base: str | Path | None = 
             b, a, q = pair_candidate
             options[infer.model_name(b, a)] = (b, q, a)
         decision = _choose(run_dir, options, result, task, tol, matrix.source if matrix else None, choice_at,
-                           report_at, no_pair=no_pair)
+                           report_at, no_pair=no_pair, not_written=not_written)
         path, qtype, adapter = options[decision["winner"]]
         if (path, adapter, qtype) == pair_candidate:
             kept_base, kept_adapter = (gguf_dir / "lora" / p.name for p in (path, adapter))
@@ -216,19 +211,17 @@ def _keep_pair(run_dir: Path, base_path: Path, adapter: Path, base_type: str) ->
 
 def _choose(run_dir: Path, options: dict[str, tuple[Path, str, Path | None]], result: Result,
             task: measure.Task | None, tolerance: float, calibrated: str | None, choice_at: list[int],
-            report_at: list[int], no_pair: str | None) -> dict:
+            report_at: list[int], no_pair: str | None, not_written: dict[str, str]) -> dict:
     """auto's decision (fasttune.autoquant) on the measured rows (options: model name -> (path, type,
     adapter)). When the task decides, the candidates answer the choice examples in autoquant.order, and
     none after the first that fails (it ends the test). The winner then answers the eval prompts it
     has not (the final evaluation reuses them) and, a candidate, is compared with the merged model in
     that load; its score on the examples that took no part in the choice goes into gguf/auto.*."""
     measured = result.measured
-    yardstick = next((m.case_kl for m in measured.values() if m.row["type"] == measure.YARDSTICK and m.case_kl),
-                     None)
+    q8 = next((m for m in measured.values() if m.row["type"] == measure.YARDSTICK and m.case_kl), None)
     for name in options:
-        m = measured[name]
-        if yardstick and m.case_kl:
-            m.row.update(autoquant.ratio_fields(yardstick, m.case_kl))
+        if q8:
+            _with_ratio(measured[name], q8)
     rows = [measured[name].row for name in options]
     choice = None
     if choice_at:
@@ -244,7 +237,7 @@ def _choose(run_dir: Path, options: dict[str, tuple[Path, str, Path | None]], re
         choice = {name: [m.scores[i] for i in choice_at] for name, m in measured.items()
                   if name in options and m.answers and all(m.answers[i] is not None for i in choice_at)}
     decision = autoquant.choose(rows, tolerance, calibrated, choice, len(task.prompts) if task else 0,
-                                no_pair=no_pair)
+                                no_pair=no_pair, not_written=not_written)
     path, _, adapter = options[decision["winner"]]
     measure.answer(path, task, range(len(task.prompts)) if task else [], into=measured[decision["winner"]],
                    adapter=adapter, fidelity=True)
@@ -261,18 +254,54 @@ def eval_task(run_dir: Path, cfg) -> measure.Task | None:
                              cfg.eval.max_new_tokens) if examples else None
 
 
-def measure_run(run_dir: Path, cfg, files: list[tuple[Path, str]], pairs: list[tuple[Path, Path, str]],
-                task: measure.Task | None, answer_at: dict[str, list[int]], screen: bool = False,
-                fidelity_for: set[str] | None = None) -> list[measure.Measured]:
-    """measure.measure on the run's own data: fidelity and drift on its training answers (the eval
-    examples stay out of anything a choice is made on); answer_at: which eval prompts each file answers.
-    screen: a file's KL pass stops once autoquant's budget is settled for it; fidelity_for: the files
-    compared with the merged model now (auto; None: all)."""
+def measurer(run_dir: Path, cfg, task: measure.Task | None, drift: bool, screen: bool) -> measure.Measurer:
+    """measure.Measurer on the run's own data: fidelity and drift on its training answers (the eval
+    examples stay out of anything a choice is made on). drift: the first file measured is 16-bit, the
+    others' KL is against it; screen: a file's KL pass stops once autoquant's budget is settled for it."""
     # at most one answer position per conversation counts towards MAX_POSITIONS: no more are read
     conversations = [ex.messages for ex in rundir.examples(run_dir, "train", limit=measure.MAX_POSITIONS)]
-    return measure.measure(run_dir / "merged", files, conversations, task, fidelity=cfg.export.verify, pairs=pairs,
-                           drift=bool(files) and files[0][1] in SIXTEEN_BIT, task_at=answer_at,
-                           settled=autoquant.settled if screen else None, fidelity_for=fidelity_for)
+    return measure.Measurer(run_dir / "merged", conversations, task, fidelity=cfg.export.verify, drift=drift,
+                            settled=autoquant.settled if screen else None)
+
+
+def _write_candidates(run_dir: Path, files: list[tuple[Path, str]], measured: list[measure.Measured],
+                      measure_one: measure.Measurer, meta: dict, system_prompt: str | None, matrix,
+                      walk: bool) -> tuple[list[tuple[Path, str]], list[measure.Measured], dict[str, str]]:
+    """auto's candidates, each written into gguf/candidates/ and measured in turn: (written, their
+    measurements, type -> why not written). llama.cpp's ladder goes from the most bits down (a listed
+    type is measured already), then the mixes, which raise tensors of the ladder's q4_k_m file.
+    walk (KL decides): the ladder stops at the first type that does not qualify, and the mixes come
+    only if it reached q4_k_m; the files after it are never written (autoquant.CANDIDATES)."""
+    out_dir, source16 = run_dir / "gguf" / "candidates", files[0][0]
+    merged = run_dir / "merged"
+    done = {q: (p, m) for (p, q), m in zip(files, measured)}
+    written, more, not_written, stopped = [], [], {}, None
+    for q in autoquant.candidates(calibrated=matrix is not None):
+        if stopped:
+            not_written[q] = f"{stopped}, with more bits, does not qualify"
+            continue
+        if q not in done:
+            path, _ = write_types(merged, out_dir, [q], meta, system_prompt, matrix, source16=source16)[0]
+            done[q] = path, measure_one(path, q, task_at=[], fidelity_now=False)
+            written.append((path, q))
+            more.append(done[q][1])
+        m, q8 = done[q][1], done.get(measure.YARDSTICK)
+        if walk and q8 and not autoquant.kl_verdict(_with_ratio(m, q8[1]).row, q8[1].row)[0]:
+            stopped = q
+    if not (run_dir / "adapter" / "adapter_config.json").is_file():
+        return written, more, not_written
+    if any(base_type not in done for base_type, _, _ in mix.MIXES.values()):
+        return written, more, not_written | {name: not_written[base] for name, (base, _, _) in mix.MIXES.items()}
+    mixes = write_mixes(run_dir, out_dir, source16, {q: p for q, (p, _) in done.items()}, meta, system_prompt, matrix)
+    more += [measure_one(path, q, task_at=[], fidelity_now=False) for path, q in mixes]
+    return written + mixes, more, not_written
+
+
+def _with_ratio(m: measure.Measured, q8: measure.Measured) -> measure.Measured:
+    """m with its KL / q8_0's (autoquant.ratio_fields) in its row, on the conversations both were measured on."""
+    if m.case_kl and q8.case_kl:
+        m.row.update(autoquant.ratio_fields(q8.case_kl, m.case_kl))
+    return m
 
 
 def _write_report(run_dir: Path, measured: list[measure.Measured], kept: set[str]) -> None:

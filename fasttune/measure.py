@@ -340,46 +340,59 @@ def _fidelity(llm, ref: Reference) -> dict:
 
 # --- a run's files ----------------------------------------------------------------------------------
 
+class Measurer:
+    """Measures GGUF files one at a time (one load each) against what is computed once: the drift
+    cases, the merged model's fidelity reference, the 16-bit file's log-probabilities (the first file
+    measured, when drift) and YARDSTICK's KL per case. export calls it file by file, so a file that
+    need not be measured need not be written either."""
+
+    def __init__(self, merged_dir: Path, conversations: list[list[dict]], task: Task | None, fidelity: bool = True,
+                 drift: bool = True, settled=None):
+        """conversations: where fidelity and drift are measured (the last message of each is the answer).
+        settled(YARDSTICK's KL per case, a file's KL per case so far) -> True: that file's drift pass stops
+        early (measure_file); a file measured before the yardstick runs every case.
+        fidelity: whether files are compared with the merged model at all."""
+        from transformers import AutoTokenizer
+
+        self.drift_cases = cases(AutoTokenizer.from_pretrained(merged_dir), conversations)
+        if not self.drift_cases:
+            raise RuntimeError("no conversation has a clean answer span to measure on")
+        self.reference = merged_reference(merged_dir, self.drift_cases[:FIDELITY_CONVERSATIONS]) if fidelity else None
+        self.task, self.drift, self.settled = task, drift, settled
+        self.drift_ref, self.yardstick = None, None
+
+    def __call__(self, path: Path, qtype: str, adapter: Path | None = None, task_at=None,
+                 fidelity_now: bool = True) -> Measured:
+        """Measure `path` (with a GGUF LoRA `adapter`), answering the eval prompts at task_at (None: all).
+        fidelity_now False: the comparison with the merged model is left pending for answer(fidelity=True)
+        (auto's candidates: only the one kept needs it)."""
+        yard, settled = self.yardstick, self.settled
+        stop = (lambda kl: settled(yard[: len(kl)], kl)) if settled and yard else None
+        m = measure_file(path, qtype, self.reference if fidelity_now else None, self.drift_cases if self.drift else [],
+                         self.drift_ref if self.drift else [], self.task, adapter=adapter, settled=stop, task_at=task_at)
+        m.fidelity_pending = None if fidelity_now else self.reference
+        self.drift_ref = self.drift_ref or m.logprobs
+        self.yardstick = self.yardstick or (m.case_kl if qtype == YARDSTICK else None)
+        m.logprobs = None
+        return m
+
+
 def measure(merged_dir: Path, files: list[tuple[Path, str]], conversations: list[list[dict]], task: Task | None,
             fidelity: bool = True, pairs: list[tuple[Path, Path, str]] = (), drift: bool = True,
-            task_at: dict[str, list[int]] | None = None, settled=None,
-            fidelity_for: set[str] | None = None) -> list[Measured]:
+            task_at: dict[str, list[int]] | None = None, settled=None) -> list[Measured]:
     """Measure `files` ((path, quant type); with drift, the first is the 16-bit reference the others'
-    KL and top-1 are against), then each (base GGUF, GGUF LoRA adapter, type) pair the same way.
-
-    conversations: where fidelity and drift are measured (the last message of each is the answer).
-    task_at: model name (infer.model_name) -> which eval prompts it answers (None: every model answers all).
-    settled(YARDSTICK's KL per case, a file's KL per case so far) -> True: that file's drift pass stops
-    early (measure_file). The YARDSTICK type is measured first after the reference, on every case.
-    fidelity_for: the model names measured against the merged model in this pass (None: all); the
-    others keep it pending for answer(fidelity=True), for the one of them that is kept.
-    """
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(merged_dir)
-    drift_cases = cases(tokenizer, conversations)
-    if not drift_cases:
-        raise RuntimeError("no conversation has a clean answer span to measure on")
-    reference = merged_reference(merged_dir, drift_cases[:FIDELITY_CONVERSATIONS]) if fidelity else None
-    results, drift_ref, yard = [], None, None
+    KL and top-1 are against), then each (base GGUF, GGUF LoRA adapter, type) pair the same way
+    (Measurer's arguments; task_at: model name -> which eval prompts it answers, None: all answer all).
+    With `settled`, the YARDSTICK type is measured first after the reference, on every case."""
+    measurer = Measurer(merged_dir, conversations, task, fidelity, drift, settled)
     logger.info("measuring %d GGUF files, one load each: %d answer positions%s", len(files) + len(pairs),
-                sum(len(c.span) for c in drift_cases), f", up to {len(task.prompts)} eval prompts" if task else "")
+                sum(len(c.span) for c in measurer.drift_cases),
+                f", up to {len(task.prompts)} eval prompts" if task else "")
     models = [(path, qtype, None) for path, qtype in files] + [(base, qtype, adapter) for base, adapter, qtype in pairs]
     if settled:  # the yardstick first after the reference; the rest keep their order (a stable sort)
         models = models[:1] + sorted(models[1:], key=lambda m: m[1] != YARDSTICK)
-    for path, qtype, adapter in tqdm(models, desc="measuring GGUF files", unit="file"):
-        stop = (lambda kl, yard=yard: settled(yard[: len(kl)], kl)) if settled and yard else None
-        name = infer.model_name(path, adapter)
-        now = fidelity_for is None or name in fidelity_for
-        m = measure_file(path, qtype, reference if now else None, drift_cases if drift else [],
-                         drift_ref if drift else [], task, adapter=adapter, settled=stop,
-                         task_at=None if task_at is None else task_at.get(name, []))
-        m.fidelity_pending = None if now else reference
-        drift_ref = drift_ref or m.logprobs
-        yard = yard or (m.case_kl if qtype == YARDSTICK else None)
-        m.logprobs = None
-        results.append(m)
-    return results
+    return [measurer(path, qtype, adapter, None if task_at is None else task_at.get(infer.model_name(path, adapter), []))
+            for path, qtype, adapter in tqdm(models, desc="measuring GGUF files", unit="file")]
 
 
 def line(row: dict) -> str:

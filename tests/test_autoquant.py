@@ -9,8 +9,8 @@ from types import SimpleNamespace
 
 import pytest
 
-from fasttune import autoquant, cli, config, evaluate, export, infer, rundir
-from fasttune.autoquant import CALIBRATED_CANDIDATES, CANDIDATES, examples_needed, pick, split
+from fasttune import autoquant, cli, config, evaluate, export, infer, quantize, rundir
+from fasttune.autoquant import CANDIDATES, examples_needed, pick, split
 from fasttune.mix import MIXES
 from fasttune.tiny import tiny_model_dir
 from tests.conftest import only_the_bf16_gguf, run_script
@@ -190,12 +190,15 @@ def test_export_auto_measures_every_candidate_once_and_keeps_one(run_copy, count
     gguf_dir = run_copy / "gguf"
     auto = json.loads((gguf_dir / "auto.json").read_text())
     rows = auto["candidates"]
-    assert [r["type"] for r in rows] == ["bf16", *CANDIDATES, *CALIBRATED_CANDIDATES, *MIXES, "q4_k_m+lora"]
+    # llama.cpp's ladder from the most bits down to the first type that does not qualify (all of it
+    # when each does), the mixes when it reached q4_k_m; every other candidate is listed as not written
+    ladder = [r["type"] for r in rows if r["type"] in CANDIDATES]
+    mixes = list(MIXES) if "q4_k_m" in ladder else []
+    assert [r["type"] for r in rows] == ["bf16", *ladder, *mixes, "q4_k_m+lora"] and ladder == CANDIDATES[:len(ladder)]
+    assert set(auto["not_written"]) == set(CANDIDATES[len(ladder):]) | set(MIXES).difference(mixes)
     pair = rows[-1]
     assert pair["file"] == "base-q4_k_m.gguf + memorize-lora.gguf" and auto["no_pair"] is None
     assert pair["size_mb"] > pair["adapter_mb"] > 0  # both files counted
-    q4 = next(r for r in rows if r["type"] == "q4_k_m")
-    assert pair["bits_per_weight"] > q4["bits_per_weight"]  # the F32 adapter's bytes count against the weights
     front = [next(r for r in rows if r["file"] == f) for f in auto["frontier"]]  # smallest first, KL falling
     assert [r["size_mb"] for r in front] == sorted(r["size_mb"] for r in front)
     assert all(a["kl"] > b["kl"] for a, b in zip(front, front[1:])) and front[-1]["type"] == "bf16"
@@ -213,12 +216,15 @@ def test_export_auto_measures_every_candidate_once_and_keeps_one(run_copy, count
     for r in rows[1:]:
         assert r["kl_ratio"] == pytest.approx(r["kl"] / rows[1]["kl"], rel=1e-3) and r["kl_ratio_interval"] is None
     assert [r["qualifies"] for r in rows[1:]] == [r["kl_ratio"] <= autoquant.KL_BUDGET for r in rows[1:]]
+    assert all(r["qualifies"] for r in rows if r["type"] in ladder[:-1])
+    assert ladder[-1] == CANDIDATES[-1] or not rows[len(ladder)]["qualifies"]
     winner = next(r for r in rows if r["chosen"])
     assert winner["type"] != "bf16" and winner["qualifies"] and auto["winner"] == winner["file"]
     assert auto["held_out"]["examples"] == 4 and auto["held_out"]["winner"]["n"] == 4
     measured = {r["file"]: r for r in json.loads((gguf_dir / "report.json").read_text())["files"]}
     assert measured[winner["file"]]["score"] == auto["held_out"]["winner"]["value"]  # all 4, after the choice
-    assert measured[winner["file"]]["score_examples"] == 4 and "score" not in measured["memorize-q2_k.gguf"]
+    assert measured[winner["file"]]["score_examples"] == 4
+    assert all("score" not in r for name, r in measured.items() if name not in (winner["file"], rows[0]["file"]))
     assert (gguf_dir / winner["file"]).is_file(), "the tiny run's winner is a single file, not the pair"
     assert (gguf_dir / f"Modelfile.{winner['file'].removesuffix('.gguf')}").is_file()
     assert not (gguf_dir / "candidates").exists() and not (gguf_dir / "lora").exists()
@@ -252,6 +258,24 @@ def test_export_auto_measures_every_candidate_once_and_keeps_one(run_copy, count
         {name: r["score"] for name, r in measured.items() if name in scores}, abs=0.01)
     out = capsys.readouterr().out
     assert "quant chosen by measurement" in out and "<- chosen" in out
+
+
+def test_when_kl_decides_nothing_past_the_first_type_that_fails_is_written(run_copy, counted, monkeypatch):
+    """A budget under q8_0's own KL (ratio 1): q8_0, the ladder's first type, does not qualify, so no
+    smaller type of the ladder is written, loaded or listed as measured, nor the mixes of its q4_k_m;
+    auto.md says which were skipped and why. The pair is another route and is measured."""
+    monkeypatch.setattr(autoquant, "KL_BUDGET", 0.5)
+    cfg = config.load_run(run_copy)
+    cfg.export.verify = False  # fidelity: the test above
+    export.export_run(run_copy, cfg, ["auto"], base=str(tiny_model_dir()))
+    auto = autoquant.load(run_copy)
+    assert [r["type"] for r in auto["candidates"]] == ["bf16", "q8_0", "q4_k_m+lora"]
+    assert auto["not_written"] == {q: "q8_0, with more bits, does not qualify" for q in [*CANDIDATES[1:], *MIXES]}
+    loads, _ = counted
+    assert set(loads) == {"memorize-bf16.gguf", "memorize-q8_0.gguf", "base-q4_k_m.gguf + memorize-lora.gguf"}
+    assert "q6_k, q5_k_m, q4_k_m, iq4_xs, q3_k_m, q2_k, q4_k_m-mix10, q4_k_m-mix25 (q8_0, with more bits, does not " \
+        "qualify)" in (run_copy / "gguf" / "auto.md").read_text()
+    assert autoquant.table(auto).endswith(autoquant.not_written_line(auto))  # what the recipe prints says so too
 
 
 def test_when_the_task_decides_the_halves_stay_apart(tmp_path, monkeypatch):
@@ -292,7 +316,7 @@ def test_when_the_task_decides_the_halves_stay_apart(tmp_path, monkeypatch):
     (tmp_path / "gguf").mkdir()
     options = {p.name: (p, q, None) for p, q in files}
     decision = export._choose(tmp_path, options, export.Result(files[:1], measured), task, tol, None,
-                              choice_at, report_at, no_pair="none here")
+                              choice_at, report_at, no_pair="none here", not_written={})
     assert decision["decided_by"] == "task" and decision["winner"] == "m-q8_0.gguf"
     # q8_0 passes, q4_k_m fails and ends the test: q3_k_m (less faithful, though right everywhere) never answers
     assert asked == [("m-q8_0.gguf", choice_at), ("m-q4_k_m.gguf", choice_at), ("m-q8_0.gguf", report_at)]
@@ -316,7 +340,9 @@ def test_export_auto_without_eval_data_decides_by_kl(run_copy):
     result = json.loads((run_copy / "gguf" / "auto.json").read_text())
     rows = result["candidates"]
     assert result["decided_by"] == "kl" and "no eval data" in result["why"] and "held_out" not in result
-    assert result["imatrix"] is None and [r["type"] for r in rows] == ["bf16", *CANDIDATES]
+    plain = [q for q in CANDIDATES if q not in quantize.NEEDS_IMATRIX]  # no importance matrix: no i-quants, no q2_k
+    assert result["imatrix"] is None and [r["type"] for r in rows] == ["bf16", *plain][:len(rows)]
+    assert set(result["not_written"]) == set(plain[len(rows) - 1:])
     assert result["no_pair"] == "the run has no adapter/"
     assert "No such pair was measured: the run has no adapter/." in (run_copy / "gguf" / "auto.md").read_text()
     assert all("score" not in r and r["kl"] >= 0 for r in rows) and rows[0]["kl"] == 0

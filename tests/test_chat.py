@@ -64,7 +64,8 @@ def family_tokenizer(fmt, qwen2):
 
     from fasttune import tiny
 
-    built = {"qwen3": tiny.qwen3_tokenizer_dir, "llama3.2": tiny.llama3_tokenizer_dir}.get(fmt.name)
+    built = {"qwen3": tiny.qwen3_tokenizer_dir, "qwen3-2507": tiny.qwen3_tokenizer_dir,
+             "llama3.2": tiny.llama3_tokenizer_dir, "llama3.1": tiny.llama3_tokenizer_dir}.get(fmt.name)
     return AutoTokenizer.from_pretrained(built()) if built else qwen2
 
 
@@ -275,6 +276,9 @@ def test_a_few_long_examples_are_tokenized_on_every_core_with_the_same_result(to
 
 def test_model_templates_are_the_models_own():
     """Our copies identify real checkpoints by equality: they must be TRL's copies of the models' templates."""
-    from trl.chat_template_utils import qwen2_5_chat_template, qwen3_chat_template
+    from trl.chat_template_utils import (llama3_1_chat_template, llama3_2_chat_template, qwen2_5_chat_template,
+                                         qwen3_chat_template, qwen3_instruct_2507_chat_template)
 
     assert chat_formats.QWEN2_5_TEMPLATE == qwen2_5_chat_template and chat_formats.QWEN3_TEMPLATE == qwen3_chat_template
+    assert chat_formats.QWEN3_2507_TEMPLATE == qwen3_instruct_2507_chat_template
+    assert chat_formats.LLAMA3_2_TEMPLATE == llama3_2_chat_template and chat_formats.LLAMA3_1_TEMPLATE == llama3_1_chat_template

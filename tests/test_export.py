@@ -64,7 +64,6 @@ def test_when_the_pair_wins_auto_keeps_it_and_every_later_stage_runs_it(tmp_path
     from fasttune import autoquant, cli, evaluate, mix
 
     monkeypatch.setattr(autoquant, "CANDIDATES", ["q8_0"])
-    monkeypatch.setattr(autoquant, "CALIBRATED_CANDIDATES", [])
     monkeypatch.setattr(mix, "MIXES", {})
     monkeypatch.setattr(autoquant, "KL_BUDGET", 1e9)
     run = tmp_path / "memorize"

@@ -3,6 +3,8 @@ checkpoint (its real tokenizer), exported, checked against the merged model, cha
 
 import json
 
+import pytest
+
 from fasttune import chat_formats, gguf_file
 from tests.conftest import MEMORIZE, greedy_agrees, run_script
 
@@ -40,6 +42,55 @@ def test_qwen3_recipe_end_to_end(tmp_path, memorized_chats):
         assert row["tokenization_identical"] and row["chat_finish_reason"] == "stop" and greedy_agrees(row)
         assert row["score"] > 90 and row["stopped"] == 1.0  # the four memorised answers, each stopping by itself
     assert "qwen3-q8_0.gguf" in proc.stdout and "[stopped]" in proc.stdout
+
+
+# another template of a family the tests build a checkpoint for: (tiny checkpoint, template, architecture, end of turn)
+VARIANTS = {
+    "qwen3-2507": ("tiny_qwen3_dir", "QWEN3_2507_TEMPLATE", "qwen3", "<|im_end|>"),  # Qwen3-Instruct-2507: no thinking
+    "llama3.1": ("tiny_llama3_2_dir", "LLAMA3_1_TEMPLATE", "llama", "<|eot_id|>"),  # Llama 3.1-Instruct: a fixed date
+}
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_a_family_s_other_template_end_to_end(tmp_path, memorized_chats, variant):
+    """A checkpoint given as a directory whose tokenizer ships another template of its family: the run
+    serves that template as is (neither writes a reasoning block or today's date), the loss is on each
+    answer and its end-of-turn token, the GGUF's Modelfile gets its Go template, and the file answers
+    like the merged model and stops."""
+    import shutil
+
+    from transformers import AutoTokenizer
+
+    from fasttune import tiny
+    from fasttune.chat import IGNORE, tokenize_chat
+
+    checkpoint, template_name, architecture, end = VARIANTS[variant]
+    template = getattr(chat_formats, template_name)
+    model = tmp_path / variant
+    shutil.copytree(getattr(tiny, checkpoint)(), model)
+    tokenizer = AutoTokenizer.from_pretrained(model)
+    tokenizer.chat_template = template
+    tokenizer.save_pretrained(model)
+    out = tmp_path / "run"
+    proc = run_script("recipes/clinical_qa.py", "--model", model, "--data", MEMORIZE, "--eval-data", MEMORIZE, "--out", out,
+                      "--epochs", "40", "--lora_r", "16", "--learning_rate", "3e-3", "--quants", "q8_0",
+                      "--max_new_tokens", "64")
+    tokenizer = AutoTokenizer.from_pretrained(out / "merged")
+    assert tokenizer.chat_template == template
+    messages = [*memorized_chats[0].messages, {"role": "user", "content": "Sure?"}, {"role": "assistant", "content": "Yes."}]
+    ids, labels = tokenize_chat(tokenizer, messages)
+    assert tokenizer.decode([i for i, label in zip(ids, labels) if label != IGNORE]) == (
+        f"{memorized_chats[0].messages[-1]['content']}{end}Yes.{end}")
+    assert "<think>" not in tokenizer.decode(ids)
+    file = gguf_file.read(out / "gguf" / "run-q8_0.gguf")
+    assert file.fields["general.architecture"] == architecture
+    assert file.fields["tokenizer.chat_template"] == template
+    modelfile = (out / "gguf" / "Modelfile.run-q8_0").read_text()
+    assert chat_formats.chat_format(template).ollama in modelfile and f'PARAMETER stop "{end}"' in modelfile
+    [row] = json.loads((out / "gguf" / "report.json").read_text())["files"]
+    assert row["tokenization_identical"] and row["chat_finish_reason"] == "stop" and greedy_agrees(row)
+    assert row["score"] > 90 and row["stopped"] == 1.0
+    assert "run-q8_0.gguf" in proc.stdout
 
 
 def test_llama3_2_recipe_end_to_end(tmp_path, memorized_chats):
