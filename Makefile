@@ -62,7 +62,7 @@ demo: install
 	@echo "pipeline (train -> merge -> GGUF -> evaluate -> llama.cpp chat) works on this machine. With a"
 	@echo "GPU, the same recipe on a real model:"
 	@echo "  python recipes/clinical_qa.py --model Qwen/Qwen2.5-0.5B-Instruct --data my.jsonl --out runs/mine"
-	@echo "Which quant was kept and why: runs/demo/gguf/auto.md (every candidate measured; the winner scored"
+	@echo "Which quant was kept and why: runs/demo/gguf/auto.md (each candidate it wrote measured; the winner scored"
 	@echo "  on eval examples the choice did not use)"
 	@echo "Evaluation table above; the answers side by side: runs/demo/eval/report.md"
 	@echo "Chat and serve: the two commands printed above"
