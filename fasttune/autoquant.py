@@ -21,7 +21,7 @@ fasttune.measure measures each against the 16-bit file as it is written; this mo
 3. What it scores. The chosen file's score is reported on eval examples that took no part in the
    choice (the other half when the task decided; all of them when KL did), with its interval.
 
-gguf/auto.md (+ .json, .png) shows every candidate's size, bits per weight, KL, top-1 agreement,
+gguf/auto.md (+ .json, .png) shows each measured candidate's size, bits per weight, KL, top-1 agreement,
 the paired differences that were measured, each file's verdict, and the reason for the winner.
 """
 

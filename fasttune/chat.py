@@ -214,6 +214,11 @@ def prepare_chunks(chunks: Iterable[list[Example]], tokenizer, max_length: int, 
                        "answers; remove the reasoning block")
                 out.rejects.append(Reject(ex.source, why, ex.record))
                 continue
+            if fmt and (role := next((m["role"] for m in ex.messages if m["role"] not in fmt.roles), None)):
+                why = (f"a {role} message: fasttune trains {fmt.name} on {', '.join(fmt.roles)} turns only (its "
+                       f"template writes {role} turns in a form the training template does not); leave them out")
+                out.rejects.append(Reject(ex.source, why, ex.record))
+                continue
             lengths.append(len(ids))
             n_total = sum(lab != IGNORE for lab in labels)
             n_kept = sum(lab != IGNORE for lab in labels[:max_length])

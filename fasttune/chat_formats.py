@@ -100,6 +100,7 @@ class ChatFormat:
     end_of_turn: str = "<|im_end|>"  # the token that closes an answer: generation stops there whatever the
     #                                  tokenizer's eos says (a base checkpoint's is <|endoftext|>)
     not_in_answers: tuple[str, ...] = ()  # spellings an answer may not hold: the served prompt contradicts them
+    roles: tuple[str, ...] = ("system", "user", "assistant", "tool")  # the roles `training` renders as `served` does
 
 
 _CHATML_STOPS = ("<|im_end|>", "<|endoftext|>")
@@ -113,11 +114,14 @@ FORMATS = [
                not_in_answers=("<think>", "</think>")),
     ChatFormat("qwen3-2507", QWEN3_2507_TEMPLATE, QWEN3_2507_TEMPLATE, _read("qwen3_2507_training.jinja"),
                _ollama_chatml(None), _CHATML_STOPS),
+    # Llama's templates render a tool result as an `ipython` turn and tool calls as JSON: the training
+    # template covers plain turns only (fasttune.chat leaves conversations with tool turns out, saying so)
     ChatFormat("llama3.2", LLAMA3_2_TEMPLATE, LLAMA3_2_SERVED, _read("llama3_2_training.jinja"), OLLAMA_LLAMA3_2,
-               ("<|eot_id|>", "<|end_of_text|>"), end_of_turn="<|eot_id|>"),
-    # without tools (the loaders carry none) 3.1 renders what 3.2 is served with: the same training template
+               ("<|eot_id|>", "<|end_of_text|>"), end_of_turn="<|eot_id|>", roles=("system", "user", "assistant")),
+    # without tools 3.1 renders what 3.2 is served with: the same training template
     ChatFormat("llama3.1", LLAMA3_1_TEMPLATE, LLAMA3_1_TEMPLATE, _read("llama3_2_training.jinja"), OLLAMA_LLAMA3_2,
-               ("<|eot_id|>", "<|eom_id|>", "<|end_of_text|>"), end_of_turn="<|eot_id|>"),
+               ("<|eot_id|>", "<|eom_id|>", "<|end_of_text|>"), end_of_turn="<|eot_id|>",
+               roles=("system", "user", "assistant")),
 ]
 
 

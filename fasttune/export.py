@@ -84,12 +84,17 @@ def write_pair(run_dir: Path, out_dir: Path, base_dir: str | Path, base_type: st
 
 
 def write_mixes(run_dir: Path, out_dir: Path, source16: Path, plain: dict[str, Path], meta: dict,
-                system_prompt: str | None, matrix=None) -> list[tuple[Path, str]]:
-    """auto's mixed-precision candidates (fasttune.mix): the tensors the fine-tune moved most at a
-    higher type than the rest. plain: quant type -> the file llama.cpp made in it (the mix's starting types)."""
+                system_prompt: str | None, matrix=None, names: list[str] | None = None) -> list[tuple[Path, str]]:
+    """auto's mixed-precision candidates (fasttune.mix; names: which of mix.MIXES, None: all): the
+    tensors the fine-tune moved most at a higher type than the rest. plain: quant type -> the file
+    llama.cpp made in it (the mix's starting types)."""
+    names = list(mix.MIXES) if names is None else names
+    if not names:
+        return []
     energy = mix.delta_energy(run_dir / "adapter", run_dir / "merged", matrix.values() if matrix else None)
     written = []
-    for name, (base_type, _, _) in mix.MIXES.items():
+    for name in names:
+        base_type = mix.MIXES[name][0]
         path = out_dir / f"{meta['name']}-{name}.gguf"
         quantize(source16, path, base_type, imatrix=matrix.values() if matrix else None,
                  overrides=mix.overrides(name, energy, plain[base_type]))
@@ -268,31 +273,35 @@ def _write_candidates(run_dir: Path, files: list[tuple[Path, str]], measured: li
                       measure_one: measure.Measurer, meta: dict, system_prompt: str | None, matrix,
                       walk: bool) -> tuple[list[tuple[Path, str]], list[measure.Measured], dict[str, str]]:
     """auto's candidates, each written into gguf/candidates/ and measured in turn: (written, their
-    measurements, type -> why not written). llama.cpp's ladder goes from the most bits down (a listed
-    type is measured already), then the mixes, which raise tensors of the ladder's q4_k_m file.
-    walk (KL decides): the ladder stops at the first type that does not qualify, and the mixes come
-    only if it reached q4_k_m; the files after it are never written (autoquant.CANDIDATES)."""
+    measurements, type -> why not written). llama.cpp's ladder goes from the most bits down, then the
+    mixes, which raise tensors of the ladder's q4_k_m file. walk (KL decides): the first type that does
+    not qualify stops the ladder; no type after it is written (one listed with --quants is measured
+    already and stays a candidate), nor a mix whose base type comes after it (autoquant.CANDIDATES)."""
     out_dir, source16 = run_dir / "gguf" / "candidates", files[0][0]
     merged = run_dir / "merged"
-    done = {q: (p, m) for (p, q), m in zip(files, measured)}
+    ladder = autoquant.candidates(calibrated=matrix is not None)
+    done = {q: (p, m) for (p, q), m in zip(files, measured)}  # a listed type is measured already, and stays a candidate
     written, more, not_written, stopped = [], [], {}, None
-    for q in autoquant.candidates(calibrated=matrix is not None):
-        if stopped:
-            not_written[q] = f"{stopped}, with more bits, does not qualify"
-            continue
+    for q in ladder:
         if q not in done:
+            if stopped:
+                not_written[q] = f"{stopped}, with more bits, does not qualify"
+                continue
             path, _ = write_types(merged, out_dir, [q], meta, system_prompt, matrix, source16=source16)[0]
             done[q] = path, measure_one(path, q, task_at=[], fidelity_now=False)
             written.append((path, q))
             more.append(done[q][1])
         m, q8 = done[q][1], done.get(measure.YARDSTICK)
-        if walk and q8 and not autoquant.kl_verdict(_with_ratio(m, q8[1]).row, q8[1].row)[0]:
+        if walk and not stopped and q8 and not autoquant.kl_verdict(_with_ratio(m, q8[1]).row, q8[1].row)[0]:
             stopped = q
     if not (run_dir / "adapter" / "adapter_config.json").is_file():
         return written, more, not_written
-    if any(base_type not in done for base_type, _, _ in mix.MIXES.values()):
-        return written, more, not_written | {name: not_written[base] for name, (base, _, _) in mix.MIXES.items()}
-    mixes = write_mixes(run_dir, out_dir, source16, {q: p for q, (p, _) in done.items()}, meta, system_prompt, matrix)
+    # a mix raises tensors of its base type's file: worth measuring only where the walk reached that type
+    reached = [name for name, (base, _, _) in mix.MIXES.items()
+               if stopped is None or ladder.index(base) <= ladder.index(stopped)]
+    not_written |= {name: f"{stopped}, with more bits, does not qualify" for name in mix.MIXES if name not in reached}
+    mixes = write_mixes(run_dir, out_dir, source16, {q: p for q, (p, _) in done.items()}, meta, system_prompt, matrix,
+                        names=reached)
     more += [measure_one(path, q, task_at=[], fidelity_now=False) for path, q in mixes]
     return written + mixes, more, not_written
 

@@ -181,7 +181,7 @@ def counted(monkeypatch):
     return loads, chats
 
 
-def test_export_auto_measures_every_candidate_once_and_keeps_one(run_copy, counted, capsys):
+def test_export_auto_measures_each_file_once_and_keeps_one(run_copy, counted, capsys):
     """The default tolerance on the run's 4 eval examples: they cannot resolve 1 point, so KL decides,
     no candidate answers the eval prompts, the files kept answer all 4, and the winner's score is
     reported on all 4 (none took part in the choice)."""
@@ -262,19 +262,21 @@ def test_export_auto_measures_every_candidate_once_and_keeps_one(run_copy, count
 
 def test_when_kl_decides_nothing_past_the_first_type_that_fails_is_written(run_copy, counted, monkeypatch):
     """A budget under q8_0's own KL (ratio 1): q8_0, the ladder's first type, does not qualify, so no
-    smaller type of the ladder is written, loaded or listed as measured, nor the mixes of its q4_k_m;
-    auto.md says which were skipped and why. The pair is another route and is measured."""
+    smaller type of the ladder is written or loaded, nor the mixes of its q4_k_m, and auto.md and the
+    printed table say which and why. A type listed with --quants (q4_k_m) is written and measured all
+    the same, and stays a candidate; the pair is another route and is measured."""
     monkeypatch.setattr(autoquant, "KL_BUDGET", 0.5)
     cfg = config.load_run(run_copy)
     cfg.export.verify = False  # fidelity: the test above
-    export.export_run(run_copy, cfg, ["auto"], base=str(tiny_model_dir()))
+    export.export_run(run_copy, cfg, ["q4_k_m", "auto"], base=str(tiny_model_dir()))
     auto = autoquant.load(run_copy)
-    assert [r["type"] for r in auto["candidates"]] == ["bf16", "q8_0", "q4_k_m+lora"]
-    assert auto["not_written"] == {q: "q8_0, with more bits, does not qualify" for q in [*CANDIDATES[1:], *MIXES]}
+    assert [r["type"] for r in auto["candidates"]] == ["bf16", "q4_k_m", "q8_0", "q4_k_m+lora"]
+    skipped = [q for q in [*CANDIDATES, *MIXES] if q not in ("q8_0", "q4_k_m")]
+    assert auto["not_written"] == {q: "q8_0, with more bits, does not qualify" for q in skipped}
     loads, _ = counted
-    assert set(loads) == {"memorize-bf16.gguf", "memorize-q8_0.gguf", "base-q4_k_m.gguf + memorize-lora.gguf"}
-    assert "q6_k, q5_k_m, q4_k_m, iq4_xs, q3_k_m, q2_k, q4_k_m-mix10, q4_k_m-mix25 (q8_0, with more bits, does not " \
-        "qualify)" in (run_copy / "gguf" / "auto.md").read_text()
+    assert set(loads) == {"memorize-bf16.gguf", "memorize-q4_k_m.gguf", "memorize-q8_0.gguf",
+                          "base-q4_k_m.gguf + memorize-lora.gguf"}
+    assert f"{', '.join(skipped)} (q8_0, with more bits, does not qualify)" in (run_copy / "gguf" / "auto.md").read_text()
     assert autoquant.table(auto).endswith(autoquant.not_written_line(auto))  # what the recipe prints says so too
 
 
@@ -343,6 +345,7 @@ def test_export_auto_without_eval_data_decides_by_kl(run_copy):
     plain = [q for q in CANDIDATES if q not in quantize.NEEDS_IMATRIX]  # no importance matrix: no i-quants, no q2_k
     assert result["imatrix"] is None and [r["type"] for r in rows] == ["bf16", *plain][:len(rows)]
     assert set(result["not_written"]) == set(plain[len(rows) - 1:])
+    assert len(rows) - 1 == len(plain) or not rows[-1]["qualifies"]  # the walk stops at the first that fails
     assert result["no_pair"] == "the run has no adapter/"
     assert "No such pair was measured: the run has no adapter/." in (run_copy / "gguf" / "auto.md").read_text()
     assert all("score" not in r and r["kl"] >= 0 for r in rows) and rows[0]["kl"] == 0

@@ -121,6 +121,26 @@ def test_qwen3_answers_with_reasoning_are_refused_and_counted(tokenizer):
     assert [(r.source, r.reason.split(":")[0]) for r in prepared.rejects] == [("d.jsonl:2", "an answer holds <think>")]
 
 
+def test_tool_turns_are_left_out_where_the_training_template_cannot_render_them(tokenizer):
+    """Llama's templates write a tool result as an `ipython` turn, which the training template does not:
+    such a conversation is left out with the reason; ChatML's training templates render tool turns."""
+    from transformers import AutoTokenizer
+
+    from fasttune import tiny
+
+    tool = Example("d.jsonl:2", [{"role": "user", "content": "Dose?"}, {"role": "assistant", "content": "Looking."},
+                                 {"role": "tool", "content": "300"}, {"role": "user", "content": "So?"},
+                                 {"role": "assistant", "content": "300 mg."}], {})
+    examples = [chat_example("d.jsonl:1", "Dose?", "300 mg."), tool]
+    llama = AutoTokenizer.from_pretrained(tiny.llama3_tokenizer_dir())
+    for template in (chat_formats.LLAMA3_2_SERVED, chat_formats.LLAMA3_1_TEMPLATE):
+        llama.chat_template = template
+        prepared = prepare(examples, llama, max_length=256)
+        assert prepared.stats["records"] == 2 and prepared.stats["kept"] == 1
+        assert [(r.source, r.reason.split(":")[0]) for r in prepared.rejects] == [("d.jsonl:2", "a tool message")]
+    assert prepare(examples, tokenizer, max_length=256).stats["kept"] == 2  # Qwen2.5
+
+
 def test_a_known_family_is_served_its_format(tokenizer):
     from transformers import AutoTokenizer
 
