@@ -379,18 +379,16 @@ class Measurer:
 
 def measure(merged_dir: Path, files: list[tuple[Path, str]], conversations: list[list[dict]], task: Task | None,
             fidelity: bool = True, pairs: list[tuple[Path, Path, str]] = (), drift: bool = True,
-            task_at: dict[str, list[int]] | None = None, settled=None) -> list[Measured]:
+            task_at: dict[str, list[int]] | None = None) -> list[Measured]:
     """Measure `files` ((path, quant type); with drift, the first is the 16-bit reference the others'
-    KL and top-1 are against), then each (base GGUF, GGUF LoRA adapter, type) pair the same way
-    (Measurer's arguments; task_at: model name -> which eval prompts it answers, None: all answer all).
-    With `settled`, the YARDSTICK type is measured first after the reference, on every case."""
-    measurer = Measurer(merged_dir, conversations, task, fidelity, drift, settled)
+    KL and top-1 are against), then each (base GGUF, GGUF LoRA adapter, type) pair the same way, every
+    file on every case (Measurer's arguments; task_at: model name -> which eval prompts it answers,
+    None: all answer all). The benches and tests measure whole sets this way; export, file by file."""
+    measurer = Measurer(merged_dir, conversations, task, fidelity, drift)
     logger.info("measuring %d GGUF files, one load each: %d answer positions%s", len(files) + len(pairs),
                 sum(len(c.span) for c in measurer.drift_cases),
                 f", up to {len(task.prompts)} eval prompts" if task else "")
     models = [(path, qtype, None) for path, qtype in files] + [(base, qtype, adapter) for base, adapter, qtype in pairs]
-    if settled:  # the yardstick first after the reference; the rest keep their order (a stable sort)
-        models = models[:1] + sorted(models[1:], key=lambda m: m[1] != YARDSTICK)
     return [measurer(path, qtype, adapter, None if task_at is None else task_at.get(infer.model_name(path, adapter), []))
             for path, qtype, adapter in tqdm(models, desc="measuring GGUF files", unit="file")]
 
