@@ -47,10 +47,11 @@ def smollm2_setup():
 
 
 def run_setup(run_dir: Path):
-    from fasttune import config, export, rundir
+    from fasttune import config, export
 
-    train = [ex.messages for ex in rundir.examples(run_dir, "train")]
-    return run_dir / "merged", f"run {run_dir.name}", train, export.eval_task(run_dir, config.load_run(run_dir))
+    cfg = config.load_run(run_dir)
+    train = export.drift_conversations(run_dir, cfg.train.seed)
+    return run_dir / "merged", f"run {run_dir.name}", train, export.eval_task(run_dir, cfg)
 
 
 def run_extras(run_dir: Path, out: Path, files: list, matrix) -> tuple[list, list]:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import logging
+import random
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -263,10 +264,18 @@ def measurer(run_dir: Path, cfg, task: measure.Task | None, drift: bool, screen:
     """measure.Measurer on the run's own data: fidelity and drift on its training answers (the eval
     examples stay out of anything a choice is made on). drift: the first file measured is 16-bit, the
     others' KL is against it; screen: a file's KL pass stops once autoquant's budget is settled for it."""
-    # at most one answer position per conversation counts towards MAX_POSITIONS: no more are read
-    conversations = [ex.messages for ex in rundir.examples(run_dir, "train", limit=measure.MAX_POSITIONS)]
-    return measure.Measurer(run_dir / "merged", conversations, task, fidelity=cfg.export.verify, drift=drift,
-                            settled=autoquant.settled if screen else None)
+    return measure.Measurer(run_dir / "merged", drift_conversations(run_dir, cfg.train.seed), task,
+                            fidelity=cfg.export.verify, drift=drift, settled=autoquant.settled if screen else None)
+
+
+def drift_conversations(run_dir: Path, seed: int) -> list[list[dict]]:
+    """The training conversations fidelity and drift are measured on: a seeded sample of the whole file,
+    in sampled order (a file sorted by topic would otherwise be measured on its first topic alone, and
+    a drift pass that stops early on its first cases). At most MAX_POSITIONS: each has at least one
+    answer position."""
+    conversations = [ex.messages for ex in rundir.examples(run_dir, "train")]
+    random.Random(seed).shuffle(conversations)
+    return conversations[: measure.MAX_POSITIONS]
 
 
 def _write_candidates(run_dir: Path, files: list[tuple[Path, str]], measured: list[measure.Measured],

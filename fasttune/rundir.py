@@ -211,9 +211,9 @@ class Example:
     messages: list[dict]
 
 
-def examples(run_dir: str | Path, split: str, limit: int | None = None) -> list[Example]:
-    """The run's own train or eval examples, as trained and evaluated (the first `limit` of them); []
-    when the run has no such split. The file is checked against its recorded hash first."""
+def examples(run_dir: str | Path, split: str) -> list[Example]:
+    """The run's own train or eval examples, as trained and evaluated; [] when the run has no such
+    split. The file is checked against its recorded hash first."""
     run_dir = Path(run_dir)
     entry = load(run_dir)["data"].get(split)
     if entry is None:
@@ -227,8 +227,6 @@ def examples(run_dir: str | Path, split: str, limit: int | None = None) -> list[
     out = []
     with open(path, encoding="utf-8") as f:
         for line in f:
-            if limit is not None and len(out) >= limit:
-                break
             if line.strip():
                 row = json.loads(line)
                 out.append(Example(row["source"], row["messages"]))
