@@ -99,6 +99,7 @@ bench: install
 	$(PY) bench/train.py
 	$(PY) bench/quant.py
 	$(PY) bench/auto_choice.py
+	$(PY) bench/lora_defaults.py
 
 clean:
 	rm -rf runs .pytest_cache
