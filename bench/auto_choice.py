@@ -47,11 +47,10 @@ def smollm2_setup():
 
 
 def run_setup(run_dir: Path):
-    from fasttune import config, export
+    from fasttune import config, export, rundir
 
-    cfg = config.load_run(run_dir)
-    train = export.drift_conversations(run_dir, cfg.train.seed)
-    return run_dir / "merged", f"run {run_dir.name}", train, export.eval_task(run_dir, cfg)
+    train = [ex.messages for ex in rundir.in_seeded_order(run_dir, "train")]  # as export and calibrate read them
+    return run_dir / "merged", f"run {run_dir.name}", train, export.eval_task(run_dir, config.load_run(run_dir))
 
 
 def run_extras(run_dir: Path, out: Path, files: list, matrix) -> tuple[list, list]:

@@ -158,7 +158,7 @@ def for_run(run_dir: Path) -> ImportanceMatrix:
     weights = max(p.stat().st_mtime for p in merged.glob("*.safetensors"))
     if path.is_file() and path.stat().st_mtime > weights:
         return ImportanceMatrix.load(path)
-    examples = rundir.examples(run_dir, "train")
+    examples = rundir.in_seeded_order(run_dir, "train")  # compute reads at most MAX_TOKENS of them
     matrix = compute(merged, [ex.messages for ex in examples], source=f"{run_dir.name}/data/train.jsonl")
     path.parent.mkdir(parents=True, exist_ok=True)
     matrix.save(path)

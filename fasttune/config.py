@@ -48,9 +48,8 @@ class ModelConfig:
     )
     lora_dropout: float = field(
         default=0.0,
-        metadata={"help": "Dropout on the LoRA input. 0 is Unsloth's plain fused LoRA path; above 0 its kernels keep "
-                          "a dropped copy of every adapted input for the backward pass (the QLoRA guide's value: "
-                          "0.1)."},
+        metadata={"help": "Dropout on the LoRA input. 0 is Unsloth's plain fused LoRA path; above 0 its kernels "
+                          "draw and keep a mask per adapted input (the QLoRA guide's value: 0.1)."},
     )
     lora_target_modules: list[str] = field(
         default_factory=lambda: list(LORA_TARGETS),
@@ -60,6 +59,12 @@ class ModelConfig:
         default=True, metadata={"help": "Recompute activations in the backward pass (Unsloth's offloaded variant): "
                                         "less memory, about 20-30%% slower."},
     )
+
+    def __post_init__(self):
+        # alpha follows r unless given; resolved here (every construction: flags, YAML, a run's config.yaml)
+        # so that what a run's config.yaml records is the value it trained with
+        if self.lora_alpha is None:
+            self.lora_alpha = self.lora_r
 
 
 @dataclass
@@ -257,8 +262,6 @@ def parse(argv: list[str] | None = None, defaults: dict | None = None, prog: str
         raise UserError(f"--eval_fraction {data.eval_fraction}: must be 0 <= f < 1")
     if not 0 <= train.warmup_ratio < 1:
         raise UserError(f"--warmup_ratio {train.warmup_ratio}: must be a fraction of the steps, 0 <= r < 1")
-    if model.lora_alpha is None:
-        model.lora_alpha = model.lora_r  # resolved here, so a run's config.yaml records the value trained with
     if not 0 <= model.lora_dropout < 1:
         raise UserError(f"--lora_dropout {model.lora_dropout}: must be 0 <= p < 1")
     for flag, value in (("--epochs", train.epochs), ("--batch_size", train.batch_size),
@@ -312,7 +315,7 @@ YAML_TYPES = {
     str: (lambda v: isinstance(v, str), "a string"),
     str | None: (lambda v: v is None or isinstance(v, str), "a string"),
     int: (lambda v: isinstance(v, int) and not isinstance(v, bool), "a whole number"),
-    int | None: (lambda v: v is None or (isinstance(v, int) and not isinstance(v, bool)), "a whole number"),
+    int | None: (lambda v: v is None or (isinstance(v, int) and not isinstance(v, bool)), "a whole number or null"),
     float: (lambda v: isinstance(v, (int, float)) and not isinstance(v, bool), "a number"),
     float | None: (lambda v: v is None or (isinstance(v, (int, float)) and not isinstance(v, bool)), "a number"),
     bool: (lambda v: isinstance(v, bool), "true or false"),

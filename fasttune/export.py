@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import logging
-import random
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -264,18 +263,11 @@ def measurer(run_dir: Path, cfg, task: measure.Task | None, drift: bool, screen:
     """measure.Measurer on the run's own data: fidelity and drift on its training answers (the eval
     examples stay out of anything a choice is made on). drift: the first file measured is 16-bit, the
     others' KL is against it; screen: a file's KL pass stops once autoquant's budget is settled for it."""
-    return measure.Measurer(run_dir / "merged", drift_conversations(run_dir, cfg.train.seed), task,
-                            fidelity=cfg.export.verify, drift=drift, settled=autoquant.settled if screen else None)
-
-
-def drift_conversations(run_dir: Path, seed: int) -> list[list[dict]]:
-    """The training conversations fidelity and drift are measured on: a seeded sample of the whole file,
-    in sampled order (a file sorted by topic would otherwise be measured on its first topic alone, and
-    a drift pass that stops early on its first cases). At most MAX_POSITIONS: each has at least one
-    answer position."""
-    conversations = [ex.messages for ex in rundir.examples(run_dir, "train")]
-    random.Random(seed).shuffle(conversations)
-    return conversations[: measure.MAX_POSITIONS]
+    # measure.cases takes them in this order up to MAX_POSITIONS answer positions; a drift pass that
+    # stops early reads the first of those
+    conversations = [ex.messages for ex in rundir.in_seeded_order(run_dir, "train")]
+    return measure.Measurer(run_dir / "merged", conversations, task, fidelity=cfg.export.verify, drift=drift,
+                            settled=autoquant.settled if screen else None)
 
 
 def _write_candidates(run_dir: Path, files: list[tuple[Path, str]], measured: list[measure.Measured],

@@ -173,8 +173,10 @@ def plan(model: ModelConfig, train: TrainConfig, device: str | None = None, size
     lora = model.lora_r * s.lora_per_rank * (2 * param_bytes + state)
 
     layer = (LAYER_H * s.hidden + LAYER_KV * s.kv + LAYER_F * s.ffn) * 2  # bf16, per token
-    if model.lora_dropout > 0:  # a dropped bf16 copy of each adapted input, and its one-byte mask
-        layer += 3 * s.lora_inputs
+    if model.lora_dropout > 0:
+        # a one-byte mask per adapted input; PEFT (the CPU backend) also keeps the dropped bf16 copy,
+        # while Unsloth's fused kernels (a GPU) replay the mask on X in the backward pass
+        layer += (1 if device == "cuda" else 3) * s.lora_inputs
     if model.gradient_checkpointing:
         # Each layer's input is kept; on a GPU Unsloth offloads them to host RAM (two in flight).
         layer_inputs = tokens * s.hidden * 2 * (2 if device == "cuda" else s.layers)

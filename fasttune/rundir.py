@@ -23,6 +23,7 @@ import hashlib
 import json
 import logging
 import os
+import random
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -230,6 +231,15 @@ def examples(run_dir: str | Path, split: str) -> list[Example]:
             if line.strip():
                 row = json.loads(line)
                 out.append(Example(row["source"], row["messages"]))
+    return out
+
+
+def in_seeded_order(run_dir: str | Path, split: str) -> list[Example]:
+    """The run's examples of `split` (examples()) shuffled with the run's seed: what the stages after
+    training read only a bounded part of (the importance matrix, KL and fidelity) read them so. A
+    file sorted by topic would otherwise give those its first topic alone."""
+    out = examples(run_dir, split)
+    random.Random(load(run_dir)["seed"]).shuffle(out)
     return out
 
 

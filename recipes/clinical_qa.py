@@ -4,8 +4,9 @@
 Each record has `context`, `clinical_scenario` and `questions`; the model learns to write
 `summary` and `answers`. The prompt and the completion are built from those fields by the two
 templates in clinical_qa.yaml and wrapped in Qwen2.5 ChatML; the loss falls only on the completion and its
-<|im_end|>. Defaults are the first user's QLoRA setup (nf4 4-bit, r=64, alpha=16, dropout 0.1, all
-projections, lr 2e-4, 3 epochs, constant schedule).
+<|im_end|>. Defaults are the first user's QLoRA setup (nf4 4-bit, r=64, all projections, lr 2e-4, 3
+epochs, constant schedule) with alpha = r and dropout 0 (docs/data.md says why; --lora_alpha 16
+--lora_dropout 0.1 are the guide's).
 
     python recipes/clinical_qa.py --model Qwen/Qwen2.5-0.5B --data my.jsonl --out runs/mine
     python recipes/clinical_qa.py --model tiny --data recipes/data/clinical_qa.jsonl --out runs/demo

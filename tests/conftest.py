@@ -121,3 +121,25 @@ def memorized_chats():
     task = read_task(REPO / "recipes" / "clinical_qa.yaml")
     templates = data.Templates(task["user_template"], task["assistant_template"], task["system_prompt"])
     return data.load(MEMORIZE, templates, fmt="fields").examples
+
+
+@pytest.fixture
+def sorted_run(tmp_path, tiny_dir) -> Path:
+    """A run directory (seed 3) whose training file is sorted by topic: 600 'dose' conversations, then
+    600 'bmi' ones; merged/ is the tiny model. What the stages after training read a bounded part of
+    must not be the first topic alone."""
+    import shutil
+
+    from fasttune import base_model, rundir
+    from fasttune.data import Example
+
+    train = [Example(f"train.jsonl:{i + 1}", [{"role": "user", "content": f"{topic} {i}"},
+                                              {"role": "assistant", "content": topic}], {})
+             for i, topic in enumerate(["dose"] * 600 + ["bmi"] * 600)]
+    data = tmp_path / "train.jsonl"
+    data.write_text("{}\n" * len(train))
+    run_dir = tmp_path / "run"
+    rundir.start(run_dir, [rundir.source("train", str(data), len(train))], train, [],
+                 base_model.identity(str(tiny_dir)), seed=3)
+    shutil.copytree(tiny_dir, run_dir / "merged")
+    return run_dir

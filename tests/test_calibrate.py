@@ -181,3 +181,18 @@ def test_an_untied_output_layer_gets_the_mean_square_of_the_last_hidden_state(tm
             model(torch.tensor([tokenizer.apply_chat_template(conv, tokenize=True, return_dict=False)]))
     want = (torch.cat(seen) ** 2).sum(0).double().numpy()
     np.testing.assert_allclose(matrix.sums["output.weight"], want, rtol=0.01)
+
+
+def test_a_run_s_matrix_reads_its_training_file_in_the_seeded_order(sorted_run, monkeypatch):
+    """Where the file holds more than MAX_TOKENS, for_run calibrates on a shuffled part of it, not on
+    the first topic of a sorted file."""
+    monkeypatch.setattr(calibrate, "MAX_TOKENS", 600)  # a few dozen of these conversations
+    matrix = calibrate.for_run(sorted_run)
+    assert matrix.tokens == 600
+    seeded = calibrate.compute(sorted_run / "merged", [ex.messages for ex in rundir.in_seeded_order(sorted_run, "train")],
+                               source="seeded")
+    in_file = calibrate.compute(sorted_run / "merged", [ex.messages for ex in rundir.examples(sorted_run, "train")],
+                                source="file order")
+    name = "blk.0.attn_q.weight"
+    np.testing.assert_allclose(matrix.sums[name], seeded.sums[name], rtol=1e-6)
+    assert not np.allclose(matrix.sums[name], in_file.sums[name], rtol=1e-3)

@@ -7,8 +7,7 @@ import sys
 
 import pytest
 
-from fasttune import base_model, config, export, measure, rundir
-from fasttune.data import Example
+from fasttune import config, export, measure, rundir
 from tests.conftest import only_the_bf16_gguf, run_script
 from tests.e2e.test_chat_serve import serving
 
@@ -103,22 +102,13 @@ def test_when_the_pair_wins_auto_keeps_it_and_every_later_stage_runs_it(tmp_path
     assert reply == messages[-1]["content"]  # the fine-tune survived the 4-bit base
 
 
-def test_drift_is_measured_on_a_seeded_sample_of_the_whole_training_file(tmp_path, tiny_dir):
-    # a file sorted by topic: its first 512 conversations are all about one thing
-    def example(i, topic):
-        return Example(f"train.jsonl:{i + 1}", [{"role": "user", "content": f"{topic} {i}"},
-                                                {"role": "assistant", "content": topic}], {})
 
-    train = [example(i, "dose") for i in range(600)] + [example(600 + i, "bmi") for i in range(600)]
-    data = tmp_path / "train.jsonl"
-    data.write_text("{}\n" * len(train))
-    run_dir = tmp_path / "run"
-    run_dir.mkdir()
-    rundir.start(run_dir, [rundir.source("train", str(data), len(train))], train, [],
-                 base_model.identity(str(tiny_dir)), seed=3)
 
-    sample = export.drift_conversations(run_dir, seed=3)
-    assert len(sample) == measure.MAX_POSITIONS
-    assert sample == export.drift_conversations(run_dir, seed=3)  # the same conversations on every export
-    first = [conv[-1]["content"] for conv in sample[:64]]  # a drift pass may stop after the first look
-    assert 16 <= first.count("bmi") <= 48, first
+def test_drift_and_fidelity_read_the_training_file_in_the_run_s_seeded_order(sorted_run):
+    cfg = config.parse(["--model", "tiny", "--data", "d.jsonl", "--out", str(sorted_run), "--verify", "false"])
+    measurer = export.measurer(sorted_run, cfg, None, drift=True, screen=False)
+    prompts = [case.messages[-1]["content"] for case in measurer.drift_cases]
+    assert sum(len(c.span) for c in measurer.drift_cases) == measure.MAX_POSITIONS  # read on until full
+    assert prompts == [ex.messages[-2]["content"] for ex in rundir.in_seeded_order(sorted_run, "train")][:len(prompts)]
+    # a KL pass may stop at the first look, after 20 conversations: both topics are in them
+    assert {p.split()[0] for p in prompts[:20]} == {"dose", "bmi"}

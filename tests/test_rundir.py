@@ -109,3 +109,12 @@ def test_the_next_process_removes_what_a_killed_one_left(tmp_path):
     assert not any(p.exists() for p in leftovers) and all(p.exists() for p in kept)
     assert not (tmp_path / "gguf" / "candidates").exists() and not (tmp_path / "merged.tmp12ab").exists()
     assert "removed 4 leftovers of an interrupted run" in done.stderr
+
+
+def test_in_seeded_order_is_every_example_shuffled_by_the_run_s_seed(sorted_run):
+    in_file = rundir.examples(sorted_run, "train")
+    shuffled = rundir.in_seeded_order(sorted_run, "train")
+    assert sorted(ex.source for ex in shuffled) == sorted(ex.source for ex in in_file)  # none lost or repeated
+    assert [ex.source for ex in shuffled] == [ex.source for ex in rundir.in_seeded_order(sorted_run, "train")]
+    first = [ex.messages[-1]["content"] for ex in shuffled[:64]]
+    assert 16 <= first.count("bmi") <= 48  # the file's first 600 are all "dose"

@@ -11,7 +11,8 @@ from tests.conftest import MEMORIZE, REPO, run_script
 
 # 4 examples, batch 1, 3 epochs: 12 optimizer steps, a checkpoint every 3; dropout on (RNG matters)
 ARGS = ["--model", "tiny", "--data", MEMORIZE, "--batch_size", "1", "--epochs", "3", "--lora_r", "8",
-        "--learning_rate", "1e-3", "--save_steps", "3", "--quants", "none", "--evaluate", "false"]
+        "--lora_dropout", "0.1", "--learning_rate", "1e-3", "--save_steps", "3", "--quants", "none",
+        "--evaluate", "false"]
 
 
 def adapter(run_dir):
