@@ -1,11 +1,12 @@
 #!/usr/bin/env python
 """LoRA defaults on real weights: what Unsloth's fast path (dropout 0) and the alpha/r ratio cost or buy.
 
-    python bench/lora_defaults.py [--train 200] [--eval 150] [--epochs 3] [--configs ...]
+    python bench/lora_defaults.py [--train 200] [--eval 150] [--epochs 3]
 
-Unsloth runs its fused LoRA kernels only with dropout 0 and no bias (with dropout > 0 it leaves the
-LoRA matmuls on the slow path); the QLoRA guide the recipes started from uses dropout 0.1 and alpha
-16 at r 64 (updates scaled by 0.25). Each configuration below fine-tunes SmolLM2-135M-Instruct
+Dropout 0 and no bias is the plain path of Unsloth's fused LoRA kernels (unsloth 2026.10 runs dropout
+inside them too, drawing a mask per adapted input; older releases left the LoRA matmuls unfused);
+the QLoRA guide the recipes started from uses dropout 0.1 and alpha 16 at r 64 (updates scaled by
+0.25). Each configuration below fine-tunes SmolLM2-135M-Instruct
 (bench/smollm2.py, real weights) with recipes/sft.py on the doses task (bench/small_files.py:
 "A patient weighs W kg and the dose is 2 mg per kg..." -> "2W mg.", eval weights never trained on),
 every other setting the recipe's default. Each merged model is then scored on the held-out prompts:
@@ -71,7 +72,6 @@ def main():
     parser.add_argument("--train", type=int, default=200, help="training examples")
     parser.add_argument("--eval", type=int, default=150, help="eval examples (weights training never saw)")
     parser.add_argument("--epochs", type=float, default=3)
-    parser.add_argument("--configs", nargs="+", choices=list(CONFIGS), default=list(CONFIGS))
     parser.add_argument("--work", type=Path, help="keep the runs here (default: a temporary folder)")
     a = parser.parse_args()
     from fasttune import evaluate, intervals, rundir
@@ -82,7 +82,7 @@ def main():
         work = a.work or Path(tmp)
         work.mkdir(parents=True, exist_ok=True)
         data, eval_data = write_doses(work, a.train, a.eval)
-        for i, name in enumerate(a.configs):
+        for i, name in enumerate(CONFIGS):
             run = work / f"run{i}"
             subprocess.run([sys.executable, "recipes/sft.py", "--model", str(base), "--data", str(data),
                             "--eval_data", str(eval_data), "--out", str(run), "--epochs", str(a.epochs),
@@ -98,7 +98,7 @@ def main():
             rows.append((name, seconds))
             print(f"{name}: task {intervals.mean(scores[name])}, NLL {nlls[name].mean():.3f}", flush=True)
 
-    first = a.configs[0]
+    first = next(iter(CONFIGS))
     lines = ["| configuration | training s | task score (95 % interval) | vs guide, points | answer NLL | "
              "vs guide (95 % interval) |", "|---|---|---|---|---|---|"]
     for name, seconds in rows:

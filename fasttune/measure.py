@@ -10,7 +10,8 @@ Each file is loaded by llama-cpp-python once and, in that load:
             answer stopped; generated tokens per second;
   size      bytes and real bits per weight.
 gguf/report.json holds the rows; gguf/auto.md, eval/report.md and what a recipe prints are views of
-them. The conversations are the run's own eval examples (its training examples when it has none).
+them. Fidelity and drift are measured on the run's training conversations (export.measurer), the
+task on its eval prompts.
 
 Answer positions, one definition everywhere: the positions whose next token is the last assistant
 message or the end-of-turn token that closes it (what training puts the loss on for that turn).

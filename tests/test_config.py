@@ -138,9 +138,15 @@ def test_out_that_cannot_be_created_is_one_line(tmp_path):
         create_run_dir(parse(REQUIRED[:4] + ["--out", str(tmp_path / "file" / "run")]))
 
 
-def test_lora_alpha_follows_r_unless_given_and_bad_values_are_one_line_errors():
-    assert parse(REQUIRED + ["--lora_r", "16"]).model.lora_alpha == 16
+def test_lora_alpha_follows_r_unless_given_and_bad_values_are_one_line_errors(tmp_path):
+    assert parse(REQUIRED + ["--lora_r", "32"]).model.lora_alpha == 32
     assert parse(REQUIRED + ["--lora_r", "64", "--lora_alpha", "16", "--lora_dropout", "0.1"]).model.lora_alpha == 16
+    yml = tmp_path / "c.yaml"
+    yml.write_text("lora_r: 8\nlora_alpha: null\n")
+    cfg = parse(REQUIRED + ["--config", str(yml)])
+    assert cfg.model.lora_alpha == 8
+    cfg.save(tmp_path / "config.yaml")  # a run records the value it trained with
+    assert "lora_alpha: 8\n" in (tmp_path / "config.yaml").read_text()
     for flags, message in ((["--lora_alpha", "0"], "--lora_alpha 0: must be above 0"),
                            (["--lora_dropout", "1"], "--lora_dropout 1.0: must be 0 <= p < 1")):
         with pytest.raises(UserError, match=message):
