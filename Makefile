@@ -100,6 +100,7 @@ bench: install
 	$(PY) bench/quant.py
 	$(PY) bench/auto_choice.py
 	$(PY) bench/lora_defaults.py
+	$(PY) bench/imatrix_tokens.py
 
 clean:
 	rm -rf runs .pytest_cache

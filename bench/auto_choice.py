@@ -58,7 +58,7 @@ def run_extras(run_dir: Path, out: Path, files: list, matrix) -> tuple[list, lis
     from fasttune import autoquant, export, rundir
 
     meta = dict(name="m", base_model="bench", recipe="bench")
-    mixes = export.write_mixes(run_dir, out, files[0][0], {q: p for p, q in files}, meta, None, matrix)
+    mixes = export.write_mixes(run_dir, out, {q: p for p, q in files}, meta, None, matrix)
     pair = export.write_pair(run_dir, out / "lora", rundir.base_dir(run_dir), autoquant.PAIR_BASE, meta, None, matrix)
     return mixes, [pair]
 

@@ -83,21 +83,18 @@ def write_pair(run_dir: Path, out_dir: Path, base_dir: str | Path, base_type: st
     return base_path, adapter, f"{base_type}+lora"
 
 
-def write_mixes(run_dir: Path, out_dir: Path, source16: Path, plain: dict[str, Path], meta: dict,
-                system_prompt: str | None, matrix=None, names: list[str] | None = None) -> list[tuple[Path, str]]:
+def write_mixes(run_dir: Path, out_dir: Path, plain: dict[str, Path], meta: dict, system_prompt: str | None,
+                matrix=None, names: list[str] | None = None) -> list[tuple[Path, str]]:
     """auto's mixed-precision candidates (fasttune.mix; names: which of mix.MIXES, None: all): the
     tensors the fine-tune moved most at a higher type than the rest. plain: quant type -> the file
-    llama.cpp made in it (the mix's starting types)."""
+    written in it (each mix's base type and its higher type)."""
     names = list(mix.MIXES) if names is None else names
     if not names:
         return []
     energy = mix.delta_energy(run_dir / "adapter", run_dir / "merged", matrix.values() if matrix else None)
     written = []
     for name in names:
-        base_type = mix.MIXES[name][0]
-        path = out_dir / f"{meta['name']}-{name}.gguf"
-        quantize(source16, path, base_type, imatrix=matrix.values() if matrix else None,
-                 overrides=mix.overrides(name, energy, plain[base_type]))
+        path = mix.write(name, energy, plain, out_dir / f"{meta['name']}-{name}.gguf")
         write_modelfile(path, system_prompt)
         written.append((path, name))
     return written
@@ -301,7 +298,7 @@ def _write_candidates(run_dir: Path, files: list[tuple[Path, str]], measured: li
     reached = [name for name, (base, _, _) in mix.MIXES.items()
                if stopped is None or ladder.index(base) <= ladder.index(stopped)]
     not_written |= {name: f"{stopped}, with more bits, does not qualify" for name in mix.MIXES if name not in reached}
-    mixes = write_mixes(run_dir, out_dir, source16, {q: p for q, (p, _) in done.items()}, meta, system_prompt, matrix,
+    mixes = write_mixes(run_dir, out_dir, {q: p for q, (p, _) in done.items()}, meta, system_prompt, matrix,
                         names=reached)
     more += [measure_one(path, q, task_at=[], fidelity_now=False) for path, q in mixes]
     return written + mixes, more, not_written

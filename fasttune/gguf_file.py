@@ -1,5 +1,6 @@
 """A GGUF file's metadata and tensors, read fast: the tensor types auto's mixes start from
-(fasttune.export), and every file the tests inspect.
+(fasttune.export), and every file the tests inspect; and a file written from two others' tensors
+(auto's mixes, fasttune.mix).
 
 Written by hand because gguf's GGUFReader builds a numpy view for every element of every array: about
 16 s per file for Qwen's 151,936-token vocab and 151,387 merges. This walks the same layout (gguf's
@@ -36,7 +37,9 @@ class Tensor:
 @dataclass
 class GGUFFile:
     fields: dict[str, object]  # key -> Python value (str, int, float, bool, or a list of them)
-    tensors: dict[str, Tensor]
+    tensors: dict[str, Tensor]  # in the file's order
+    header: memoryview  # the file's bytes up to the tensor infos: magic, version, counts, key/values
+    alignment: int
 
 
 class _Cursor:
@@ -80,19 +83,60 @@ def read(path: str | Path) -> GGUFFile:
     for _ in range(n_kv):
         key = c.string()
         fields[key] = c.value(c.scalar("<I"))
-    infos = []
+    header, infos = data[: c.pos], []
     for _ in range(n_tensors):
         name = c.string()
         shape = [c.scalar("<Q") for _ in range(c.scalar("<I"))]
         infos.append((name, gguf.GGMLQuantizationType(c.scalar("<I")), shape, c.scalar("<Q")))
-    start = gguf.GGUFWriter.ggml_pad(c.pos, fields.get("general.alignment", gguf.GGUF_DEFAULT_ALIGNMENT))
+    alignment = fields.get("general.alignment", gguf.GGUF_DEFAULT_ALIGNMENT)
+    start = gguf.GGUFWriter.ggml_pad(c.pos, alignment)
     tensors = {}
     for name, qtype, shape, offset in infos:
         block, size = gguf.GGML_QUANT_SIZES[qtype]
         nbytes = int(np.prod(shape)) // block * size
         tensors[name] = Tensor(name, qtype, shape, start + offset, nbytes,
                                data[start + offset: start + offset + nbytes])
-    return GGUFFile(fields, tensors)
+    return GGUFFile(fields, tensors, header, alignment)
+
+
+def write_swapped(base: str | Path, donor: str | Path, names: set[str], out: str | Path) -> Path:
+    """`base` with the tensors `names` taken, type and bytes, from `donor` (the same weights in another
+    type), everything else as it is in `base`: its key/values byte for byte, its tensor order, its
+    alignment. Where base was quantized from a bit copy of the weights donor was written from, this is
+    the file llama_model_quantize writes for base's type with those tensors overridden to donor's and
+    the rest pinned (tests/test_mix.py, bf16), without quantizing again. By hand: gguf's writer needs
+    every key's type, which only its slow reader recovers."""
+    a, b = read(base), read(donor)
+    missing = sorted(set(names) - (a.tensors.keys() & b.tensors.keys()))
+    reshaped = sorted(n for n in set(names) - set(missing) if a.tensors[n].shape != b.tensors[n].shape)
+    if missing or reshaped:
+        raise ValueError(f"{donor} is not {base} in another type (tensors missing: {missing}, shapes differ: "
+                         f"{reshaped}): write both from the same model")
+    tensors = [b.tensors[t.name] if t.name in names else t for t in a.tensors.values()]
+    out = Path(out)
+    tmp = out.with_name(out.name + ".partial")
+    try:
+        _write(tmp, a, tensors)
+        tmp.replace(out)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return out
+
+
+def _write(path: Path, a: GGUFFile, tensors: list[Tensor]) -> None:
+    """a's header, then `tensors`' infos and data, each aligned as a's are."""
+    with open(path, "wb") as f:
+        f.write(a.header)
+        offset = 0
+        for t in tensors:
+            name = t.name.encode()
+            f.write(struct.pack("<Q", len(name)) + name + struct.pack("<I", len(t.shape)))
+            f.write(struct.pack(f"<{len(t.shape)}Q", *t.shape) + struct.pack("<IQ", t.tensor_type, offset))
+            offset = gguf.GGUFWriter.ggml_pad(offset + t.nbytes, a.alignment)
+        f.write(bytes(gguf.GGUFWriter.ggml_pad(f.tell(), a.alignment) - f.tell()))
+        for t in tensors:
+            f.write(t.data)
+            f.write(bytes(gguf.GGUFWriter.ggml_pad(t.nbytes, a.alignment) - t.nbytes))
 
 
 def writable_array(path: Path, tensor: Tensor) -> np.memmap:

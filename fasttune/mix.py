@@ -9,10 +9,15 @@ adapter changed is ranked by how much the delta changes that layer's output, per
 
 imp_j: the mean squared input of channel j on the run's training texts (fasttune.calibrate; 1
 without a matrix). The tensors with the most, up to a share of the adapted weights, get the higher
-type through llama.cpp's per-tensor overrides (fasttune.quantize). Every other tensor is pinned to
-the type it has in the plain base-type file: llama.cpp counts layers as it assigns its own mix
-(attn_v and ffn_down of some layers get more bits), and an override skips that count, which moves
-its protection to other layers (measured on SmolLM2: q4_k_m's KL 0.0044, the unpinned mix 0.0146).
+type. A mix file is the plain base-type file with those tensors' bytes taken from the higher-type
+file (fasttune.gguf_file.write_swapped), without quantizing the model again. When the 16-bit file
+holds the merged weights exactly (bf16 weights in a bf16 file, the default), that is byte for byte
+what llama.cpp's quantizer writes with per-tensor overrides to the higher type and every other
+tensor pinned to its type in the plain file (tests/test_mix.py); otherwise the promoted tensors are
+rounded once, from the merged weights, where llama.cpp would round them twice. Pinned, because
+llama.cpp counts layers as it assigns its own mix (attn_v and ffn_down of some layers get more bits)
+and an override skips that count, which moves its protection to other layers (measured on SmolLM2:
+q4_k_m's KL 0.0044, the unpinned mix 0.0146).
 Written by hand: no library ranks tensors by a fine-tune's delta.
 """
 
@@ -75,17 +80,15 @@ def promoted(energy: dict[str, tuple[float, int]], share: float) -> list[str]:
     return out
 
 
-def overrides(mix: str, energy: dict[str, tuple[float, int]], plain: Path) -> dict[str, str]:
-    """The per-tensor types of one of MIXES: every quantized tensor of `plain` (the file llama.cpp makes
-    in the mix's base type) at its type there, the promoted ones at the higher type."""
+def write(name: str, energy: dict[str, tuple[float, int]], plain: dict[str, Path], path: Path) -> Path:
+    """One of MIXES at `path`, from plain: quant type -> the run's file in it (the mix's base type and
+    its higher type)."""
     from fasttune import gguf_file
 
-    _, higher, share = MIXES[mix]
+    base, higher, share = MIXES[name]
     chosen = promoted(energy, share)
-    logger.info("%s: %d of %d adapted tensors at %s", mix, len(chosen), len(energy), higher)
-    types = {name: t.tensor_type.name.lower() for name, t in gguf_file.read(plain).tensors.items()
-             if t.tensor_type.name not in ("F32", "F16", "BF16")}  # norms and biases stay as they are
-    return types | {name: higher for name in chosen}
+    logger.info("%s: %d of %d adapted tensors at %s", name, len(chosen), len(energy), higher)
+    return gguf_file.write_swapped(plain[base], plain[higher], set(chosen), path)
 
 
 def describe() -> str:

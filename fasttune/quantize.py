@@ -134,8 +134,9 @@ def quantize(src: str | Path, out_path: str | Path, qtype: str, threads: int | N
 
     imatrix: GGUF tensor name -> mean squared input per channel (fasttune.calibrate), handed to
     llama.cpp as its `llama_model_imatrix_data` array (ended by a NULL name).
-    overrides: GGUF tensor name -> the type that tensor gets instead (fasttune.mix), handed to llama.cpp
-    as its `llama_model_tensor_override` array (`llama-quantize --tensor-type`; ended by a NULL pattern)."""
+    overrides: GGUF tensor name -> the type that tensor gets instead, handed to llama.cpp as its
+    `llama_model_tensor_override` array (`llama-quantize --tensor-type`; ended by a NULL pattern): what
+    fasttune.mix's files are checked against (tests/test_mix.py)."""
     import llama_cpp
 
     check_quant_name(qtype, calibrated=imatrix is not None)

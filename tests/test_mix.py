@@ -1,5 +1,5 @@
 """Mixed precision by sensitivity: the delta's energy as the dense delta gives it, the ranking and its
-budget, and the per-tensor types reaching llama.cpp's quantizer."""
+budget, and the mix file against llama.cpp's own per-tensor overrides."""
 
 import json
 import shutil
@@ -8,7 +8,7 @@ import gguf as gguf_py
 import pytest
 import torch
 
-from fasttune import calibrate, mix, quantize
+from fasttune import calibrate, convert, mix, quantize
 from fasttune.lora_gguf import gguf_names, read_adapter
 from fasttune import gguf_file
 
@@ -51,26 +51,35 @@ def test_energy_is_the_importance_weighted_dense_delta(run_with_matrix, tmp_path
     assert len({e for e, _ in energy.values()}) > 1  # the tensors differ: there is something to rank
 
 
-def test_overrides_reach_llama_cpp_and_keep_its_own_types_elsewhere(run_with_matrix, tmp_path):
-    """The promoted tensors are q8_0 in the file, every other one has the type llama.cpp's plain q4_k_m
-    gives it. llama.cpp gives attn_v and ffn_down more bits in some layers (here layer 1 of 2) by
-    counting layers as it goes, and an override skips the count: promoting layer 0's attn_v would, unpinned,
-    move that protection off layer 1."""
+def test_a_mix_is_the_file_llama_cpp_writes_with_the_overrides_pinned(run_with_matrix, tmp_path):
+    """mix.write takes the promoted tensors' bytes from the q8_0 file (written as export writes it) into
+    llama.cpp's plain q4_k_m file: byte for byte the file llama.cpp's quantizer writes from the bf16 file
+    with those tensors overridden to q8_0 and every other one pinned to its plain type. llama.cpp gives
+    attn_v and ffn_down more bits in some layers (here layer 1 of 2) by counting layers as it goes, and
+    the mix keeps that protection where it was."""
     run, imatrix = run_with_matrix
     bf16 = run / "gguf" / "memorize-bf16.gguf"
+    q8 = convert.convert(run / "merged", tmp_path / "q8_0.gguf", "q8_0")
     plain = quantize.quantize(bf16, tmp_path / "plain.gguf", "q4_k_m", imatrix=imatrix)
     energy = {name: (0.0, 1) for name in mix.delta_energy(run / "adapter", run / "merged", imatrix)}
     energy["blk.0.attn_v.weight"] = (1.0, 1)  # 10 % of 14 unit tensors: this one alone is promoted
-    types = mix.overrides("q4_k_m-mix10", energy, plain)
-    mixed = quantize.quantize(bf16, tmp_path / "mixed.gguf", "q4_k_m", imatrix=imatrix, overrides=types)
-    mixed_types = {n: t.tensor_type for n, t in gguf_file.read(mixed).tensors.items()}
+    mixed = mix.write("q4_k_m-mix10", energy, {"q4_k_m": plain, "q8_0": q8}, tmp_path / "mixed.gguf")
+
     plain_types = {n: t.tensor_type for n, t in gguf_file.read(plain).tensors.items()}
-    q8 = gguf_py.GGMLQuantizationType.Q8_0
-    assert mixed_types["blk.0.attn_v.weight"] == q8 and plain_types["blk.0.attn_v.weight"] != q8
+    pinned = {n: t.name.lower() for n, t in plain_types.items() if t.name not in ("F32", "F16", "BF16")}
+    by_llama_cpp = quantize.quantize(bf16, tmp_path / "by_llama_cpp.gguf", "q4_k_m", imatrix=imatrix,
+                                     overrides=pinned | {"blk.0.attn_v.weight": "q8_0"})
+    assert mixed.read_bytes() == by_llama_cpp.read_bytes()
+    mixed_types = {n: t.tensor_type for n, t in gguf_file.read(mixed).tensors.items()}
+    q8_0 = gguf_py.GGMLQuantizationType.Q8_0
+    assert mixed_types["blk.0.attn_v.weight"] == q8_0 and plain_types["blk.0.attn_v.weight"] != q8_0
     assert {n: t for n, t in mixed_types.items() if n != "blk.0.attn_v.weight"} == {
         n: t for n, t in plain_types.items() if n != "blk.0.attn_v.weight"}
     assert plain_types["blk.1.attn_v.weight"] != plain_types["blk.0.attn_v.weight"]  # the layer llama.cpp protects
     assert mixed.stat().st_size > plain.stat().st_size
+    with pytest.raises(ValueError, match=r"tensors missing: \['blk.9.attn_v.weight'\]"):  # not a layer of this model
+        gguf_file.write_swapped(plain, q8, {"blk.9.attn_v.weight"}, tmp_path / "bad.gguf")
+    assert not list(tmp_path.glob("bad.gguf*"))
 
 
 def test_the_real_ranking_promotes_within_its_share(run_with_matrix):
