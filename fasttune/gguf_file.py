@@ -67,6 +67,14 @@ class _Cursor:
             values = np.frombuffer(self.buf, NUMPY[item], n, self.pos)
             self.pos += values.nbytes
             return values.tolist()
+        if item == T.STRING:  # a vocabulary: 300,000 strings for Qwen, so the loop stays this tight
+            out, buf, pos, unpack = [], self.buf, self.pos, struct.Struct("<Q").unpack_from
+            for _ in range(n):
+                (size,) = unpack(buf, pos)
+                out.append(str(buf[pos + 8: pos + 8 + size], "utf-8"))
+                pos += 8 + size
+            self.pos = pos
+            return out
         return [self.value(item) for _ in range(n)]
 
 
