@@ -23,6 +23,7 @@ QWEN3_TEMPLATE = _read("qwen3.jinja")  # Qwen3's own (0.6B-32B)
 QWEN3_2507_TEMPLATE = _read("qwen3_2507.jinja")  # Qwen3-Instruct-2507's own (4B, 30B-A3B, 235B-A22B): no thinking
 LLAMA3_2_TEMPLATE = _read("llama3_2.jinja")  # Llama 3.2-Instruct's own (1B, 3B)
 LLAMA3_1_TEMPLATE = _read("llama3_1.jinja")  # Llama 3.1-Instruct's own (8B, 70B): the fixed date 3.2 is served with
+PHI3_5_TEMPLATE = _read("phi3_5.jinja")  # Phi-3.5-mini-Instruct's own (the tiny Phi-3 tokenizer's; no FORMATS row yet)
 
 # Qwen3 writes a reasoning block before each answer unless the caller passes enable_thinking=false, and
 # llama.cpp's server passes true unless told otherwise. A run trains on plain answers (fasttune.chat

@@ -8,8 +8,9 @@ q/k norms and 128-wide heads, Llama 3's rope scaling; tied embeddings), but only
 and random weights: its words mean nothing.
 Widths are multiples of 256 so llama.cpp's k-quants really apply (at 64 every tensor falls back).
 
-The tokenizer comes from the llama-cpp-python sdist, which ships llama.cpp's vocab-only
-`ggml-vocab-qwen2.gguf` and its tokenizer test vectors; no model hub is needed. Everything is built
+The tokenizers come from the llama-cpp-python sdist, which ships llama.cpp's vocab-only
+`ggml-vocab-*.gguf` files and their tokenizer test vectors; no model hub is needed. (Phi-3's is built
+too, for the family that comes next; no tiny Phi-3 model uses it yet.) Everything is built
 once and cached under $FASTTUNE_CACHE (default ~/.cache/fasttune).
 """
 
@@ -31,6 +32,7 @@ LLAMA_CPP_SDIST = "llama-cpp-python==0.3.36"
 SDIST_ROOT = "llama_cpp_python-0.3.36/vendor/llama.cpp/"
 VOCAB_GGUF = "models/ggml-vocab-qwen2.gguf"
 LLAMA3_VOCAB_GGUF = "models/ggml-vocab-llama-bpe.gguf"
+PHI3_VOCAB_GGUF = "models/ggml-vocab-phi-3.gguf"
 
 # Qwen2.5-0.5B's hyper-parameters where they do not cost compute; DESIGN.md section 4 for widths.
 TINY_CONFIG = dict(
@@ -274,10 +276,83 @@ def llama3_tokenizer_dir() -> Path:
     return atomic_build(cache_dir() / "llama3-tokenizer", build, _tokenizer_recipe("llama"))
 
 
-def _tokenizer_recipe(model_type: str = "qwen2") -> dict:
-    from fasttune.chat_formats import LLAMA3_2_TEMPLATE, QWEN2_5_TEMPLATE, QWEN3_TEMPLATE
+# Phi-3's added tokens, from id 32000 on (after SentencePiece's 32,000 pieces): every one but
+# <|endoftext|> takes the whitespace after it (rstrip), as llama.cpp does for a file named phi3
+PHI3_ADDED_TOKENS = ["<|endoftext|>", "<|assistant|>", "<|placeholder1|>", "<|placeholder2|>", "<|placeholder3|>",
+                     "<|placeholder4|>", "<|system|>", "<|end|>", "<|placeholder5|>", "<|placeholder6|>", "<|user|>"]
 
-    template = {"qwen3": QWEN3_TEMPLATE, "llama": LLAMA3_2_TEMPLATE}.get(model_type, QWEN2_5_TEMPLATE)
+
+def phi3_tokenizer_dir() -> Path:
+    """A saved Phi-3 tokenizer (Phi-3-mini's and Phi-3.5-mini's): Llama 2's SentencePiece BPE with Phi-3's
+    added tokens, rebuilt from llama.cpp's phi-3 vocab file, with Phi-3.5-mini-Instruct's template.
+
+    tokenizer.model: the first 32,000 entries of the vocab file with their scores, as a SentencePiece
+    model (byte fallback, a space put in front of the text). tokenizer.json: the same tokenizer as
+    `tokenizers` runs it, with its merges in SentencePiece's order (the merged piece's score, not its
+    id, which transformers' conversion uses) and SentencePiece's normalizer instead of a Metaspace
+    pre-tokenizer, which adds no space after a special token; tokenizer class PreTrainedTokenizerFast,
+    because transformers' LlamaTokenizer rebuilds that pipeline on load. tests/test_tiny.py checks
+    both against llama.cpp's 47 test vectors and the fast one against llama.cpp on chat texts."""
+
+    def build(tmp: Path) -> None:
+        import gguf
+        from sentencepiece import SentencePieceProcessor
+        from sentencepiece import sentencepiece_model_pb2 as spm
+        from tokenizers import models, normalizers
+        from transformers import AddedToken, AutoTokenizer
+
+        from fasttune import gguf_file
+        from fasttune.chat_formats import PHI3_5_TEMPLATE
+
+        vocab_file = llama_cpp_file(PHI3_VOCAB_GGUF)
+        logger.info("building the Phi-3 tokenizer from %s (about 10 s, once)", vocab_file.name)
+        fields = gguf_file.read(vocab_file).fields
+        tokens, scores, types = (fields[f"tokenizer.ggml.{k}"] for k in ("tokens", "scores", "token_type"))
+        proto, kind = spm.ModelProto(), spm.ModelProto.SentencePiece.Type
+        for i in range(32_000):
+            piece = proto.pieces.add()
+            piece.piece = tokens[i]
+            # the vocab file scores <unk>, <s>, </s> -1000 (as added tokens); a SentencePiece model, 0
+            if i < 3:
+                piece.type, piece.score = (kind.UNKNOWN if i == 0 else kind.CONTROL), 0.0
+            elif types[i] == gguf.TokenType.BYTE:
+                piece.type, piece.score = kind.BYTE, 0.0
+            else:
+                piece.type, piece.score = kind.NORMAL, scores[i]
+        trainer = proto.trainer_spec
+        trainer.model_type, trainer.vocab_size, trainer.byte_fallback = spm.TrainerSpec.BPE, 32_000, True
+        trainer.unk_id, trainer.bos_id, trainer.eos_id, trainer.pad_id = 0, 1, 2, -1
+        normalizer = proto.normalizer_spec
+        normalizer.name, normalizer.add_dummy_prefix = "identity", True
+        normalizer.remove_extra_whitespaces, normalizer.escape_whitespaces = False, True
+        (tmp / "tokenizer.model").write_bytes(proto.SerializeToString())
+
+        (tmp / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "LlamaTokenizer"}))
+        tok = AutoTokenizer.from_pretrained(tmp)  # transformers converts the SentencePiece model
+        backend = tok.backend_tokenizer
+        vocab = json.loads(backend.to_str())["model"]["vocab"]
+        merges = [tuple(m) for m in json.loads(backend.to_str())["model"]["merges"]]
+        score = SentencePieceProcessor(model_file=str(tmp / "tokenizer.model")).GetScore
+        merges.sort(key=lambda m: (-score(vocab[m[0] + m[1]]), vocab[m[0] + m[1]]))
+        backend.model = models.BPE(vocab, merges, unk_token="<unk>", fuse_unk=True, byte_fallback=True)
+        backend.normalizer = normalizers.Sequence([normalizers.Prepend("\u2581"), normalizers.Replace(" ", "\u2581")])
+        backend.pre_tokenizer = None
+        tok.add_tokens([AddedToken(t, special=True, normalized=False, rstrip=t != "<|endoftext|>")
+                        for t in PHI3_ADDED_TOKENS], special_tokens=True)
+        tok.bos_token, tok.eos_token, tok.unk_token, tok.pad_token = "<s>", "<|endoftext|>", "<unk>", "<|endoftext|>"
+        tok.chat_template = PHI3_5_TEMPLATE
+        tok.save_pretrained(tmp)
+        config = json.loads((tmp / "tokenizer_config.json").read_text())
+        (tmp / "tokenizer_config.json").write_text(json.dumps(dict(config, tokenizer_class="PreTrainedTokenizerFast")))
+
+    return atomic_build(cache_dir() / "phi3-tokenizer", build, _tokenizer_recipe("phi3"))
+
+
+def _tokenizer_recipe(model_type: str = "qwen2") -> dict:
+    from fasttune.chat_formats import LLAMA3_2_TEMPLATE, PHI3_5_TEMPLATE, QWEN2_5_TEMPLATE, QWEN3_TEMPLATE
+
+    template = {"qwen3": QWEN3_TEMPLATE, "llama": LLAMA3_2_TEMPLATE, "phi3": PHI3_5_TEMPLATE}.get(model_type,
+                                                                                               QWEN2_5_TEMPLATE)
     return dict(_versions(), sdist=LLAMA_CPP_SDIST, template=template)
 
 

@@ -35,6 +35,42 @@ def test_llama_cpp_llama3_vectors():
     assert (tokenizer.eos_token, tokenizer.pad_token) == ("<|eot_id|>", "<|finetune_right_pad_id|>")
 
 
+def test_llama_cpp_phi3_vectors():
+    """The Phi-3 tokenizer rebuilt from llama.cpp's vocab file: its SentencePiece model and its fast
+    tokenizer agree with llama.cpp's test vectors, and with llama.cpp itself on chat texts (special
+    tokens, the whitespace they take, spaces after them), where transformers' LlamaTokenizer would not."""
+    import json
+
+    import llama_cpp
+    from sentencepiece import SentencePieceProcessor
+    from transformers import AutoTokenizer
+
+    from fasttune.tiny import PHI3_VOCAB_GGUF, phi3_tokenizer_dir
+
+    folder = phi3_tokenizer_dir()
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    vectors = load_vectors("phi-3")
+    assert len(vectors) == 47
+    assert not mismatches(tokenizer, vectors), mismatches(tokenizer, vectors)[:3]
+    sp = SentencePieceProcessor(model_file=str(folder / "tokenizer.model"))
+    assert [text for text, want in vectors if sp.encode(text) != want] == []
+    assert len(tokenizer) == 32011 and tokenizer.convert_tokens_to_ids(["<|end|>", "<|user|>"]) == [32007, 32010]
+    assert json.loads((folder / "tokenizer_config.json").read_text())["tokenizer_class"] == "PreTrainedTokenizerFast"
+
+    chats = [[{"role": "user", "content": user}, {"role": "assistant", "content": answer}] for user, answer in [
+        ("Hello", "Hi there."), (" a leading space", "  two of them"), ("tabs\tand  double  spaces", "x  y"),
+        ("line\n\nbreaks\n", "\nstarts with a newline"), ("数字 123 4567", "🦙 llama"), ("<not special>", "a<|end|>b")]]
+    chats.append([{"role": "system", "content": " Be brief. "}] + chats[0])
+    llm = llama_cpp.Llama(str(llama_cpp_file(PHI3_VOCAB_GGUF)), vocab_only=True, verbose=False)
+    try:
+        for chat in chats:
+            text = tokenizer.apply_chat_template(chat, tokenize=False)
+            assert tokenizer.encode(text, add_special_tokens=False) == llm.tokenize(text.encode(), add_bos=False,
+                                                                                     special=True), text
+    finally:
+        llm.close()
+
+
 def test_special_tokens(tokenizer):
     assert len(tokenizer) == 151936
     assert tokenizer.convert_tokens_to_ids(["<|endoftext|>", "<|im_start|>", "<|im_end|>"]) == [151643, 151644, 151645]
