@@ -79,6 +79,19 @@ def check_architecture(config, where) -> str:
     return hf_arch
 
 
+def check_convertible(config, tokenizer, where) -> None:
+    """Refuse, in one line, a checkpoint this converter cannot write: its architecture, or a tokenizer
+    that is not byte-level BPE with a known pre-tokenizer (a SentencePiece one: Llama 2, Mistral, a
+    Llama-architecture Phi-3), which `LlamaForCausalLM` alone would let through to after training."""
+    check_architecture(config, where)
+    try:
+        tokenizer_pre(tokenizer)
+    except UserError as e:
+        raise UserError(f"{where}: {e}. fasttune's GGUF converter writes byte-level BPE vocabularies (Qwen, "
+                        "Llama 3, SmolLM2), not SentencePiece ones; --quants none trains and merges without a "
+                        "GGUF") from None
+
+
 def _permute_qk(weights, n_head: int):
     """HF's rotate-half layout -> llama.cpp's interleaved one, per head (rows of q/k proj)."""
     return (weights.reshape(n_head, 2, weights.shape[0] // n_head // 2, *weights.shape[1:])

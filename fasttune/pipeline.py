@@ -26,8 +26,9 @@ def run(cfg: config.Config) -> Path | None:
     # Setup: read, validate and tokenize all data before anything is written.
     export.check(cfg.export.quants, cfg.export.imatrix)  # a typo fails now, not after training
     tokenizer = model_lib.load_tokenizer(cfg.model.model)
-    if cfg.export.quants:  # an architecture the converter cannot write fails now, not after training
-        convert.check_architecture(AutoConfig.from_pretrained(base_model.resolve(cfg.model.model)), cfg.model.model)
+    if cfg.export.quants:  # an architecture or vocabulary the converter cannot write fails now, not after training
+        convert.check_convertible(AutoConfig.from_pretrained(base_model.resolve(cfg.model.model)), tokenizer,
+                                  cfg.model.model)
     check = None
     if cfg.eval.evaluate or "auto" in cfg.export.quants:  # an eval reference the metric cannot read fails now, too
         check = lambda examples: evaluate.check_references(examples, cfg.eval.metric, cfg.eval.tolerance)  # noqa: E731

@@ -119,3 +119,45 @@ def test_llama3_2_recipe_end_to_end(tmp_path, memorized_chats):
     assert row["tokenization_identical"] and row["chat_finish_reason"] == "stop" and greedy_agrees(row)
     assert row["score"] > 90 and row["stopped"] == 1.0
     assert "[stopped]" in proc.stdout
+
+
+TOKENIZER_FILES = ("tokenizer", "special_tokens", "chat_template")
+
+
+def _linked_checkpoint(folder, model_dir, tokenizer_dir=None):
+    """model_dir's config and weights (linked), with tokenizer_dir's tokenizer files when given."""
+    folder.mkdir()
+    for f in model_dir.iterdir():
+        if f.suffix == ".safetensors":
+            (folder / f.name).symlink_to(f)
+        elif f.is_file() and not (tokenizer_dir and f.name.startswith(TOKENIZER_FILES)):
+            (folder / f.name).write_bytes(f.read_bytes())
+    for f in tokenizer_dir.glob("*") if tokenizer_dir else []:
+        if f.name.startswith(TOKENIZER_FILES):
+            (folder / f.name).write_bytes(f.read_bytes())
+    return folder
+
+
+@pytest.mark.parametrize("case", ["architecture", "sentencepiece"])
+def test_a_checkpoint_the_converter_cannot_write_is_refused_before_any_weight_is_loaded(tmp_path, tiny_dir, case):
+    """An architecture outside the table (here a Qwen2 checkpoint that says MistralForCausalLM), and a
+    Llama-architecture checkpoint with a SentencePiece tokenizer (Phi-3's: as Llama 2, Mistral or a
+    llamafied Phi-3 ship), which the architecture alone would let train to the end and fail at export:
+    one line naming the model, exit 2, nothing written."""
+    from fasttune.tiny import phi3_tokenizer_dir, tiny_llama3_2_dir
+
+    if case == "architecture":
+        folder = _linked_checkpoint(tmp_path / "model", tiny_dir)
+        config = json.loads((folder / "config.json").read_text())
+        (folder / "config.json").write_text(json.dumps(dict(config, architectures=["MistralForCausalLM"])))
+        want = "architecture MistralForCausalLM is not supported; supported: Qwen2ForCausalLM"
+    else:
+        folder = _linked_checkpoint(tmp_path / "model", tiny_llama3_2_dir(), phi3_tokenizer_dir())
+        want = "pre-tokenizer is not one fasttune knows"
+    proc = run_script("recipes/clinical_qa.py", "--model", folder, "--data", MEMORIZE, "--out", tmp_path / "run",
+                      "--epochs", "1", check=False)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"error: {folder}: ") and want in last, last
+    assert case == "architecture" or "SentencePiece" in last
+    assert not (tmp_path / "run").exists()

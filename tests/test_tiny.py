@@ -59,7 +59,8 @@ def test_llama_cpp_phi3_vectors():
 
     chats = [[{"role": "user", "content": user}, {"role": "assistant", "content": answer}] for user, answer in [
         ("Hello", "Hi there."), (" a leading space", "  two of them"), ("tabs\tand  double  spaces", "x  y"),
-        ("line\n\nbreaks\n", "\nstarts with a newline"), ("数字 123 4567", "🦙 llama"), ("<not special>", "a<|end|>b")]]
+        ("line\n\nbreaks\n", "\nstarts with a newline"), ("数字 123 4567", "🦙 llama"),
+        ("<not special>", "a<|end|>b")]]
     chats.append([{"role": "system", "content": " Be brief. "}] + chats[0])
     llm = llama_cpp.Llama(str(llama_cpp_file(PHI3_VOCAB_GGUF)), vocab_only=True, verbose=False)
     try:
