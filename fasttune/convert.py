@@ -80,16 +80,18 @@ def check_architecture(config, where) -> str:
 
 
 def check_convertible(config, tokenizer, where) -> None:
-    """Refuse, in one line, a checkpoint this converter cannot write: its architecture, or a tokenizer
-    that is not byte-level BPE with a known pre-tokenizer (a SentencePiece one: Llama 2, Mistral, a
-    Llama-architecture Phi-3), which `LlamaForCausalLM` alone would let through to after training."""
+    """Refuse, in one line and before training, a checkpoint this converter cannot write: its
+    architecture, a sliding window llama.cpp would not apply, or a tokenizer whose pre-tokenizer it does
+    not know, which a supported architecture alone lets through (`LlamaForCausalLM` holds Llama 2,
+    TinyLlama and llamafied Mistral or Phi-3, all SentencePiece)."""
     check_architecture(config, where)
+    _check_sliding_window(config, where)
     try:
         tokenizer_pre(tokenizer)
     except UserError as e:
-        raise UserError(f"{where}: {e}. fasttune's GGUF converter writes byte-level BPE vocabularies (Qwen, "
-                        "Llama 3, SmolLM2), not SentencePiece ones; --quants none trains and merges without a "
-                        "GGUF") from None
+        raise UserError(f"{where}: {e}. A byte-level BPE tokenizer needs its row in fasttune/convert.py "
+                        "PRE_TOKENIZERS (from llama.cpp's convert_hf_to_gguf.py); a SentencePiece one is not "
+                        "written yet. --quants none trains and merges without a GGUF") from None
 
 
 def _permute_qk(weights, n_head: int):

@@ -26,7 +26,8 @@ def run(cfg: config.Config) -> Path | None:
     # Setup: read, validate and tokenize all data before anything is written.
     export.check(cfg.export.quants, cfg.export.imatrix)  # a typo fails now, not after training
     tokenizer = model_lib.load_tokenizer(cfg.model.model)
-    if cfg.export.quants:  # an architecture or vocabulary the converter cannot write fails now, not after training
+    # a checkpoint the converter cannot write fails now, not after training (--inspect exports nothing)
+    if cfg.export.quants and not cfg.data.inspect:
         convert.check_convertible(AutoConfig.from_pretrained(base_model.resolve(cfg.model.model)), tokenizer,
                                   cfg.model.model)
     check = None

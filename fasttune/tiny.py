@@ -276,23 +276,20 @@ def llama3_tokenizer_dir() -> Path:
     return atomic_build(cache_dir() / "llama3-tokenizer", build, _tokenizer_recipe("llama"))
 
 
-# Phi-3's added tokens, from id 32000 on (after SentencePiece's 32,000 pieces): every one but
-# <|endoftext|> takes the whitespace after it (rstrip), as llama.cpp does for a file named phi3
-PHI3_ADDED_TOKENS = ["<|endoftext|>", "<|assistant|>", "<|placeholder1|>", "<|placeholder2|>", "<|placeholder3|>",
-                     "<|placeholder4|>", "<|system|>", "<|end|>", "<|placeholder5|>", "<|placeholder6|>", "<|user|>"]
-
-
 def phi3_tokenizer_dir() -> Path:
-    """A saved Phi-3 tokenizer (Phi-3-mini's and Phi-3.5-mini's): Llama 2's SentencePiece BPE with Phi-3's
-    added tokens, rebuilt from llama.cpp's phi-3 vocab file, with Phi-3.5-mini-Instruct's template.
+    """A saved Phi-3.5-mini tokenizer (Llama 2's SentencePiece BPE with Phi-3's added tokens), rebuilt
+    from llama.cpp's phi-3 vocab file (Phi-3-mini's vocabulary, which 3.5 shares), with
+    Phi-3.5-mini-Instruct's template and special tokens (no BOS added; <|endoftext|> ends and pads).
 
     tokenizer.model: the first 32,000 entries of the vocab file with their scores, as a SentencePiece
-    model (byte fallback, a space put in front of the text). tokenizer.json: the same tokenizer as
-    `tokenizers` runs it, with its merges in SentencePiece's order (the merged piece's score, not its
-    id, which transformers' conversion uses) and SentencePiece's normalizer instead of a Metaspace
-    pre-tokenizer, which adds no space after a special token; tokenizer class PreTrainedTokenizerFast,
-    because transformers' LlamaTokenizer rebuilds that pipeline on load. tests/test_tiny.py checks
-    both against llama.cpp's 47 test vectors and the fast one against llama.cpp on chat texts."""
+    model (byte fallback, a space put in front of the text; training-only fields left out).
+    tokenizer.json: the same tokenizer as `tokenizers` runs it, with SentencePiece's normalizer and
+    its merges in SentencePiece's order (the merged piece's score; transformers' conversion orders
+    them by id, and Phi-3's 16 whitespace pieces score -1e9). Its class is PreTrainedTokenizerFast:
+    transformers' LlamaTokenizer rebuilds a Metaspace pipeline on load, which writes no space after
+    a special token (what a folder without a config.json, or a llamafied Phi-3, gets; a real phi3
+    checkpoint loads its tokenizer.json as it is). tests/test_tiny.py checks both files against
+    llama.cpp's 47 test vectors and the fast one against llama.cpp itself on chat texts."""
 
     def build(tmp: Path) -> None:
         import gguf
@@ -337,22 +334,26 @@ def phi3_tokenizer_dir() -> Path:
         backend.model = models.BPE(vocab, merges, unk_token="<unk>", fuse_unk=True, byte_fallback=True)
         backend.normalizer = normalizers.Sequence([normalizers.Prepend("\u2581"), normalizers.Replace(" ", "\u2581")])
         backend.pre_tokenizer = None
+        # Phi-3's added tokens (ids 32000-32010) but <|endoftext|>, and </s>, take the whitespace after them,
+        # as llama.cpp has them for a file named phi3 (</s> is not special there: it is written as text)
         tok.add_tokens([AddedToken(t, special=True, normalized=False, rstrip=t != "<|endoftext|>")
-                        for t in PHI3_ADDED_TOKENS], special_tokens=True)
+                        for t in tokens[32_000:32_011]], special_tokens=True)
+        tok.add_tokens([AddedToken("</s>", special=False, normalized=False, rstrip=True)])
         tok.bos_token, tok.eos_token, tok.unk_token, tok.pad_token = "<s>", "<|endoftext|>", "<unk>", "<|endoftext|>"
         tok.chat_template = PHI3_5_TEMPLATE
         tok.save_pretrained(tmp)
         config = json.loads((tmp / "tokenizer_config.json").read_text())
         (tmp / "tokenizer_config.json").write_text(json.dumps(dict(config, tokenizer_class="PreTrainedTokenizerFast")))
 
-    return atomic_build(cache_dir() / "phi3-tokenizer", build, _tokenizer_recipe("phi3"))
+    recipe = dict(_tokenizer_recipe("phi3"), rstrip="the added tokens but <|endoftext|>; </s>")
+    return atomic_build(cache_dir() / "phi3-tokenizer", build, recipe)
 
 
 def _tokenizer_recipe(model_type: str = "qwen2") -> dict:
     from fasttune.chat_formats import LLAMA3_2_TEMPLATE, PHI3_5_TEMPLATE, QWEN2_5_TEMPLATE, QWEN3_TEMPLATE
 
-    template = {"qwen3": QWEN3_TEMPLATE, "llama": LLAMA3_2_TEMPLATE, "phi3": PHI3_5_TEMPLATE}.get(model_type,
-                                                                                               QWEN2_5_TEMPLATE)
+    templates = {"qwen3": QWEN3_TEMPLATE, "llama": LLAMA3_2_TEMPLATE, "phi3": PHI3_5_TEMPLATE}
+    template = templates.get(model_type, QWEN2_5_TEMPLATE)
     return dict(_versions(), sdist=LLAMA_CPP_SDIST, template=template)
 
 

@@ -359,6 +359,26 @@ def test_unknown_architecture_lists_the_supported_ones(tmp_path, tiny_dir):
         convert.convert(tmp_path, tmp_path / "x.gguf", "bf16")
 
 
+def test_check_convertible_refuses_what_export_would(tmp_path, tiny_dir, tokenizer):
+    """What the recipes check before training: the architecture, the sliding window, and a tokenizer
+    whose pre-tokenizer the converter does not know (a SentencePiece one: Phi-3's)."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    from fasttune.tiny import phi3_tokenizer_dir
+
+    config = AutoConfig.from_pretrained(tiny_dir)
+    convert.check_convertible(config, tokenizer, "tiny")  # the supported ones pass (the families' own tests run it)
+    with pytest.raises(UserError, match="^tiny: architecture MysteryForCausalLM is not supported"):
+        convert.check_convertible(type(config)(**dict(config.to_dict(), architectures=["MysteryForCausalLM"])),
+                                  tokenizer, "tiny")
+    with pytest.raises(UserError, match="^tiny: use_sliding_window is true"):
+        convert.check_convertible(type(config)(**dict(config.to_dict(), use_sliding_window=True,
+                                                      sliding_window=4096)), tokenizer, "tiny")
+    with pytest.raises(UserError, match=r"^tiny: this tokenizer's pre-tokenizer is not one fasttune knows .*"
+                                        r"a SentencePiece one is not written yet\. --quants none"):
+        convert.check_convertible(config, AutoTokenizer.from_pretrained(phi3_tokenizer_dir()), "tiny")
+
+
 def test_a_used_sliding_window_is_refused(tmp_path, tiny_dir):
     # Qwen2.5 configs say use_sliding_window: false (converted as full attention, like the tiny one)
     config = json.loads((tiny_dir / "config.json").read_text())

@@ -141,9 +141,9 @@ def _linked_checkpoint(folder, model_dir, tokenizer_dir=None):
 @pytest.mark.parametrize("case", ["architecture", "sentencepiece"])
 def test_a_checkpoint_the_converter_cannot_write_is_refused_before_any_weight_is_loaded(tmp_path, tiny_dir, case):
     """An architecture outside the table (here a Qwen2 checkpoint that says MistralForCausalLM), and a
-    Llama-architecture checkpoint with a SentencePiece tokenizer (Phi-3's: as Llama 2, Mistral or a
-    llamafied Phi-3 ship), which the architecture alone would let train to the end and fail at export:
-    one line naming the model, exit 2, nothing written."""
+    Llama-architecture checkpoint with a SentencePiece tokenizer (Phi-3's: as Llama 2, TinyLlama or a
+    llamafied Mistral or Phi-3 ship), which the architecture alone let train to the end and fail at
+    export: one line naming the model, exit 2, nothing written."""
     from fasttune.tiny import phi3_tokenizer_dir, tiny_llama3_2_dir
 
     if case == "architecture":
@@ -159,5 +159,4 @@ def test_a_checkpoint_the_converter_cannot_write_is_refused_before_any_weight_is
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
     last = proc.stderr.strip().splitlines()[-1]
     assert last.startswith(f"error: {folder}: ") and want in last, last
-    assert case == "architecture" or "SentencePiece" in last
     assert not (tmp_path / "run").exists()

@@ -43,7 +43,7 @@ def test_llama_cpp_phi3_vectors():
 
     import llama_cpp
     from sentencepiece import SentencePieceProcessor
-    from transformers import AutoTokenizer
+    from transformers import AutoTokenizer, LlamaTokenizer
 
     from fasttune.tiny import PHI3_VOCAB_GGUF, phi3_tokenizer_dir
 
@@ -55,17 +55,22 @@ def test_llama_cpp_phi3_vectors():
     sp = SentencePieceProcessor(model_file=str(folder / "tokenizer.model"))
     assert [text for text, want in vectors if sp.encode(text) != want] == []
     assert len(tokenizer) == 32011 and tokenizer.convert_tokens_to_ids(["<|end|>", "<|user|>"]) == [32007, 32010]
+    assert tokenizer.encode("hi") == [7251]  # Phi-3.5 adds no BOS
+    assert (tokenizer.eos_token, tokenizer.pad_token) == ("<|endoftext|>", "<|endoftext|>")
     assert json.loads((folder / "tokenizer_config.json").read_text())["tokenizer_class"] == "PreTrainedTokenizerFast"
+    # the reason for that class: loaded as LlamaTokenizer, the same files lose SentencePiece's normalizer
+    assert mismatches(LlamaTokenizer.from_pretrained(folder), vectors)
 
     chats = [[{"role": "user", "content": user}, {"role": "assistant", "content": answer}] for user, answer in [
         ("Hello", "Hi there."), (" a leading space", "  two of them"), ("tabs\tand  double  spaces", "x  y"),
         ("line\n\nbreaks\n", "\nstarts with a newline"), ("数字 123 4567", "🦙 llama"),
-        ("<not special>", "a<|end|>b")]]
+        ("<not special>", "a<|end|>b"), ("a</s> b", "</s>\nx")]]
     chats.append([{"role": "system", "content": " Be brief. "}] + chats[0])
+    chats.append([{"role": "user", "content": "What next?"}])  # a prompt, as chat renders it
     llm = llama_cpp.Llama(str(llama_cpp_file(PHI3_VOCAB_GGUF)), vocab_only=True, verbose=False)
     try:
         for chat in chats:
-            text = tokenizer.apply_chat_template(chat, tokenize=False)
+            text = tokenizer.apply_chat_template(chat, tokenize=False, add_generation_prompt=len(chat) == 1)
             assert tokenizer.encode(text, add_special_tokens=False) == llm.tokenize(text.encode(), add_bos=False,
                                                                                      special=True), text
     finally:
