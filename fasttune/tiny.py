@@ -327,15 +327,15 @@ def phi3_tokenizer_dir() -> Path:
         (tmp / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "LlamaTokenizer"}))
         tok = AutoTokenizer.from_pretrained(tmp)  # transformers converts the SentencePiece model
         backend = tok.backend_tokenizer
-        vocab = json.loads(backend.to_str())["model"]["vocab"]
-        merges = [tuple(m) for m in json.loads(backend.to_str())["model"]["merges"]]
+        converted = json.loads(backend.to_str())["model"]
+        vocab, merges = converted["vocab"], [tuple(m) for m in converted["merges"]]
         score = SentencePieceProcessor(model_file=str(tmp / "tokenizer.model")).GetScore
         merges.sort(key=lambda m: (-score(vocab[m[0] + m[1]]), vocab[m[0] + m[1]]))
         backend.model = models.BPE(vocab, merges, unk_token="<unk>", fuse_unk=True, byte_fallback=True)
         backend.normalizer = normalizers.Sequence([normalizers.Prepend("\u2581"), normalizers.Replace(" ", "\u2581")])
         backend.pre_tokenizer = None
         # Phi-3's added tokens (ids 32000-32010) but <|endoftext|>, and </s>, take the whitespace after them,
-        # as llama.cpp has them for a file named phi3 (</s> is not special there: it is written as text)
+        # as llama.cpp has them for a file named phi3 (</s> not special, as Phi-3's own configuration says)
         tok.add_tokens([AddedToken(t, special=True, normalized=False, rstrip=t != "<|endoftext|>")
                         for t in tokens[32_000:32_011]], special_tokens=True)
         tok.add_tokens([AddedToken("</s>", special=False, normalized=False, rstrip=True)])
