@@ -6,6 +6,7 @@ checks with a known right answer, not hopes.
 """
 
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -37,6 +38,18 @@ def pytest_report_header(config):
     return [f"cpu: {model}; llama.cpp uses {', '.join(units) or 'no AVX2/AVX-512'}",
             f"threads: torch {torch.get_num_threads()}, llama.cpp {cpu_threads()}, "
             f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}"]
+
+
+def model_folder(tmp_path, model_dir, weights: bool = True) -> Path:
+    """tmp_path/model: model_dir's small files copied, its weights linked (not copied: 78 MB for the tiny one)."""
+    folder = tmp_path / "model"
+    folder.mkdir()
+    for f in model_dir.iterdir():
+        if f.suffix != ".safetensors":
+            shutil.copy(f, folder / f.name)
+        elif weights:
+            (folder / f.name).symlink_to(f)
+    return folder
 
 
 def run_script(*args, check: bool = True, timeout: int = 900) -> subprocess.CompletedProcess:
@@ -129,7 +142,6 @@ def sorted_run(tmp_path, tiny_dir) -> Path:
     """A run directory (seed 3) whose training file is sorted by topic: 600 'dose' conversations, then
     600 'bmi' ones; merged/ is the tiny model. What the stages after training read a bounded part of
     must not be the first topic alone."""
-    import shutil
 
     from fasttune import base_model, rundir
     from fasttune.data import Example

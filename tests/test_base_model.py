@@ -8,19 +8,7 @@ import torch
 from safetensors.torch import save_file
 
 from fasttune import UserError, base_model
-from tests.conftest import MEMORIZE, run_script
-
-
-def model_folder(tmp_path, tiny_dir, weights: bool = True):
-    """The tiny checkpoint's small files copied, its weights linked (not copied: 78 MB)."""
-    folder = tmp_path / "model"
-    folder.mkdir()
-    for f in tiny_dir.iterdir():
-        if f.suffix != ".safetensors":
-            shutil.copy(f, folder / f.name)
-        elif weights:
-            (folder / f.name).symlink_to(f)
-    return folder
+from tests.conftest import MEMORIZE, model_folder, run_script
 
 
 def small_weights(path):

@@ -2,11 +2,12 @@
 checkpoint (its real tokenizer), exported, checked against the merged model, chatted with, evaluated."""
 
 import json
+import shutil
 
 import pytest
 
 from fasttune import chat_formats, gguf_file
-from tests.conftest import MEMORIZE, greedy_agrees, run_script
+from tests.conftest import MEMORIZE, greedy_agrees, model_folder, run_script
 
 
 def test_qwen3_recipe_end_to_end(tmp_path, memorized_chats):
@@ -121,23 +122,6 @@ def test_llama3_2_recipe_end_to_end(tmp_path, memorized_chats):
     assert "[stopped]" in proc.stdout
 
 
-TOKENIZER_FILES = ("tokenizer", "special_tokens", "chat_template")
-
-
-def _linked_checkpoint(folder, model_dir, tokenizer_dir=None):
-    """model_dir's config and weights (linked), with tokenizer_dir's tokenizer files when given."""
-    folder.mkdir()
-    for f in model_dir.iterdir():
-        if f.suffix == ".safetensors":
-            (folder / f.name).symlink_to(f)
-        elif f.is_file() and not (tokenizer_dir and f.name.startswith(TOKENIZER_FILES)):
-            (folder / f.name).write_bytes(f.read_bytes())
-    for f in tokenizer_dir.glob("*") if tokenizer_dir else []:
-        if f.name.startswith(TOKENIZER_FILES):
-            (folder / f.name).write_bytes(f.read_bytes())
-    return folder
-
-
 @pytest.mark.parametrize("case", ["architecture", "sentencepiece"])
 def test_a_checkpoint_the_converter_cannot_write_is_refused_before_any_weight_is_loaded(tmp_path, tiny_dir, case):
     """An architecture outside the table (here a Qwen2 checkpoint that says MistralForCausalLM), and a
@@ -147,12 +131,14 @@ def test_a_checkpoint_the_converter_cannot_write_is_refused_before_any_weight_is
     from fasttune.tiny import phi3_tokenizer_dir, tiny_llama3_2_dir
 
     if case == "architecture":
-        folder = _linked_checkpoint(tmp_path / "model", tiny_dir)
+        folder = model_folder(tmp_path, tiny_dir)
         config = json.loads((folder / "config.json").read_text())
         (folder / "config.json").write_text(json.dumps(dict(config, architectures=["MistralForCausalLM"])))
         want = "architecture MistralForCausalLM is not supported; supported: Qwen2ForCausalLM"
     else:
-        folder = _linked_checkpoint(tmp_path / "model", tiny_llama3_2_dir(), phi3_tokenizer_dir())
+        folder = model_folder(tmp_path, tiny_llama3_2_dir())
+        for f in phi3_tokenizer_dir().glob("*"):  # Phi-3's tokenizer files over Llama 3's
+            shutil.copy(f, folder / f.name)
         want = "pre-tokenizer is not one fasttune knows"
     proc = run_script("recipes/clinical_qa.py", "--model", folder, "--data", MEMORIZE, "--out", tmp_path / "run",
                       "--epochs", "1", check=False)
