@@ -14,11 +14,12 @@ from fasttune import UserError, rundir
 
 
 def resolve(name: str) -> str:
-    """'tiny', 'tiny-qwen3', 'tiny-llama3.2' -> the cached tiny checkpoint; a directory or hub name as is."""
+    """'tiny', 'tiny-qwen3', 'tiny-llama3.2', 'tiny-phi3.5' -> the cached tiny checkpoint; a directory or hub
+    name as is."""
     from fasttune import tiny
 
     tiny_models = {"tiny": tiny.tiny_model_dir, "tiny-qwen3": tiny.tiny_qwen3_dir,
-                   "tiny-llama3.2": tiny.tiny_llama3_2_dir}
+                   "tiny-llama3.2": tiny.tiny_llama3_2_dir, "tiny-phi3.5": tiny.tiny_phi3_5_dir}
     return str(tiny_models[name]()) if name in tiny_models else name
 
 

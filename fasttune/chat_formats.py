@@ -23,7 +23,7 @@ QWEN3_TEMPLATE = _read("qwen3.jinja")  # Qwen3's own (0.6B-32B)
 QWEN3_2507_TEMPLATE = _read("qwen3_2507.jinja")  # Qwen3-Instruct-2507's own (4B, 30B-A3B, 235B-A22B): no thinking
 LLAMA3_2_TEMPLATE = _read("llama3_2.jinja")  # Llama 3.2-Instruct's own (1B, 3B)
 LLAMA3_1_TEMPLATE = _read("llama3_1.jinja")  # Llama 3.1-Instruct's own (8B, 70B): the fixed date 3.2 is served with
-PHI3_5_TEMPLATE = _read("phi3_5.jinja")  # Phi-3.5-mini-Instruct's own (the tiny Phi-3 tokenizer's; no FORMATS row yet)
+PHI3_5_TEMPLATE = _read("phi3_5.jinja")  # Phi-3.5-mini-Instruct's own
 
 # Qwen3 writes a reasoning block before each answer unless the caller passes enable_thinking=false, and
 # llama.cpp's server passes true unless told otherwise. A run trains on plain answers (fasttune.chat
@@ -68,6 +68,24 @@ Today Date: 26 Jul 2024
 
 {{ .Content }}{{ if not $last }}<|eot_id|>{{ end }}
 {{- end }}
+{{- end }}"""
+
+
+# Ollama's Go template for Phi-3.5's format (Ollama tokenizes with the GGUF's rules, which fold the newline
+# after <|end|> into it, as training did)
+OLLAMA_PHI3_5 = """{{- if .System }}<|system|>
+{{ .System }}<|end|>
+{{ end }}
+{{- range $i, $_ := .Messages }}
+{{- $last := eq (len (slice $.Messages $i)) 1 }}
+{{- if eq .Role "user" }}<|user|>
+{{ .Content }}<|end|>
+{{ else if eq .Role "assistant" }}<|assistant|>
+{{ .Content }}{{ if not $last }}<|end|>
+{{ end }}
+{{- end }}
+{{- if and (ne .Role "assistant") $last }}<|assistant|>
+{{ end }}
 {{- end }}"""
 
 
@@ -123,6 +141,9 @@ FORMATS = [
     ChatFormat("llama3.1", LLAMA3_1_TEMPLATE, LLAMA3_1_TEMPLATE, _read("llama3_2_training.jinja"), OLLAMA_LLAMA3_2,
                ("<|eot_id|>", "<|eom_id|>", "<|end_of_text|>"), end_of_turn="<|eot_id|>",
                roles=("system", "user", "assistant")),
+    # Phi-3.5's template drops any other role without a word: the training template renders these alone
+    ChatFormat("phi3.5", PHI3_5_TEMPLATE, PHI3_5_TEMPLATE, _read("phi3_5_training.jinja"), OLLAMA_PHI3_5,
+               ("<|end|>", "<|endoftext|>"), end_of_turn="<|end|>", roles=("system", "user", "assistant")),
 ]
 
 

@@ -20,6 +20,28 @@ import yaml
 from fasttune import UserError
 
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+# Layers a family fuses (Phi-3: q/k/v in one Linear, gate/up in another) -> the projections they hold
+FUSED_PROJECTIONS = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
+
+
+def lora_targets(wanted: list[str], linears: set[str]) -> list[str]:
+    """The layer names to put LoRA on in a model whose linear layers are named `linears`: `wanted`, with
+    the parts of a fused layer standing for it (the default's seven projections are Phi-3's four layers).
+    One that names no layer of the model is an error: PEFT would leave it out silently."""
+    targets = list(wanted)
+    for fused, parts in FUSED_PROJECTIONS.items():
+        named = [p for p in parts if p in targets]
+        if fused not in linears or not named:
+            continue
+        if len(named) < len(parts):
+            raise UserError(f"--lora_target_modules: this model computes {', '.join(parts)} in one layer, {fused}; "
+                            f"name all of them or {fused}")
+        targets = [fused if t == named[0] else t for t in targets if t not in named[1:]]
+    unknown = [t for t in targets if t not in linears]
+    if unknown:
+        raise UserError(f"--lora_target_modules: this model has no linear layer named {unknown[0]}; its layers: "
+                        f"{', '.join(sorted(linears))}")
+    return targets
 
 
 @dataclass
@@ -28,8 +50,8 @@ class ModelConfig:
         default=None,
         metadata={"help": "Base model (required): a hub name (Qwen/Qwen2.5-0.5B-Instruct), a local directory, or "
                           "'tiny' for a dry run on the embedded tiny Qwen2.5-architecture model (2 layers, random "
-                          "weights: its answers mean nothing); 'tiny-qwen3' and 'tiny-llama3.2' for its Qwen3 and "
-                          "Llama 3.2 twins."},
+                          "weights: its answers mean nothing); 'tiny-qwen3', 'tiny-llama3.2' and 'tiny-phi3.5' for its "
+                          "Qwen3, Llama 3.2 and Phi-3.5-mini twins."},
     )
     load_in_4bit: bool = field(
         default=True,
@@ -53,7 +75,8 @@ class ModelConfig:
     )
     lora_target_modules: list[str] = field(
         default_factory=lambda: list(LORA_TARGETS),
-        metadata={"help": "Linear layers that get LoRA adapters (default: all seven projections)."},
+        metadata={"help": "Linear layers that get LoRA adapters (default: all seven projections; in a model that fuses "
+                          "some, as Phi-3 does q/k/v in qkv_proj and gate/up in gate_up_proj, the fused layer)."},
     )
     gradient_checkpointing: bool = field(
         default=True, metadata={"help": "Recompute activations in the backward pass (Unsloth's offloaded variant): "

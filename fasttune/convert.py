@@ -15,6 +15,7 @@ import contextlib
 import errno
 import json
 import logging
+import math
 import os
 import struct
 from dataclasses import dataclass
@@ -41,6 +42,12 @@ class Arch:
     permute_qk: bool = False
     # Llama writes these two hyper-parameters; Qwen2 files do without
     write_vocab_and_rope_dims: bool = False
+    # the vocabulary: "gpt2" (byte-level BPE: merges, a pre-tokenizer named by hash) or "llama"
+    # (SentencePiece: per-token scores, read from the checkpoint's tokenizer.model as llama.cpp does)
+    tokenizer: str = "gpt2"
+    # Phi-3's hyper-parameters as llama.cpp reads them: longrope's per-frequency factors, the original
+    # context, the sliding window and rotary width, and no key/value lengths
+    phi3: bool = False
 
 
 # Hugging Face architectures we convert. Table, not if-chain: add a row to support one.
@@ -48,6 +55,8 @@ ARCHITECTURES = {
     "Qwen2ForCausalLM": Arch(gguf.MODEL_ARCH.QWEN2),
     "Qwen3ForCausalLM": Arch(gguf.MODEL_ARCH.QWEN3),  # + q/k norms (gguf's name table maps them), no biases
     "LlamaForCausalLM": Arch(gguf.MODEL_ARCH.LLAMA, permute_qk=True, write_vocab_and_rope_dims=True),
+    # Phi-3.5-mini: q/k/v and gate/up fused (gguf's name table maps them to attn_qkv and ffn_up, as they are)
+    "Phi3ForCausalLM": Arch(gguf.MODEL_ARCH.PHI3, tokenizer="llama", phi3=True),
 }
 
 # llama.cpp names a BPE pre-tokenizer by the hash of how the tokenizer splits this text (the same
@@ -79,19 +88,28 @@ def check_architecture(config, where) -> str:
     return hf_arch
 
 
-def check_convertible(config, tokenizer, where) -> None:
+def check_convertible(model_dir: Path, tokenizer, where) -> None:
     """Refuse, in one line and before training, a checkpoint this converter cannot write: its
-    architecture, a sliding window llama.cpp would not apply, or a tokenizer whose pre-tokenizer it does
-    not know, which a supported architecture alone lets through (`LlamaForCausalLM` holds Llama 2,
-    TinyLlama and llamafied Mistral or Phi-3, all SentencePiece)."""
-    check_architecture(config, where)
+    architecture, a sliding window llama.cpp would not apply, or a tokenizer it cannot store: a byte-level
+    BPE one whose pre-tokenizer it does not know, or a SentencePiece one under an architecture whose
+    files hold BPE (`LlamaForCausalLM` holds Llama 2, TinyLlama and llamafied Mistral or Phi-3)."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(model_dir)
+    arch = ARCHITECTURES[check_architecture(config, where)]
     _check_sliding_window(config, where)
+    if arch.tokenizer == "llama":
+        if not (Path(model_dir) / "tokenizer.model").is_file():
+            raise UserError(f"{where}: no tokenizer.model; {config.architectures[0]}'s GGUF takes its token scores "
+                            "from the SentencePiece model: copy tokenizer.model from the model's repository")
+        return
     try:
         tokenizer_pre(tokenizer)
     except UserError as e:
         raise UserError(f"{where}: {e}. A byte-level BPE tokenizer needs its row in fasttune/convert.py "
-                        "PRE_TOKENIZERS (from llama.cpp's convert_hf_to_gguf.py); a SentencePiece one is not "
-                        "written yet. --quants none trains and merges without a GGUF") from None
+                        "PRE_TOKENIZERS (from llama.cpp's convert_hf_to_gguf.py); a SentencePiece one is written "
+                        f"only for {', '.join(k for k, a in ARCHITECTURES.items() if a.tokenizer == 'llama')}. "
+                        "--quants none trains and merges without a GGUF") from None
 
 
 def _permute_qk(weights, n_head: int):
@@ -136,6 +154,28 @@ def vocab(tokenizer, vocab_size: int) -> tuple[list[str], list[int]]:
             tokens.append(by_id[i])
             types.append(gguf.TokenType.NORMAL)
     return tokens, types
+
+
+def vocab_sentencepiece(model_dir: Path, tokenizer, vocab_size: int) -> tuple[list[str], list[float], list[int]]:
+    """Token strings, scores and types by id for a SentencePiece checkpoint, as llama.cpp's converter
+    makes them: the pieces of tokenizer.model (their scores are SentencePiece's merge priorities), then the
+    tokenizer's added tokens over them (score -1000, CONTROL when special), "[PAD<id>]" rows unused."""
+    from sentencepiece import SentencePieceProcessor
+
+    sp = SentencePieceProcessor(model_file=str(model_dir / "tokenizer.model"))
+    tokens = [f"[PAD{i}]" for i in range(vocab_size)]
+    scores = [-10000.0] * vocab_size
+    types = [gguf.TokenType.UNUSED] * vocab_size
+    for i in range(min(sp.vocab_size(), vocab_size)):
+        tokens[i], scores[i] = sp.IdToPiece(i), sp.GetScore(i)
+        types[i] = (gguf.TokenType.UNKNOWN if sp.IsUnknown(i) else gguf.TokenType.CONTROL if sp.IsControl(i)
+                    else gguf.TokenType.UNUSED if sp.IsUnused(i) else gguf.TokenType.BYTE if sp.IsByte(i)
+                    else gguf.TokenType.NORMAL)
+    for i, added in tokenizer.added_tokens_decoder.items():
+        if i < vocab_size:
+            tokens[i], scores[i] = added.content, -1000.0
+            types[i] = gguf.TokenType.CONTROL if added.special else gguf.TokenType.USER_DEFINED
+    return tokens, scores, types
 
 
 # --- tensors ----------------------------------------------------------------------------------------
@@ -203,6 +243,11 @@ def convert(model_dir: str | Path, out_path: str | Path, outtype: str = "bf16", 
     arch = ARCHITECTURES[hf_arch]
     _check_sliding_window(config, model_dir)
     file_type, file_qtype = DIRECT_TYPES[outtype]
+    name = name or model_dir.name
+    if arch.phi3 and not any(k in name.lower() for k in ("phi3", "phi-3")):
+        # llama.cpp gives Phi-3's special tokens the whitespace after them (as its tokenizer does) only in a
+        # file whose name says phi3: without it the GGUF would tokenize every chat differently
+        name += "-phi3"
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     n_layers = config.num_hidden_layers
     names = gguf.get_tensor_name_map(arch.gguf_arch, n_layers)
@@ -210,7 +255,7 @@ def convert(model_dir: str | Path, out_path: str | Path, outtype: str = "bf16", 
     tmp = out_path.with_name(out_path.name + ".partial")
     writer = gguf.GGUFWriter(tmp, gguf.MODEL_ARCH_NAMES[arch.gguf_arch])
     try:
-        _add_metadata(writer, config, file_type, name or model_dir.name, base_model, recipe, arch)
+        _add_metadata(writer, config, file_type, name, base_model, recipe, arch)
         _add_tokenizer(writer, model_dir, tokenizer, arch, config.vocab_size, chat_template)
 
         # Pass 1: names, shapes and types, so the header can be written before any data.
@@ -225,8 +270,8 @@ def convert(model_dir: str | Path, out_path: str | Path, outtype: str = "bf16", 
             plan.append((load, qtype))
             data_bytes += _aligned(nbytes)
 
-        if (factors := _llama3_rope_factors(config)) is not None:
-            add(gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.ROPE_FREQS] + ".weight", tuple(factors.shape), lambda: factors)
+        for tensor, factors in _rope_factors(config, arch).items():
+            add(gguf.TENSOR_NAMES[tensor] + ".weight", tuple(factors.shape), partial(lambda f: f, factors))
         heads = {"q_proj": config.num_attention_heads, "k_proj": config.num_key_value_heads}
         for st_file in safetensors_files(model_dir):
             with _open_safetensors(st_file) as f:
@@ -276,10 +321,26 @@ def _load(st_file: Path, hf_name: str, permute_heads: int | None):
     return _permute_qk(tensor, permute_heads) if permute_heads else tensor
 
 
+def _rope_factors(config, arch: Arch) -> dict:
+    """The rope scaling tensors llama.cpp reads: Llama 3.1's frequency factors, Phi-3's long and short ones."""
+    if arch.phi3:
+        rope = config.rope_parameters
+        if not rope.get("long_factor"):
+            return {}
+        return {gguf.MODEL_TENSOR.ROPE_FACTORS_LONG: _float32(rope["long_factor"]),
+                gguf.MODEL_TENSOR.ROPE_FACTORS_SHORT: _float32(rope["short_factor"])}
+    factors = _llama3_rope_factors(config)
+    return {} if factors is None else {gguf.MODEL_TENSOR.ROPE_FREQS: factors}
+
+
+def _float32(values):
+    import torch
+
+    return torch.tensor(values, dtype=torch.float32)
+
+
 def _llama3_rope_factors(config):
     """Llama 3.1's long-context rope scaling as llama.cpp wants it: a per-frequency factor tensor."""
-    import math
-
     import torch
 
     rope = config.rope_parameters or {}
@@ -303,14 +364,15 @@ def _llama3_rope_factors(config):
 
 
 def _check_sliding_window(config, model_dir: Path) -> None:
-    """llama.cpp's qwen2 and llama graphs attend to the whole context: a checkpoint that really uses a
+    """llama.cpp's qwen2, llama and phi3 graphs attend to the whole context: a checkpoint that really uses a
     sliding window would answer differently past the window, so it is refused rather than written.
-    (Every Qwen2.5 config carries `sliding_window` with `use_sliding_window: false`: nothing to write,
-    as llama.cpp's converter does.)"""
-    if getattr(config, "use_sliding_window", False) and getattr(config, "sliding_window", None):
-        raise UserError(f"{model_dir}: use_sliding_window is true (window {config.sliding_window}); llama.cpp runs "
-                        "this architecture with full attention, so the GGUF would differ past the window. "
-                        "Set use_sliding_window to false in config.json if the model was trained without it")
+    (Every Qwen2.5 config carries `sliding_window` with `use_sliding_window: false`, and Phi-3.5-mini's
+    window, 262,144, is wider than its context: nothing to write, as llama.cpp's converter does.)"""
+    window = getattr(config, "sliding_window", None)
+    if getattr(config, "use_sliding_window", True) and window and window < config.max_position_embeddings:
+        raise UserError(f"{model_dir}: a sliding window of {window} tokens is in use; llama.cpp runs this "
+                        "architecture with full attention, so the GGUF would differ past the window. Set "
+                        "use_sliding_window to false in config.json if the model was trained without it")
 
 
 def _add_metadata(writer: gguf.GGUFWriter, config, file_type: FT, name: str, base_model: str | None,
@@ -328,11 +390,22 @@ def _add_metadata(writer: gguf.GGUFWriter, config, file_type: FT, name: str, bas
     writer.add_feed_forward_length(config.intermediate_size)
     writer.add_head_count(config.num_attention_heads)
     writer.add_head_count_kv(config.num_key_value_heads)
-    writer.add_rope_freq_base(config.rope_parameters["rope_theta"])  # transformers 5 keeps rope here
+    rope = config.rope_parameters  # transformers 5 keeps rope here
+    writer.add_rope_freq_base(rope["rope_theta"])
     writer.add_layer_norm_rms_eps(config.rms_norm_eps)
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads  # not every config has it
-    writer.add_key_length(head_dim)
-    writer.add_value_length(head_dim)
+    if arch.phi3:
+        writer.add_rope_scaling_orig_ctx_len(rope["original_max_position_embeddings"])
+        writer.add_rope_dimension_count(int(rope.get("partial_rotary_factor", 1.0) * config.hidden_size)
+                                        // config.num_attention_heads)
+        writer.add_sliding_window(config.sliding_window or 0)  # 0 tells llama.cpp a Phi-4 from a Phi-3
+        scale = config.max_position_embeddings / rope["original_max_position_embeddings"]
+        if rope.get("long_factor"):  # longrope scales attention as transformers' does: sqrt(1 + ln s / ln orig)
+            writer.add_rope_scaling_attn_factors(
+                math.sqrt(1 + math.log(scale) / math.log(rope["original_max_position_embeddings"])) if scale > 1 else 1.0)
+    else:
+        writer.add_key_length(head_dim)
+        writer.add_value_length(head_dim)
     if arch.write_vocab_and_rope_dims:
         writer.add_vocab_size(config.vocab_size)
         writer.add_rope_dimension_count(head_dim)
@@ -342,13 +415,19 @@ def _add_metadata(writer: gguf.GGUFWriter, config, file_type: FT, name: str, bas
 
 def _add_tokenizer(writer: gguf.GGUFWriter, model_dir: Path, tokenizer, arch: Arch, vocab_size: int,
                    chat_template: str | None = None) -> None:
-    tokens, types = vocab(tokenizer, vocab_size)
-    writer.add_tokenizer_model("gpt2")  # byte-level BPE
-    writer.add_tokenizer_pre(tokenizer_pre(tokenizer))
-    writer.add_token_list(tokens)
+    writer.add_tokenizer_model(arch.tokenizer)
+    if arch.tokenizer == "llama":  # SentencePiece
+        tokens, scores, types = vocab_sentencepiece(model_dir, tokenizer, vocab_size)
+        writer.add_tokenizer_pre("default")
+        writer.add_token_list(tokens)
+        writer.add_token_scores(scores)
+    else:  # byte-level BPE
+        tokens, types = vocab(tokenizer, vocab_size)
+        writer.add_tokenizer_pre(tokenizer_pre(tokenizer))
+        writer.add_token_list(tokens)
     writer.add_token_types(types)
-    # merges, bos/eos/pad ids and the chat template, read from the tokenizer files
-    special = gguf.SpecialVocab(model_dir, load_merges=True, n_vocab=vocab_size)
+    # merges (BPE), bos/eos/pad ids and the chat template, read from the tokenizer files
+    special = gguf.SpecialVocab(model_dir, load_merges=arch.tokenizer == "gpt2", n_vocab=vocab_size)
     # Whether llama.cpp adds BOS/EOS when tokenizing: what the tokenizer's post-processor says (as llama.cpp's
     # converter reads it), else measured from what the tokenizer does.
     if not special.add_special_token:

@@ -158,6 +158,8 @@ def merge(adapter_dir: Path, out_dir: Path, base: str | None = None) -> Path:
         except OSError:  # the base has no generation_config.json
             pass
         AutoTokenizer.from_pretrained(str(adapter_dir)).save_pretrained(tmp)  # with the run's chat template
+        if (base_dir / "tokenizer.model").is_file():  # a SentencePiece model: its token scores go into the GGUF,
+            shutil.copy(base_dir / "tokenizer.model", tmp / "tokenizer.model")  # and a fast tokenizer does not save it
         if out_dir.exists():
             shutil.rmtree(out_dir)
         os.replace(tmp, out_dir)

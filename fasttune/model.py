@@ -16,7 +16,7 @@ from unsloth import FastLanguageModel
 from fasttune import UserError
 from fasttune.base_model import resolve
 from fasttune.chat_formats import ensure_chat_template
-from fasttune.config import ModelConfig
+from fasttune.config import ModelConfig, lora_targets
 
 logger = logging.getLogger(__name__)
 
@@ -35,7 +35,8 @@ def load_tokenizer(name: str):
 
 
 def load_for_training(cfg: ModelConfig, seed: int):
-    """(peft model, tokenizer): the base in 4-bit (QLoRA) or 16-bit, LoRA on cfg.lora_target_modules."""
+    """(peft model, tokenizer): the base in 4-bit (QLoRA) or 16-bit, LoRA on cfg.lora_target_modules (a fused
+    layer for its parts: config.lora_targets)."""
     path = resolve(cfg.model)
     logger.info("loading %s (%s)", path, "4-bit nf4" if cfg.load_in_4bit else "16-bit")
     model, tokenizer = FastLanguageModel.from_pretrained(
@@ -48,12 +49,14 @@ def load_for_training(cfg: ModelConfig, seed: int):
         load_in_16bit=not cfg.load_in_4bit,
     )
     ensure_chat_template(tokenizer)
+    head = model.get_output_embeddings()
+    linears = {name.rsplit(".", 1)[-1] for name, m in model.named_modules() if isinstance(m, torch.nn.Linear) and m is not head}
     model = FastLanguageModel.get_peft_model(
         model,
         r=cfg.lora_r,
         lora_alpha=cfg.lora_alpha,
         lora_dropout=cfg.lora_dropout,
-        target_modules=cfg.lora_target_modules,
+        target_modules=lora_targets(cfg.lora_target_modules, linears),
         bias="none",
         use_gradient_checkpointing="unsloth" if cfg.gradient_checkpointing else False,
         random_state=seed,

@@ -11,7 +11,6 @@ from pathlib import Path
 
 import fasttune.model as model_lib  # first: imports unsloth, which patches transformers/trl/peft
 
-from transformers import AutoConfig
 
 from fasttune import (base_model, cli, config, convert, dataset, evaluate, export, free_accelerator_memory, merge,
                       rundir, train)
@@ -19,7 +18,7 @@ from fasttune import (base_model, cli, config, convert, dataset, evaluate, expor
 
 def run(cfg: config.Config) -> Path | None:
     """Train, merge, export, measure and evaluate; returns the run directory (None for --inspect, --plan)."""
-    base_model.check(cfg.model.model, plan=cfg.train.plan)  # a folder that is not a model: one line, now
+    folder = base_model.check(cfg.model.model, plan=cfg.train.plan)  # a folder that is not a model: one line, now
     if cfg.train.plan:  # memory arithmetic from the model's config alone: nothing is loaded
         cli.print_plan(cfg)
         return None
@@ -28,8 +27,7 @@ def run(cfg: config.Config) -> Path | None:
     tokenizer = model_lib.load_tokenizer(cfg.model.model)
     # a checkpoint the converter cannot write fails now, not after training (--inspect exports nothing)
     if cfg.export.quants and not cfg.data.inspect:
-        convert.check_convertible(AutoConfig.from_pretrained(base_model.resolve(cfg.model.model)), tokenizer,
-                                  cfg.model.model)
+        convert.check_convertible(folder, tokenizer, cfg.model.model)
     check = None
     if cfg.eval.evaluate or "auto" in cfg.export.quants:  # an eval reference the metric cannot read fails now, too
         check = lambda examples: evaluate.check_references(examples, cfg.eval.metric, cfg.eval.tolerance)  # noqa: E731

@@ -24,7 +24,7 @@ from dataclasses import dataclass, replace
 import torch
 
 from fasttune import UserError
-from fasttune.config import ModelConfig, TrainConfig
+from fasttune.config import ModelConfig, TrainConfig, lora_targets
 
 GPU_SIZES_GB = (8, 12, 16, 24)
 MIB = 2**20
@@ -88,7 +88,8 @@ def shapes(model: str, target_modules: list[str]) -> Shapes:
     linears = {name: m for name, m in meta.named_modules() if isinstance(m, torch.nn.Linear) and m is not head}
     linear = sum(m.weight.numel() for m in linears.values())
     total = sum(p.numel() for p in meta.parameters())
-    targeted = [m for name, m in linears.items() if name.rsplit(".", 1)[-1] in target_modules]
+    targets = lora_targets(target_modules, {name.rsplit(".", 1)[-1] for name in linears})
+    targeted = [m for name, m in linears.items() if name.rsplit(".", 1)[-1] in targets]
     lora = sum(m.in_features + m.out_features for m in targeted)
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     return Shapes(linear=linear, other=total - linear, lora_per_rank=lora,

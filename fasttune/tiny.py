@@ -1,16 +1,16 @@
 """The tiny models used by the demo, the tests and the benchmarks: Qwen2.5's (`--model tiny`), Qwen3's
-(`--model tiny-qwen3`) and Llama 3.2's (`--model tiny-llama3.2`).
+(`--model tiny-qwen3`), Llama 3.2's (`--model tiny-llama3.2`) and Phi-3.5-mini's (`--model tiny-phi3.5`).
 
 Each has its family's real vocabulary and merges (Qwen2's 151,936 rows, Qwen3 adding its tool-response
 and reasoning tokens at Qwen3's ids; llama.cpp's Qwen2 vocab file lacks the other added tokens,
-<tool_call> and the FIM ones; Llama 3's 128,256) and shape rules (GQA; Qwen2.5's q/k/v biases, Qwen3's
-q/k norms and 128-wide heads, Llama 3's rope scaling; tied embeddings), but only 2 layers of width 256
-and random weights: its words mean nothing.
+<tool_call> and the FIM ones; Llama 3's 128,256; Phi-3's SentencePiece 32,064) and shape rules (GQA;
+Qwen2.5's q/k/v biases, Qwen3's q/k norms and 128-wide heads, Llama 3's rope scaling; tied embeddings;
+Phi-3's fused projections and long-context rope factors), but only 2 layers of width 256 and random
+weights: its words mean nothing.
 Widths are multiples of 256 so llama.cpp's k-quants really apply (at 64 every tensor falls back).
 
 The tokenizers come from the llama-cpp-python sdist, which ships llama.cpp's vocab-only
-`ggml-vocab-*.gguf` files and their tokenizer test vectors; no model hub is needed. (Phi-3's is built
-too, for the family that comes next; no tiny Phi-3 model uses it yet.) Everything is built
+`ggml-vocab-*.gguf` files and their tokenizer test vectors; no model hub is needed. Everything is built
 once and cached under $FASTTUNE_CACHE (default ~/.cache/fasttune).
 """
 
@@ -92,6 +92,31 @@ TINY_LLAMA3_2_CONFIG = dict(
     bos_token_id=128000,
     eos_token_id=128009,
     initializer_range=0.1,  # as TINY_CONFIG: clear winners for greedy comparisons
+)
+# Phi-3.5-mini-instruct's shape rules where they do not cost compute: q/k/v fused in one projection and
+# gate/up in another (transformers' Phi3 layout), no biases, an untied head, longrope scaling from a 4k
+# original context to 128k with a factor per rotary frequency (random here, as the real ones are uneven),
+# and its sliding window, wider than any context.
+TINY_PHI3_5_CONFIG = dict(
+    model_type="phi3",
+    hidden_size=256,
+    intermediate_size=512,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=4,
+    vocab_size=32064,
+    tie_word_embeddings=False,
+    max_position_embeddings=131072,
+    original_max_position_embeddings=4096,
+    rope_parameters={"rope_type": "longrope", "rope_theta": 10000.0, "original_max_position_embeddings": 4096,
+                     "long_factor": [round(1.0 + 0.37 * i, 4) for i in range(32)],
+                     "short_factor": [round(1.0 + 0.011 * i, 4) for i in range(32)]},
+    sliding_window=262144,
+    rms_norm_eps=1e-5,
+    bos_token_id=1,
+    eos_token_id=32000,
+    pad_token_id=32000,
+    initializer_range=0.1,
 )
 # Qwen3's added tokens beyond Qwen2.5's (ids 151665-151668, in this order), plain text to its tokenizer
 QWEN3_ADDED_TOKENS = ["<tool_response>", "</tool_response>", "<think>", "</think>"]
@@ -343,9 +368,11 @@ def phi3_tokenizer_dir() -> Path:
         tok.chat_template = PHI3_5_TEMPLATE
         tok.save_pretrained(tmp)
         config = json.loads((tmp / "tokenizer_config.json").read_text())
-        (tmp / "tokenizer_config.json").write_text(json.dumps(dict(config, tokenizer_class="PreTrainedTokenizerFast")))
+        # no BOS or EOS added when tokenizing, as Phi-3.5-mini-instruct's configuration says
+        (tmp / "tokenizer_config.json").write_text(json.dumps(dict(
+            config, tokenizer_class="PreTrainedTokenizerFast", add_bos_token=False, add_eos_token=False)))
 
-    recipe = dict(_tokenizer_recipe("phi3"), rstrip="the added tokens but <|endoftext|>; </s>")
+    recipe = dict(_tokenizer_recipe("phi3"), rstrip="the added tokens but <|endoftext|>; </s>", add_bos=False)
     return atomic_build(cache_dir() / "phi3-tokenizer", build, recipe)
 
 
@@ -358,7 +385,8 @@ def _tokenizer_recipe(model_type: str = "qwen2") -> dict:
 
 
 # config's model_type -> its tokenizer
-TOKENIZERS = {"qwen2": qwen2_tokenizer_dir, "qwen3": qwen3_tokenizer_dir, "llama": llama3_tokenizer_dir}
+TOKENIZERS = {"qwen2": qwen2_tokenizer_dir, "qwen3": qwen3_tokenizer_dir, "llama": llama3_tokenizer_dir,
+              "phi3": phi3_tokenizer_dir}
 
 
 def build_model(dest: Path, config: dict, seed: int = 0) -> Path:
@@ -376,7 +404,10 @@ def build_model(dest: Path, config: dict, seed: int = 0) -> Path:
         model = AutoModelForCausalLM.from_config(hf_config).to(torch.bfloat16)
         model.generation_config.eos_token_id = config["eos_token_id"]
         model.save_pretrained(tmp)
-        AutoTokenizer.from_pretrained(TOKENIZERS[model_type]()).save_pretrained(tmp)
+        tokenizer_dir = TOKENIZERS[model_type]()
+        AutoTokenizer.from_pretrained(tokenizer_dir).save_pretrained(tmp)
+        if (tokenizer_dir / "tokenizer.model").is_file():  # the SentencePiece model, which a fast tokenizer does not save
+            shutil.copy(tokenizer_dir / "tokenizer.model", tmp / "tokenizer.model")
 
     return atomic_build(dest, build, dict(_tokenizer_recipe(model_type), config=config, seed=seed))
 
@@ -394,3 +425,8 @@ def tiny_qwen3_dir() -> Path:
 def tiny_llama3_2_dir() -> Path:
     """The tiny Llama 3.2 model, built and cached on first use (`--model tiny-llama3.2`)."""
     return build_model(cache_dir() / "tiny-llama3.2", TINY_LLAMA3_2_CONFIG)
+
+
+def tiny_phi3_5_dir() -> Path:
+    """The tiny Phi-3.5-mini model, built and cached on first use (`--model tiny-phi3.5`)."""
+    return build_model(cache_dir() / "tiny-phi3.5", TINY_PHI3_5_CONFIG)
