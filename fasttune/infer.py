@@ -33,6 +33,12 @@ def gpu_layers(supports_offload: bool | None = None) -> int:
     return -1 if supports_offload else 0
 
 
+def original_context(metadata: dict) -> int | None:
+    """The context a long-context rope extends (Phi-3's longrope: 4,096), from a GGUF's key/values."""
+    value = metadata.get(f"{metadata.get('general.architecture')}.rope.scaling.original_context_length")
+    return int(value) if value else None
+
+
 @contextlib.contextmanager
 def load(path: str | Path, n_ctx: int = 4096, **kwargs):
     """A llama_cpp.Llama for the file, closed on exit (an unclosed one errors at interpreter exit)."""
@@ -54,6 +60,13 @@ def load(path: str | Path, n_ctx: int = 4096, **kwargs):
         hint = (" or, if the GPU is out of memory, run it on the CPU: FASTTUNE_GPU_LAYERS=0"
                 if kwargs["n_gpu_layers"] else "")
         raise UserError(f"{path}: llama.cpp cannot load this file ({e}); re-export it{hint}") from None
+    original = original_context(llm.metadata)
+    if original and llm.n_ctx() > original:
+        logger.warning("%s: a %d-token context is past the model's original %d: llama.cpp then applies the "
+                       "long-context rope factors to every token, where transformers (and training) apply them only "
+                       "to sequences longer than %d, so answers differ from the merged model's; ask for a context "
+                       "of %d or less unless the conversations need more", path.name, llm.n_ctx(), original,
+                       original, original)
     try:
         yield llm
     finally:

@@ -7,6 +7,7 @@ from pathlib import Path
 
 from fasttune import gguf_file
 from fasttune.chat_formats import chat_format
+from fasttune.infer import original_context
 from fasttune.rundir import write_text
 
 logger = logging.getLogger(__name__)
@@ -19,7 +20,8 @@ def write_modelfile(gguf_path: Path, system_prompt: str | None = None, adapter: 
     lines = [f"FROM ./{gguf_path.name}"]
     if adapter:
         lines.append(f"ADAPTER ./{adapter.name}")
-    embedded = gguf_file.read(gguf_path).fields.get("tokenizer.chat_template")
+    fields = gguf_file.read(gguf_path).fields
+    embedded = fields.get("tokenizer.chat_template")
     fmt = chat_format(embedded)
     if fmt and embedded == fmt.served:  # the Go template renders the served one (Qwen3's own differs)
         lines += [f'TEMPLATE """{fmt.ollama}"""', *(f'PARAMETER stop "{s}"' for s in fmt.stops)]
@@ -27,6 +29,8 @@ def write_modelfile(gguf_path: Path, system_prompt: str | None = None, adapter: 
         logger.warning("%s: its chat template is none fasttune has an Ollama template for; the Modelfile has "
                        "no TEMPLATE line, so check what `ollama run` sends before relying on it", gguf_path.name)
     lines.append("PARAMETER temperature 0")
+    if original := original_context(fields):  # past it llama.cpp applies Phi-3's long-context factors to every token
+        lines.append(f"PARAMETER num_ctx {original}")
     if system_prompt:
         lines.append(f'SYSTEM """{system_prompt}"""')
     path = gguf_path.with_name(f"Modelfile.{(adapter or gguf_path).stem}")

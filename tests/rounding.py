@@ -73,8 +73,8 @@ def gap_bound(model, ids: list[int], pos: int, a: int, b: int | None, outtype: s
     gap = logits[a] - (logits[b] if b is not None else 0)
     grads = torch.autograd.grad(gap, [x for _, _, x, _ in seen] + [y for _, _, _, y in seen])
     head_dim = model.config.hidden_size // model.config.num_attention_heads
-    attention = {"q_proj": gamma(head_dim) + 2 * (pos + 1) * U32, "k_proj": gamma(head_dim) + 2 * (pos + 1) * U32,
-                 "v_proj": gamma(pos + 1)}
+    qk, v = gamma(head_dim) + 2 * (pos + 1) * U32, gamma(pos + 1)
+    attention = {"q_proj": qk, "k_proj": qk, "v_proj": v, "qkv_proj": max(qk, v)}  # Phi-3 computes all three in one
     bound, rounded = 0.0, set()
     with torch.no_grad():
         for (name, linear, x, y), gx, gy in zip(seen, grads[: len(seen)], grads[len(seen):]):

@@ -42,16 +42,16 @@ def gguf_logits(path, ids):
         return np.array(llm.scores[: len(ids)])
 
 
-def beyond_rounding(path, model, ids, outtype):
-    """Teacher-forced logits of the file against HF's at every position of `ids`: the largest difference
-    of each position, and every top-1 disagreement, must be within what llama.cpp's rounding can move
-    (tests/rounding.py derives the bound). Yields one line per position where they are not."""
-    with infer.load(path, n_ctx=512, logits_all=True, **rounding.F32_CACHE) as llm:
+def beyond_rounding(path, model, ids, outtype, n_ctx=512, first=0):
+    """Teacher-forced logits of the file against HF's at every position of `ids` from `first` on: the
+    largest difference of each position, and every top-1 disagreement, must be within what llama.cpp's
+    rounding can move (tests/rounding.py derives the bound). Yields one line per position where they are not."""
+    with infer.load(path, n_ctx=n_ctx, logits_all=True, **rounding.F32_CACHE) as llm:
         llm.eval(ids)
         got = np.array(llm.scores[: len(ids)])
     with torch.no_grad():
         want = model(torch.tensor([ids])).logits[0].numpy()
-    for pos in range(len(ids)):
+    for pos in range(first, len(ids)):
         worst = int(np.abs(got[pos] - want[pos]).argmax())
         diff, bound = abs(got[pos, worst] - want[pos, worst]), rounding.gap_bound(model, ids, pos, worst, None, outtype)
         if diff > bound:
@@ -515,3 +515,60 @@ def test_family_same_bytes_as_llama_cpp_converter(tmp_path, family, outtype):
     assert model_keys(ours) - {"tokenizer.ggml.eot_token_id"} == model_keys(ref) and len(model_keys(ref)) > 15
     for key in model_keys(ref):
         assert ours.fields[key] == ref.fields[key], key
+
+
+# --- Phi-3 ------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def short_phi3(tmp_path_factory):
+    """The tiny Phi-3.5 with its rope's original context cut to 256 tokens (the real one: 4,096), so that a
+    short sequence reaches the long-context factors."""
+    from fasttune import tiny
+
+    config = dict(tiny.TINY_PHI3_5_CONFIG, original_max_position_embeddings=256, max_position_embeddings=8192)
+    config["rope_parameters"] = dict(config["rope_parameters"], original_max_position_embeddings=256)
+    return tiny.build_model(tmp_path_factory.mktemp("phi3") / "short-phi3", config)
+
+
+def test_phi3_matches_hf_logits_with_either_rope_factors(tmp_path, short_phi3):
+    """Fused q/k/v and gate/up, longrope's attention factor, and its two factor sets: transformers takes the
+    long ones for a sequence past the original context, llama.cpp for a context past it."""
+    from transformers import AutoTokenizer
+
+    path = convert.convert(short_phi3, tmp_path / "phi3-f32.gguf", "f32")
+    file = gguf_file.read(path)
+    assert {"rope_factors_long.weight", "rope_factors_short.weight", "blk.1.attn_qkv.weight"} <= set(file.tensors)
+    assert file.fields["phi3.rope.scaling.original_context_length"] == 256
+    tokenizer = AutoTokenizer.from_pretrained(short_phi3)
+    ids = tokenizer.encode(" ".join(f"The patient {i} presents with chest pain." for i in range(60)))
+    assert len(ids) >= 320
+    model = AutoModelForCausalLM.from_pretrained(short_phi3, dtype=torch.float32).eval()
+    # short factors on both sides: 200 tokens in a 256-token context
+    assert list(beyond_rounding(path, model, ids[:200], "f32", n_ctx=256)) == []
+    # long ones: 320 tokens in a 512-token context, from position 256 on (HF's forward on a shorter prefix,
+    # which the bound runs, would take the short ones)
+    assert list(beyond_rounding(path, model, ids[:320], "f32", n_ctx=512, first=256)) == []
+    # the two sets differ beyond rounding: 200 tokens in a 512-token context (llama.cpp's long factors) are not HF's
+    assert next(beyond_rounding(path, model, ids[:200], "f32", n_ctx=512), None) is not None
+
+
+def test_phi3_file_tokenizes_chats_as_its_tokenizer(tmp_path):
+    """Phi-3's special tokens take the newline after them (rstrip), which llama.cpp applies only to a file
+    whose general.name says phi3: a run named otherwise gets it added, and llama.cpp then tokenizes chat
+    text as transformers does (and adds no BOS, as the tokenizer does not)."""
+    from transformers import AutoTokenizer
+
+    from fasttune.tiny import tiny_phi3_5_dir
+
+    path = convert.convert(tiny_phi3_5_dir(), tmp_path / "run-q8_0.gguf", "q8_0", name="clinical-run")
+    assert gguf_file.read(path).fields["general.name"] == "clinical-run-phi3"
+    tokenizer = AutoTokenizer.from_pretrained(tiny_phi3_5_dir())
+    chat = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Dose?"},
+            {"role": "assistant", "content": "300 mg.\n"}, {"role": "user", "content": " Then?"}]
+    text = tokenizer.apply_chat_template(chat, add_generation_prompt=True, tokenize=False)
+    want = tokenizer.encode(text)
+    ends = [i for i, t in enumerate(want) if t == tokenizer.convert_tokens_to_ids("<|end|>")]
+    assert len(ends) == 4 and all(want[i + 1] != tokenizer.convert_tokens_to_ids("<0x0A>") for i in ends)
+    with infer.load(path, n_ctx=256) as llm:
+        assert llm.tokenize(text.encode(), add_bos=llm.metadata.get("tokenizer.ggml.add_bos_token") == "true",
+                            special=True) == want
