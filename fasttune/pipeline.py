@@ -13,7 +13,7 @@ import fasttune.model as model_lib  # first: imports unsloth, which patches tran
 
 
 from fasttune import (base_model, cli, config, convert, dataset, evaluate, export, free_accelerator_memory, merge,
-                      rundir, train)
+                      plan, rundir, train)
 
 
 def run(cfg: config.Config) -> Path | None:
@@ -28,6 +28,7 @@ def run(cfg: config.Config) -> Path | None:
     # a checkpoint the converter cannot write fails now, not after training (--inspect exports nothing)
     if cfg.export.quants and not cfg.data.inspect:
         convert.check_convertible(folder, tokenizer, cfg.model.model)
+    plan.shapes(cfg.model.model, cfg.model.lora_target_modules)  # LoRA targets the model lacks fail now (meta device)
     check = None
     if cfg.eval.evaluate or "auto" in cfg.export.quants:  # an eval reference the metric cannot read fails now, too
         check = lambda examples: evaluate.check_references(examples, cfg.eval.metric, cfg.eval.tolerance)  # noqa: E731

@@ -151,3 +151,22 @@ def test_lora_alpha_follows_r_unless_given_and_bad_values_are_one_line_errors(tm
                            (["--lora_dropout", "1"], "--lora_dropout 1.0: must be 0 <= p < 1")):
         with pytest.raises(UserError, match=message):
             parse(REQUIRED + flags)
+
+
+def test_lora_targets_name_fused_layers_for_their_parts():
+    """Phi-3 computes q/k/v in qkv_proj and gate/up in gate_up_proj: the default's seven projections are its
+    four layers; a part alone, or a name the model lacks (PEFT would skip it silently), is one line."""
+    from fasttune.config import LORA_TARGETS, lora_targets
+
+    qwen = {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+    phi3 = {"qkv_proj", "o_proj", "gate_up_proj", "down_proj"}
+    assert lora_targets(LORA_TARGETS, qwen) == LORA_TARGETS
+    assert lora_targets(LORA_TARGETS, phi3) == ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"]
+    assert lora_targets(["q_proj", "v_proj", "k_proj"], phi3) == ["qkv_proj"]
+    assert lora_targets(["qkv_proj", "down_proj"], phi3) == ["qkv_proj", "down_proj"]
+    with pytest.raises(UserError, match="computes q_proj, k_proj, v_proj in one layer, qkv_proj; name all of them"):
+        lora_targets(["q_proj", "v_proj"], phi3)
+    with pytest.raises(UserError, match="no linear layer named qkv_proj; its layers: down_proj, gate_proj"):
+        lora_targets(["qkv_proj"], qwen)
+    with pytest.raises(UserError, match="no linear layer named q_prj"):
+        lora_targets(["q_prj", "v_proj"], qwen)

@@ -122,15 +122,56 @@ def test_llama3_2_recipe_end_to_end(tmp_path, memorized_chats):
     assert "[stopped]" in proc.stdout
 
 
-@pytest.mark.parametrize("case", ["architecture", "sentencepiece"])
+def test_phi3_5_recipe_end_to_end(tmp_path, memorized_chats):
+    """Phi-3.5-mini: LoRA on its fused projections, the loss on each answer and its <|end|> (the newline
+    after it is folded into the token), a SentencePiece GGUF that tokenizes as transformers does, answers
+    like the merged model and stops; the GGUF LoRA pair too; the Modelfile pins the original context."""
+    from transformers import AutoTokenizer
+
+    from fasttune.chat import IGNORE, tokenize_chat
+
+    out = tmp_path / "phi"
+    proc = run_script("recipes/clinical_qa.py", "--model", "tiny-phi3.5", "--data", MEMORIZE, "--eval-data", MEMORIZE,
+                      "--out", out, "--epochs", "40", "--lora_r", "16", "--learning_rate", "3e-3", "--quants", "q8_0",
+                      "--max_new_tokens", "64", "--lora_gguf", "true")
+    adapter = json.loads((out / "adapter" / "adapter_config.json").read_text())
+    assert set(adapter["target_modules"]) == {"qkv_proj", "o_proj", "gate_up_proj", "down_proj"}
+    assert (out / "merged" / "tokenizer.model").is_file()  # the GGUF's token scores come from it
+    tokenizer = AutoTokenizer.from_pretrained(out / "merged")
+    assert tokenizer.chat_template == chat_formats.PHI3_5_TEMPLATE
+    answer = memorized_chats[0].messages[-1]["content"]
+    messages = [*memorized_chats[0].messages, {"role": "user", "content": "Sure?"}, {"role": "assistant", "content": "Yes."}]
+    ids, labels = tokenize_chat(tokenizer, messages)
+    assert [i for i, label in zip(ids, labels) if label != IGNORE] == (
+        tokenizer.encode(answer + "<|end|>") + tokenizer.encode("Yes.<|end|>"))
+    assert tokenizer.decode(ids).count("<|end|>") == 5 and ids[0] == tokenizer.convert_tokens_to_ids("<|system|>")
+    file = gguf_file.read(out / "gguf" / "phi-q8_0.gguf")
+    assert (file.fields["general.architecture"], file.fields["tokenizer.ggml.model"]) == ("phi3", "llama")
+    assert "phi3" in file.fields["general.name"] and file.fields["tokenizer.ggml.add_bos_token"] is False
+    modelfile = (out / "gguf" / "Modelfile.phi-q8_0").read_text()
+    assert chat_formats.OLLAMA_PHI3_5 in modelfile and 'PARAMETER stop "<|end|>"' in modelfile
+    assert "PARAMETER num_ctx 4096" in modelfile
+    rows = json.loads((out / "gguf" / "report.json").read_text())["files"]
+    assert {r["file"] for r in rows} == {"phi-q8_0.gguf", "base-q8_0.gguf + phi-lora.gguf"}
+    for row in rows:
+        assert row["tokenization_identical"] and row["chat_finish_reason"] == "stop" and greedy_agrees(row)
+        assert row["score"] > 90 and row["stopped"] == 1.0
+    assert "[stopped]" in proc.stdout
+
+
+@pytest.mark.parametrize("case", ["architecture", "sentencepiece", "lora part"])
 def test_a_checkpoint_the_converter_cannot_write_is_refused_before_any_weight_is_loaded(tmp_path, tiny_dir, case):
-    """An architecture outside the table (here a Qwen2 checkpoint that says MistralForCausalLM), and a
+    """An architecture outside the table (here a Qwen2 checkpoint that says MistralForCausalLM), a
     Llama-architecture checkpoint with a SentencePiece tokenizer (Phi-3's: as Llama 2, TinyLlama or a
     llamafied Mistral or Phi-3 ship), which the architecture alone let train to the end and fail at
-    export: one line naming the model, exit 2, nothing written."""
-    from fasttune.tiny import phi3_tokenizer_dir, tiny_llama3_2_dir
+    export, and LoRA on part of a fused layer (Phi-3's q_proj): one line, exit 2, nothing written."""
+    from fasttune.tiny import phi3_tokenizer_dir, tiny_llama3_2_dir, tiny_phi3_5_dir
 
-    if case == "architecture":
+    flags = []
+    if case == "lora part":
+        folder = model_folder(tmp_path, tiny_phi3_5_dir())
+        flags, want = ["--lora_target_modules", "q_proj"], "in one layer, qkv_proj; name all of them or qkv_proj"
+    elif case == "architecture":
         folder = model_folder(tmp_path, tiny_dir)
         config = json.loads((folder / "config.json").read_text())
         (folder / "config.json").write_text(json.dumps(dict(config, architectures=["MistralForCausalLM"])))
@@ -141,8 +182,8 @@ def test_a_checkpoint_the_converter_cannot_write_is_refused_before_any_weight_is
             shutil.copy(f, folder / f.name)
         want = "pre-tokenizer is not one fasttune knows"
     proc = run_script("recipes/clinical_qa.py", "--model", folder, "--data", MEMORIZE, "--out", tmp_path / "run",
-                      "--epochs", "1", check=False)
+                      "--epochs", "1", *flags, check=False)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
     last = proc.stderr.strip().splitlines()[-1]
-    assert last.startswith(f"error: {folder}: ") and want in last, last
+    assert last.startswith("error: --lora_target_modules: " if flags else f"error: {folder}: ") and want in last, last
     assert not (tmp_path / "run").exists()

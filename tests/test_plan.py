@@ -19,9 +19,10 @@ def cfg_for(model, *flags):
     return parse(["--data", "d.jsonl", "--out", "o", "--model", str(model), *flags])
 
 
-def test_shapes_count_what_the_model_and_peft_hold():
-    cfg = cfg_for("tiny", "--lora_r", "16")
-    s = plan.shapes("tiny", cfg.model.lora_target_modules)
+@pytest.mark.parametrize("model", ["tiny", "tiny-phi3.5"])  # Phi-3: LoRA on its fused projections
+def test_shapes_count_what_the_model_and_peft_hold(model):
+    cfg = cfg_for(model, "--lora_r", "16")
+    s = plan.shapes(model, cfg.model.lora_target_modules)
     model, _ = model_lib.load_for_training(cfg.model, seed=0)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     assert 16 * s.lora_per_rank == trainable
