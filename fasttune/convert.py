@@ -101,7 +101,8 @@ def check_convertible(model_dir: Path, tokenizer, where) -> None:
     if arch.tokenizer == "llama":
         if not (Path(model_dir) / "tokenizer.model").is_file():
             raise UserError(f"{where}: no tokenizer.model; {config.architectures[0]}'s GGUF takes its token scores "
-                            "from the SentencePiece model: copy tokenizer.model from the model's repository")
+                            "from the SentencePiece model: copy tokenizer.model from the model's repository (a "
+                            "byte-level BPE tokenizer under this architecture, as Phi-4-mini's, is not written yet)")
         return
     try:
         tokenizer_pre(tokenizer)

@@ -32,6 +32,14 @@ def test_shapes_count_what_the_model_and_peft_hold(model):
     assert s.linear + s.other == stored
 
 
+@pytest.mark.parametrize("model", ["tiny", "tiny-qwen3", "tiny-llama3.2", "tiny-phi3.5"])
+def test_plan_answers_for_every_family(model):
+    """--plan for each family the converter writes: the table, with LoRA on the family's own layer names."""
+    cfg = cfg_for(model, "--plan")
+    text = plan.describe(cfg.model, cfg.train, cfg.train.gpu_gb)
+    assert "peak" in text and plan.shapes(model, cfg.model.lora_target_modules).lora_per_rank > 0
+
+
 def test_a_model_without_a_readable_config_is_one_line(tmp_path):
     with pytest.raises(plan.UserError, match="cannot read its config.json"):
         plan.shapes(str(tmp_path / "no-such-model"), ["q_proj"])
