@@ -17,9 +17,10 @@ to (a DNS-rebinding page cannot reach it), and binding beyond loopback needs --a
 
 import argparse
 import os
+import sys
 from pathlib import Path
 
-from fasttune import UserError, cli, cpu_threads, infer
+from fasttune import UserError, cli, cpu_threads, gguf_file, infer
 
 
 def main(argv=None):
@@ -38,6 +39,8 @@ def main(argv=None):
                         help="a GGUF LoRA adapter to apply to the file at load time (gguf/lora/ of a run)")
     args = parser.parse_args(argv)
     infer.check_runnable(args.gguf)
+    if warning := infer.context_warning(args.gguf.name, args.ctx, gguf_file.read(args.gguf).fields):
+        print(f"warning: {warning}", file=sys.stderr)
     if args.lora and not args.lora.is_file():
         raise UserError(f"--lora {args.lora}: no such file")
     loopback = args.host in LOOPBACK

@@ -25,9 +25,10 @@ FUSED_PROJECTIONS = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj":
 
 
 def lora_targets(wanted: list[str], linears: set[str]) -> list[str]:
-    """The layer names to put LoRA on in a model whose linear layers are named `linears`: `wanted`, with
-    the parts of a fused layer standing for it (the default's seven projections are Phi-3's four layers).
-    One that names no layer of the model is an error: PEFT would leave it out silently."""
+    """The layer names to put LoRA on in a model whose linear layers (but its head) are named `linears`:
+    `wanted`, with the parts of a fused layer standing for it (the default's seven projections are Phi-3's
+    four layers). A name given that is no such layer is an error, where PEFT would leave it out silently;
+    the default's names apply where the model has them (a family outside the seven, trained without a GGUF)."""
     targets = list(wanted)
     for fused, parts in FUSED_PROJECTIONS.items():
         named = [p for p in parts if p in targets]
@@ -38,9 +39,11 @@ def lora_targets(wanted: list[str], linears: set[str]) -> list[str]:
                             f"name all of them or {fused}")
         targets = [fused if t == named[0] else t for t in targets if t not in named[1:]]
     unknown = [t for t in targets if t not in linears]
+    if wanted == LORA_TARGETS and len(unknown) < len(targets):
+        return [t for t in targets if t in linears]
     if unknown:
-        raise UserError(f"--lora_target_modules: this model has no linear layer named {unknown[0]}; its layers: "
-                        f"{', '.join(sorted(linears))}")
+        raise UserError(f"--lora_target_modules: this model has no layer named {unknown[0]} that LoRA can adapt; "
+                        f"its linear layers: {', '.join(sorted(linears))}")
     return targets
 
 

@@ -17,6 +17,7 @@ import json
 import logging
 import math
 import os
+import re
 import struct
 from dataclasses import dataclass
 from functools import partial
@@ -80,11 +81,24 @@ def tokenizer_pre(tokenizer) -> str:
     return PRE_TOKENIZERS[digest]
 
 
+# Families asked for that the converter does not write, and why: the refusal says it. (No copy of their
+# tokenizers is at hand to check a file against llama.cpp's converter, as tests/ does for every row above.)
+NOT_WRITTEN = {
+    "MistralForCausalLM": "Mistral's GGUF, with its v3 SentencePiece vocabulary and [INST] control tokens, is not "
+                          "written yet",
+    "Gemma3ForCausalLM": "Gemma 3's GGUF, with its norms, embedding scale and interleaved sliding-window attention, is "
+                         "not written yet",
+    "Gemma3ForConditionalGeneration": "Gemma 3's GGUF, with its norms, embedding scale and interleaved sliding-window "
+                                      "attention, is not written yet (nor its vision part)",
+}
+
+
 def check_architecture(config, where) -> str:
     """The checkpoint's HF architecture, when this converter writes it; else the one-line refusal."""
     hf_arch = (config.architectures or ["?"])[0]
     if hf_arch not in ARCHITECTURES:
-        raise UserError(f"{where}: architecture {hf_arch} is not supported; supported: {', '.join(ARCHITECTURES)}")
+        why = f" ({NOT_WRITTEN[hf_arch]})" if hf_arch in NOT_WRITTEN else ""
+        raise UserError(f"{where}: architecture {hf_arch} is not supported{why}; supported: {', '.join(ARCHITECTURES)}")
     return hf_arch
 
 
@@ -103,6 +117,7 @@ def check_convertible(model_dir: Path, tokenizer, where) -> None:
             raise UserError(f"{where}: no tokenizer.model; {config.architectures[0]}'s GGUF takes its token scores "
                             "from the SentencePiece model: copy tokenizer.model from the model's repository (a "
                             "byte-level BPE tokenizer under this architecture, as Phi-4-mini's, is not written yet)")
+        _check_sentencepiece(Path(model_dir), tokenizer, config.vocab_size, where)
         return
     try:
         tokenizer_pre(tokenizer)
@@ -111,6 +126,22 @@ def check_convertible(model_dir: Path, tokenizer, where) -> None:
                         "PRE_TOKENIZERS (from llama.cpp's convert_hf_to_gguf.py); a SentencePiece one is written "
                         f"only for {', '.join(k for k, a in ARCHITECTURES.items() if a.tokenizer == 'llama')}. "
                         "--quants none trains and merges without a GGUF") from None
+
+
+def _check_sentencepiece(model_dir: Path, tokenizer, vocab_size: int, where) -> None:
+    """The GGUF's vocabulary comes from tokenizer.model, training's from the tokenizer (tokenizer.json): refuse
+    the two when they disagree on a piece, or when the model has fewer embedding rows than pieces."""
+    from sentencepiece import SentencePieceProcessor
+
+    sp = SentencePieceProcessor(model_file=str(model_dir / "tokenizer.model"))
+    if sp.vocab_size() > vocab_size:
+        raise UserError(f"{where}: tokenizer.model has {sp.vocab_size()} pieces, the model {vocab_size} embedding rows")
+    added = tokenizer.added_tokens_decoder
+    pieces = tokenizer.convert_ids_to_tokens(list(range(sp.vocab_size())))
+    bad = next((i for i in range(sp.vocab_size()) if i not in added and pieces[i] != sp.IdToPiece(i)), None)
+    if bad is not None:
+        raise UserError(f"{where}: tokenizer.model and the tokenizer disagree on token {bad} ({sp.IdToPiece(bad)!r} "
+                        f"against {pieces[bad]!r}); copy both from the same model")
 
 
 def _permute_qk(weights, n_head: int):
@@ -244,11 +275,14 @@ def convert(model_dir: str | Path, out_path: str | Path, outtype: str = "bf16", 
     arch = ARCHITECTURES[hf_arch]
     _check_sliding_window(config, model_dir)
     file_type, file_qtype = DIRECT_TYPES[outtype]
+    # llama.cpp gives every special token the whitespace after it, Phi-3's tokenizer rule, in a file whose name
+    # holds phi3 or phi-3, whatever its architecture: a file says so exactly when it is a Phi-3
     name = name or model_dir.name
-    if arch.phi3 and not any(k in name.lower() for k in ("phi3", "phi-3")):
-        # llama.cpp gives Phi-3's special tokens the whitespace after them (as its tokenizer does) only in a
-        # file whose name says phi3: without it the GGUF would tokenize every chat differently
+    says_phi3 = re.search(r"phi-?3", name, re.IGNORECASE)
+    if arch.phi3 and not says_phi3:
         name += "-phi3"
+    elif says_phi3 and not arch.phi3:
+        name = re.sub(r"(?i)(phi-?)3", r"\1 3", name)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     n_layers = config.num_hidden_layers
     names = gguf.get_tensor_name_map(arch.gguf_arch, n_layers)
@@ -322,11 +356,22 @@ def _load(st_file: Path, hf_name: str, permute_heads: int | None):
     return _permute_qk(tensor, permute_heads) if permute_heads else tensor
 
 
+def _phi3_rope(config) -> tuple[int, int]:
+    """(original context, rotary dims) of a Phi-3 config. The original context sits in the rope parameters
+    (longrope) or, without scaling (Phi-3-mini-4k), at the config's top level, where llama.cpp's converter
+    also looks; without either there is no scaling to extend anything. (transformers' Phi3Config admits
+    longrope alone, with one factor per rotary frequency: nothing else reaches here.)"""
+    rope = config.rope_parameters
+    original = (rope.get("original_max_position_embeddings") or getattr(config, "original_max_position_embeddings", None)
+                or config.max_position_embeddings)
+    return original, int(rope.get("partial_rotary_factor", 1.0) * config.hidden_size) // config.num_attention_heads
+
+
 def _rope_factors(config, arch: Arch) -> dict:
     """The rope scaling tensors llama.cpp reads: Llama 3.1's frequency factors, Phi-3's long and short ones."""
     if arch.phi3:
         rope = config.rope_parameters
-        if not rope.get("long_factor"):
+        if rope.get("rope_type") != "longrope":
             return {}
         return {gguf.MODEL_TENSOR.ROPE_FACTORS_LONG: _float32(rope["long_factor"]),
                 gguf.MODEL_TENSOR.ROPE_FACTORS_SHORT: _float32(rope["short_factor"])}
@@ -371,9 +416,11 @@ def _check_sliding_window(config, model_dir: Path) -> None:
     window, 262,144, is wider than its context: nothing to write, as llama.cpp's converter does.)"""
     window = getattr(config, "sliding_window", None)
     if getattr(config, "use_sliding_window", True) and window and window < config.max_position_embeddings:
+        # Qwen2 switches the window by use_sliding_window; Phi-3 has no such key and applies any window it is given
+        off = ("use_sliding_window to false" if hasattr(config, "use_sliding_window") else "sliding_window to null")
         raise UserError(f"{model_dir}: a sliding window of {window} tokens is in use; llama.cpp runs this "
                         "architecture with full attention, so the GGUF would differ past the window. Set "
-                        "use_sliding_window to false in config.json if the model was trained without it")
+                        f"{off} in config.json if the model was trained without it")
 
 
 def _add_metadata(writer: gguf.GGUFWriter, config, file_type: FT, name: str, base_model: str | None,
@@ -396,14 +443,13 @@ def _add_metadata(writer: gguf.GGUFWriter, config, file_type: FT, name: str, bas
     writer.add_layer_norm_rms_eps(config.rms_norm_eps)
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads  # not every config has it
     if arch.phi3:
-        writer.add_rope_scaling_orig_ctx_len(rope["original_max_position_embeddings"])
-        writer.add_rope_dimension_count(int(rope.get("partial_rotary_factor", 1.0) * config.hidden_size)
-                                        // config.num_attention_heads)
+        original, dims = _phi3_rope(config)
+        writer.add_rope_scaling_orig_ctx_len(original)
+        writer.add_rope_dimension_count(dims)
         writer.add_sliding_window(config.sliding_window or 0)  # 0 tells llama.cpp a Phi-4 from a Phi-3
-        scale = config.max_position_embeddings / rope["original_max_position_embeddings"]
-        if rope.get("long_factor"):  # longrope scales attention as transformers' does: sqrt(1 + ln s / ln orig)
-            writer.add_rope_scaling_attn_factors(
-                math.sqrt(1 + math.log(scale) / math.log(rope["original_max_position_embeddings"])) if scale > 1 else 1.0)
+        scale = config.max_position_embeddings / original
+        if rope.get("rope_type") == "longrope":  # attention scaled as transformers' does: sqrt(1 + ln s / ln orig)
+            writer.add_rope_scaling_attn_factors(math.sqrt(1 + math.log(scale) / math.log(original)) if scale > 1 else 1.0)
     else:
         writer.add_key_length(head_dim)
         writer.add_value_length(head_dim)

@@ -39,6 +39,17 @@ def original_context(metadata: dict) -> int | None:
     return int(value) if value else None
 
 
+def context_warning(name: str, n_ctx: int, metadata: dict) -> str | None:
+    """What goes wrong with a context past the one a long-context rope extends, or None."""
+    original = original_context(metadata)
+    if not original or n_ctx <= original:
+        return None
+    return (f"{name}: a {n_ctx}-token context is past the model's original {original}: llama.cpp then applies the "
+            f"long-context rope factors to every token, where transformers (and training) apply them only to "
+            f"sequences longer than {original}, so answers differ from the merged model's; ask for a context of "
+            f"{original} or less unless the conversations need more")
+
+
 @contextlib.contextmanager
 def load(path: str | Path, n_ctx: int = 4096, **kwargs):
     """A llama_cpp.Llama for the file, closed on exit (an unclosed one errors at interpreter exit)."""
@@ -60,13 +71,8 @@ def load(path: str | Path, n_ctx: int = 4096, **kwargs):
         hint = (" or, if the GPU is out of memory, run it on the CPU: FASTTUNE_GPU_LAYERS=0"
                 if kwargs["n_gpu_layers"] else "")
         raise UserError(f"{path}: llama.cpp cannot load this file ({e}); re-export it{hint}") from None
-    original = original_context(llm.metadata)
-    if original and llm.n_ctx() > original:
-        logger.warning("%s: a %d-token context is past the model's original %d: llama.cpp then applies the "
-                       "long-context rope factors to every token, where transformers (and training) apply them only "
-                       "to sequences longer than %d, so answers differ from the merged model's; ask for a context "
-                       "of %d or less unless the conversations need more", path.name, llm.n_ctx(), original,
-                       original, original)
+    if warning := context_warning(path.name, llm.n_ctx(), llm.metadata):
+        logger.warning(warning)
     try:
         yield llm
     finally:

@@ -166,7 +166,11 @@ def test_lora_targets_name_fused_layers_for_their_parts():
     assert lora_targets(["qkv_proj", "down_proj"], phi3) == ["qkv_proj", "down_proj"]
     with pytest.raises(UserError, match="computes q_proj, k_proj, v_proj in one layer, qkv_proj; name all of them"):
         lora_targets(["q_proj", "v_proj"], phi3)
-    with pytest.raises(UserError, match="no linear layer named qkv_proj; its layers: down_proj, gate_proj"):
+    with pytest.raises(UserError, match="no layer named qkv_proj that LoRA can adapt; its linear layers: down_proj, gate"):
         lora_targets(["qkv_proj"], qwen)
-    with pytest.raises(UserError, match="no linear layer named q_prj"):
+    with pytest.raises(UserError, match="no layer named q_prj"):
         lora_targets(["q_prj", "v_proj"], qwen)
+    # the default on a family with other names (Phi-2's dense, fc1, fc2): the ones it has, none is an error
+    assert lora_targets(LORA_TARGETS, {"q_proj", "k_proj", "v_proj", "dense", "fc1", "fc2"}) == ["q_proj", "k_proj", "v_proj"]
+    with pytest.raises(UserError, match="no layer named q_proj"):
+        lora_targets(LORA_TARGETS, {"query_key_value", "dense"})

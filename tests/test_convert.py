@@ -500,8 +500,8 @@ def test_qwen3_matches_hf_logits(tmp_path, tiny_qwen3):
     assert list(beyond_rounding(path, model, ids, "f32")) == []
 
 
-@pytest.mark.parametrize("family, outtype", [("qwen3", "bf16"), ("qwen3", "q8_0"), ("llama3.2", "bf16"),
-                                            ("phi3.5", "bf16"), ("phi3.5", "f16"), ("phi3.5", "q8_0")])
+@pytest.mark.parametrize("family", ["qwen3", "llama3.2", "phi3.5"])
+@pytest.mark.parametrize("outtype", ["bf16", "f16", "q8_0"])
 def test_family_same_bytes_as_llama_cpp_converter(tmp_path, family, outtype):
     """Each family's tiny checkpoint, with its real tokenizer: tensors and metadata as llama.cpp's converter
     writes them."""
@@ -533,10 +533,11 @@ def test_family_same_bytes_as_llama_cpp_converter(tmp_path, family, outtype):
     # add_bos_token): llama.cpp adds a BOS to a SentencePiece file without the key, which Phi-3's tokenizer does not.
     extra = model_keys(ours) - model_keys(ref)
     assert model_keys(ref) <= model_keys(ours) and len(model_keys(ref)) > 15
-    assert extra <= {"tokenizer.ggml.eot_token_id", "tokenizer.ggml.add_bos_token", "tokenizer.ggml.add_eos_token"}
-    probe = AutoTokenizer.from_pretrained(model_dir).encode("a")
-    if "tokenizer.ggml.add_bos_token" in extra:
-        assert ours.fields["tokenizer.ggml.add_bos_token"] is False and probe[0] != 1  # <s>
+    if family == "phi3.5":
+        assert extra == {"tokenizer.ggml.add_bos_token", "tokenizer.ggml.add_eos_token"}
+        assert ours.fields["tokenizer.ggml.add_bos_token"] is False and AutoTokenizer.from_pretrained(model_dir).encode("a")[0] != 1
+    else:
+        assert extra <= {"tokenizer.ggml.eot_token_id"}
     for key in model_keys(ref):
         assert ours.fields[key] == ref.fields[key], key
 
@@ -594,5 +595,67 @@ def test_phi3_file_tokenizes_chats_as_its_tokenizer(tmp_path):
     ends = [i for i, t in enumerate(want) if t == tokenizer.convert_tokens_to_ids("<|end|>")]
     assert len(ends) == 4 and all(want[i + 1] != tokenizer.convert_tokens_to_ids("<0x0A>") for i in ends)
     with infer.load(path, n_ctx=256) as llm:
-        assert llm.tokenize(text.encode(), add_bos=llm.metadata.get("tokenizer.ggml.add_bos_token") == "true",
-                            special=True) == want
+        assert llm.tokenize(text.encode(), add_bos=True, special=True) == want  # the file says whether a BOS goes first
+
+
+def test_phi3_without_longrope_same_bytes_and_its_window_refused(tmp_path):
+    """Phi-3-mini-4k's shape: no rope scaling (its original context at the config's top level) and a
+    2,047-token sliding window, which llama.cpp does not apply: refused, saying how to turn it off; with it
+    off, the file is llama.cpp's converter's."""
+    from transformers import AutoTokenizer
+
+    from fasttune import tiny
+
+    config = dict(tiny.TINY_PHI3_5_CONFIG, max_position_embeddings=4096, sliding_window=2047,
+                  rope_parameters={"rope_type": "default", "rope_theta": 10000.0})
+    model_dir = tiny.build_model(tmp_path / "phi3-4k", config)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    with pytest.raises(UserError, match="a sliding window of 2047 tokens is in use.*Set sliding_window to null"):
+        convert.check_convertible(model_dir, tokenizer, "phi")
+    values = json.loads((model_dir / "config.json").read_text())
+    (model_dir / "config.json").write_text(json.dumps(dict(values, sliding_window=None)))
+    convert.check_convertible(model_dir, tokenizer, "phi")
+    ours = gguf_file.read(convert.convert(model_dir, tmp_path / "ours.gguf", "bf16"))
+    root = llama_cpp_file("convert_hf_to_gguf.py").parent
+    subprocess.run([sys.executable, str(root / "convert_hf_to_gguf.py"), str(model_dir), "--outtype", "bf16",
+                    "--outfile", str(tmp_path / "ref.gguf")], check=True, capture_output=True,
+                   env=dict(os.environ, PYTHONPATH=str(root / "gguf-py")))
+    ref = gguf_file.read(tmp_path / "ref.gguf")
+    assert set(ours.tensors) == set(ref.tensors) and "rope_factors_long.weight" not in ours.tensors
+    assert all(ours.tensors[n].data == ref.tensors[n].data for n in ours.tensors)
+    for key in [k for k in ref.fields if k.startswith(("phi3.", "tokenizer.ggml."))]:
+        assert ours.fields[key] == ref.fields[key], key
+    assert ours.fields["phi3.rope.scaling.original_context_length"] == 4096
+    assert "phi3.rope.scaling.attn_factor" not in ours.fields
+
+
+def test_a_phi3_tokenizer_model_that_is_not_the_tokenizer_s_is_refused(tmp_path):
+    """Before training: a tokenizer.model that disagrees with the tokenizer, or more pieces than embedding
+    rows (the GGUF's vocabulary comes from the one, training's from the other)."""
+    from transformers import AutoTokenizer
+
+    from fasttune.tiny import tiny_phi3_5_dir
+    from tests.conftest import model_folder
+
+    folder = model_folder(tmp_path, tiny_phi3_5_dir(), weights=False)
+    values = json.loads((folder / "config.json").read_text())
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+
+    (folder / "config.json").write_text(json.dumps(dict(values, vocab_size=31000)))
+    with pytest.raises(UserError, match="tokenizer.model has 32000 pieces, the model 31000 embedding rows"):
+        convert.check_convertible(folder, tokenizer, "phi")
+    (folder / "config.json").write_text(json.dumps(values))
+    spec = json.loads((folder / "tokenizer.json").read_text())
+    vocab = spec["model"]["vocab"]
+    vocab["▁the"], vocab["▁of"] = vocab["▁of"], vocab["▁the"]
+    (folder / "tokenizer.json").write_text(json.dumps(spec))
+    with pytest.raises(UserError, match="tokenizer.model and the tokenizer disagree on token"):
+        convert.check_convertible(folder, AutoTokenizer.from_pretrained(folder), "phi")
+
+
+def test_only_a_phi3_file_is_named_phi3(tmp_path, tiny_dir):
+    """llama.cpp's Phi-3 whitespace rule follows the file's name, not its architecture: a Qwen run named
+    after Phi-3 must not get it."""
+    path = convert.convert(tiny_dir, tmp_path / "x.gguf", "q8_0", name="Phi-3-vs-qwen")
+    name = gguf_file.read(path).fields["general.name"].lower()
+    assert "phi3" not in name and "phi-3" not in name and name.startswith("phi- 3")
