@@ -11,7 +11,6 @@ from pathlib import Path
 
 import fasttune.model as model_lib  # first: imports unsloth, which patches transformers/trl/peft
 
-
 from fasttune import (base_model, cli, config, convert, dataset, evaluate, export, free_accelerator_memory, merge,
                       plan, rundir, train)
 
