@@ -15,12 +15,17 @@ http://127.0.0.1:*; --allow-origin adds others), the Host header must name the a
 to (a DNS-rebinding page cannot reach it), and binding beyond loopback needs --api-key.
 """
 
-import argparse
-import os
 import sys
-from pathlib import Path
 
-from fasttune import UserError, cli, cpu_threads, gguf_file, infer
+# Python puts this script's folder first on sys.path, and export/gguf.py is there: without this line
+# `import gguf` (the package, which fasttune reads GGUF metadata with) would import that script instead.
+sys.path = [p for p in sys.path if not p.endswith("export")]
+
+import argparse  # noqa: E402
+import os  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+from fasttune import UserError, cli, cpu_threads, gguf_file, infer  # noqa: E402
 
 
 def main(argv=None):

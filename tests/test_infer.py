@@ -51,3 +51,13 @@ def test_load_asks_llama_cpp_for_the_offload(trained_run, monkeypatch):
     monkeypatch.setenv("FASTTUNE_GPU_LAYERS", "7")
     with infer.load(trained_run[0] / "gguf" / "memorize-bf16.gguf", n_ctx=256) as llm:
         assert llm.model_params.n_gpu_layers == 7
+
+
+def test_a_context_past_the_rope_s_original_one_is_warned_about():
+    """Phi-3's longrope: llama.cpp takes the long factors for every token once the context passes the
+    original one (training used the short ones); a file without an original context gets no warning."""
+    phi3 = {"general.architecture": "phi3", "phi3.rope.scaling.original_context_length": "4096"}
+    assert infer.original_context(phi3) == 4096
+    assert infer.context_warning("m.gguf", 4096, phi3) is None
+    assert "a 8192-token context is past the model's original 4096" in infer.context_warning("m.gguf", 8192, phi3)
+    assert infer.context_warning("m.gguf", 131072, {"general.architecture": "qwen2"}) is None
