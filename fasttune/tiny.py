@@ -95,8 +95,8 @@ TINY_LLAMA3_2_CONFIG = dict(
 )
 # Phi-3.5-mini-instruct's shape rules where they do not cost compute: q/k/v fused in one projection and
 # gate/up in another (transformers' Phi3 layout), no biases, an untied head, longrope scaling from a 4k
-# original context to 128k with a factor per rotary frequency (random here, as the real ones are uneven),
-# and its sliding window, wider than any context.
+# original context to 128k with a factor per rotary frequency (made-up ramps here, the long ones far from
+# the short ones so that the two sets give different logits), and its sliding window, wider than any context.
 TINY_PHI3_5_CONFIG = dict(
     model_type="phi3",
     hidden_size=256,
