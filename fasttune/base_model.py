@@ -51,11 +51,13 @@ def check(name: str, plan: bool = False) -> Path:
         raise UserError(f"{config}: cannot read it ({e.strerror or type(e).__name__})") from None
     if not isinstance(values, dict) or not isinstance(values.get("model_type"), str):
         raise UserError(f"{config}: no 'model_type' string in it: not a transformers model config")
+    from huggingface_hub.errors import StrictDataclassError
     from transformers import AutoConfig
 
     try:  # never run a folder's own Python (auto_map): the families we train are built into transformers
         AutoConfig.from_pretrained(path, trust_remote_code=False)
-    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:  # what transformers raises for a bad config
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, StrictDataclassError) as e:  # a bad config
+        e = e.__cause__ or e  # a config class's validator (Phi-3's rope factors) wraps the ValueError that says why
         raise UserError(f"{config}: transformers cannot read it ({type(e).__name__}: {str(e).splitlines()[0]})") \
             from None
     if plan:

@@ -106,6 +106,21 @@ def test_a_folder_that_is_not_a_model_names_the_file(tmp_path, tiny_dir, damage,
         base_model.check(str(folder))
 
 
+def test_a_config_its_class_refuses_is_one_line(tmp_path):
+    """transformers' config classes validate on load (Phi-3: one rope factor per rotary frequency) and wrap
+    the reason in their own error type: still one line naming the file, with the reason, also for --plan."""
+    from fasttune.tiny import tiny_phi3_5_dir
+
+    folder = model_folder(tmp_path, tiny_phi3_5_dir())
+    values = json.loads((folder / "config.json").read_text())
+    values["rope_parameters"]["long_factor"] = values["rope_parameters"]["long_factor"][:-1]
+    (folder / "config.json").write_text(json.dumps(values))
+    for plan in (False, True):
+        with pytest.raises(UserError, match=r"model/config.json: transformers cannot read it \(ValueError: "
+                                            r"`rope_parameters`'s long_factor field must have length 32, got 31\)"):
+            base_model.check(str(folder), plan=plan)
+
+
 def test_plan_needs_the_config_only(tmp_path, tiny_dir):
     """--plan reads config.json alone: a folder holding only that is enough (no weights, no tokenizer)."""
     folder = tmp_path / "config-only"
