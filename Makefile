@@ -99,6 +99,7 @@ bench: install
 	$(PY) bench/train.py
 	$(PY) bench/quant.py
 	$(PY) bench/auto_choice.py
+	$(PY) bench/auto_cost.py
 	$(PY) bench/lora_defaults.py
 	$(PY) bench/imatrix_tokens.py
 

@@ -43,6 +43,7 @@ def main(argv=None):
     parser.add_argument("--lora", action="store_true",
                         help="also write gguf/lora/: the adapter as a GGUF LoRA and the base model in the first type")
     args = parser.parse_args(argv)
+    print(f"exporting {args.run_dir}: loading torch and transformers", file=sys.stderr, flush=True)  # seconds of silence else
 
     from fasttune import export  # after --help: it imports torch and transformers
 

@@ -5,7 +5,9 @@ Pipeline, one module per stage: data -> chat (template + mask) -> model (Unsloth
 -> infer (llama-cpp-python).
 """
 
+import functools
 import os
+from pathlib import Path
 
 __version__ = "0.1.0"
 
@@ -47,3 +49,19 @@ def free_accelerator_memory() -> None:
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
 
+
+
+def load_tokenizer(model_dir):
+    """transformers' AutoTokenizer for `model_dir`, loaded once per process for as long as the folder's
+    files are unchanged: a Qwen tokenizer takes about a second to load, and one export reads the same
+    one about ten times. Shared between callers, so none may modify it."""
+    folder = Path(model_dir).resolve()
+    stamp = tuple(sorted((p.name, p.stat().st_mtime_ns, p.stat().st_size) for p in folder.iterdir() if p.is_file()))
+    return _tokenizer(folder, stamp)
+
+
+@functools.lru_cache(maxsize=4)
+def _tokenizer(folder: Path, stamp: tuple):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(folder)

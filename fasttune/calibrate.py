@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from fasttune import free_accelerator_memory
+from fasttune import free_accelerator_memory, load_tokenizer
 
 logger = logging.getLogger(__name__)
 
@@ -77,13 +77,13 @@ class ImportanceMatrix:
 def compute(merged_dir: Path, conversations: list[list[dict]], source: str) -> ImportanceMatrix:
     """Run the merged model over the conversations (chat template applied, up to MAX_TOKENS tokens in
     all) and collect each linear layer's squared inputs under its GGUF tensor name."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoModelForCausalLM
 
     from fasttune.convert import ARCHITECTURES
 
     config = AutoConfig.from_pretrained(merged_dir)
     names = gguf.get_tensor_name_map(ARCHITECTURES[config.architectures[0]].gguf_arch, config.num_hidden_layers)
-    tokenizer = AutoTokenizer.from_pretrained(merged_dir)
+    tokenizer = load_tokenizer(merged_dir)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model = AutoModelForCausalLM.from_pretrained(merged_dir, dtype=torch.bfloat16).to(device).eval()
 

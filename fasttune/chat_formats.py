@@ -159,10 +159,15 @@ def stop_ids(tokenizer) -> list[int]:
     return sorted(ids - {None, tokenizer.unk_token_id})
 
 
+def served_template(template: str | None) -> str:
+    """The template a run serves for a tokenizer's `template`: Qwen2.5's for none (a base checkpoint),
+    the format's served one for a known family, else the model's own."""
+    if not template:
+        return QWEN2_5_TEMPLATE
+    fmt = chat_format(template)
+    return fmt.served if fmt else template
+
+
 def ensure_chat_template(tokenizer) -> None:
-    """The template a run serves: Qwen2.5's for a tokenizer without one (a base checkpoint), the
-    format's served one for a known family, else the model's own."""
-    if not tokenizer.chat_template:
-        tokenizer.chat_template = QWEN2_5_TEMPLATE
-    elif fmt := chat_format(tokenizer.chat_template):
-        tokenizer.chat_template = fmt.served
+    """Give `tokenizer` the template a run serves (served_template)."""
+    tokenizer.chat_template = served_template(tokenizer.chat_template)

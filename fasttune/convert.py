@@ -28,7 +28,7 @@ import numpy as np
 from safetensors import SafetensorError, safe_open
 from tqdm import tqdm
 
-from fasttune import UserError
+from fasttune import UserError, load_tokenizer
 
 logger = logging.getLogger(__name__)
 
@@ -265,7 +265,7 @@ def convert(model_dir: str | Path, out_path: str | Path, outtype: str = "bf16", 
             base_model: str | None = None, recipe: str | None = None, chat_template: str | None = None) -> Path:
     """Write `model_dir` (a merged HF checkpoint) as a GGUF of type `outtype` (f32/f16/bf16/q8_0).
     chat_template: embedded instead of the checkpoint's own (a base model under a run's served template)."""
-    from transformers import AutoConfig, AutoTokenizer
+    from transformers import AutoConfig
 
     model_dir, out_path = Path(model_dir), Path(out_path)
     if outtype not in DIRECT_TYPES:
@@ -283,7 +283,7 @@ def convert(model_dir: str | Path, out_path: str | Path, outtype: str = "bf16", 
         name += "-phi3"
     elif says_phi3 and not arch.phi3:
         name = re.sub(r"(?i)(phi-?)3", r"\1 3", name)
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    tokenizer = load_tokenizer(model_dir)
     n_layers = config.num_hidden_layers
     names = gguf.get_tensor_name_map(arch.gguf_arch, n_layers)
 

@@ -18,8 +18,8 @@ import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from fasttune import UserError, autoquant, calibrate, infer, intervals, measure, mix, rundir
-from fasttune.chat_formats import ensure_chat_template
+from fasttune import UserError, autoquant, calibrate, infer, intervals, load_tokenizer, measure, mix, rundir
+from fasttune.chat_formats import served_template
 from fasttune.convert import DIRECT_TYPES, convert
 from fasttune.lora_gguf import convert_lora
 from fasttune.modelfile import write_modelfile
@@ -72,11 +72,9 @@ def write_pair(run_dir: Path, out_dir: Path, base_dir: str | Path, base_type: st
                system_prompt: str | None, matrix=None) -> tuple[Path, Path, str]:
     """(base GGUF, adapter GGUF, type): the run's adapter as a GGUF LoRA (F32: the delta is never
     rounded) and the base model in `base_type`, with a Modelfile that applies one to the other."""
-    from transformers import AutoTokenizer
-
     adapter = convert_lora(run_dir / "adapter", out_dir / f"{run_dir.name}-lora.gguf", base_dir, name=run_dir.name)
     # the run's template: the same as the base's once served (why_no_pair), Qwen3's own is not
-    served = AutoTokenizer.from_pretrained(run_dir / "merged").chat_template
+    served = load_tokenizer(run_dir / "merged").chat_template
     base_path, _ = write_types(Path(base_dir), out_dir, [base_type], dict(meta, name="base", chat_template=served),
                                system_prompt, matrix)[0]
     write_modelfile(base_path, system_prompt, adapter=adapter)
@@ -193,15 +191,12 @@ def why_no_pair(run_dir: Path, base: str | Path | None) -> str | None:
     """Why auto cannot measure the base + adapter pair on this run (None: it can). The base GGUF is
     converted from the base model, so it must speak the run's chat template, or the pair would be
     scored and served through another prompt than the one trained on."""
-    from transformers import AutoTokenizer
-
     if not (run_dir / "adapter" / "adapter_config.json").is_file():
         return "the run has no adapter/"
     if base is None:
         return "the run's base model is not available (export/gguf.py says why)"
-    base_tokenizer = AutoTokenizer.from_pretrained(base)
-    ensure_chat_template(base_tokenizer)  # as training served it
-    if base_tokenizer.chat_template != AutoTokenizer.from_pretrained(run_dir / "merged").chat_template:
+    # the base's template as training served it
+    if served_template(load_tokenizer(base).chat_template) != load_tokenizer(run_dir / "merged").chat_template:
         return "the base model's chat template is not the one the run was trained with"
     return None
 

@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from fasttune import free_accelerator_memory, infer
+from fasttune import free_accelerator_memory, infer, load_tokenizer
 from fasttune.chat_formats import stop_ids
 
 logger = logging.getLogger(__name__)
@@ -105,11 +105,11 @@ class Reference:
 
 def merged_reference(merged_dir: Path, fidelity_cases: list[Case]) -> Reference:
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+    from transformers import AutoModelForCausalLM, GenerationConfig
 
     logger.info("the merged model's logits and greedy answers on %d conversations (the fidelity reference)",
                 len(fidelity_cases))
-    tokenizer = AutoTokenizer.from_pretrained(merged_dir)
+    tokenizer = load_tokenizer(merged_dir)
     # as the evaluation: float32 on the CPU, bf16 on a GPU (a 7B in float32 is 30 GB of host memory)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
@@ -147,9 +147,7 @@ class Task:
 
 def make_task(merged_dir: Path, examples, metric: str, tolerance: float, max_new_tokens: int) -> Task:
     """The eval examples as prompts and references, each prompt's length in tokens counted."""
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(merged_dir)
+    tokenizer = load_tokenizer(merged_dir)
     prompts = [ex.messages[:-1] for ex in examples]
     lengths = [len(tokenizer.apply_chat_template(p, add_generation_prompt=True, tokenize=True, return_dict=False))
                for p in prompts]
@@ -297,7 +295,8 @@ def _answer(llm, out: Measured, task: Task, indices, name: str) -> None:
     generated = sum(a.tokens for a, _ in done)
     out.row.update(score=round(100 * float(np.mean([s for _, s in done])), 2), score_examples=len(done),
                    stopped=round(float(np.mean([a.stopped for a, _ in done])), 4),
-                   tokens_per_s=round(generated / out.answer_seconds, 1) if out.answer_seconds else None)
+                   tokens_per_s=round(generated / out.answer_seconds, 1) if out.answer_seconds else None,
+                   answer_seconds=round(out.answer_seconds, 2))
 
 
 def _fidelity(llm, ref: Reference) -> dict:
@@ -353,9 +352,7 @@ class Measurer:
         settled(YARDSTICK's KL per case, a file's KL per case so far) -> True: that file's drift pass stops
         early (measure_file); a file measured before the yardstick runs every case.
         fidelity: whether files are compared with the merged model at all."""
-        from transformers import AutoTokenizer
-
-        self.drift_cases = cases(AutoTokenizer.from_pretrained(merged_dir), conversations)
+        self.drift_cases = cases(load_tokenizer(merged_dir), conversations)
         if not self.drift_cases:
             raise RuntimeError("no conversation has a clean answer span to measure on")
         self.reference = merged_reference(merged_dir, self.drift_cases[:FIDELITY_CONVERSATIONS]) if fidelity else None

@@ -1,11 +1,13 @@
-"""Loading a GGUF: what would crash llama.cpp is refused first; threads follow the CPUs this process has."""
+"""Loading a GGUF: what would crash llama.cpp is refused first; threads follow the CPUs this process has; a
+tokenizer is read once per process."""
 
 import os
 
 import llama_cpp
 import pytest
 
-from fasttune import UserError, cpu_threads, infer
+from fasttune import UserError, cpu_threads, infer, load_tokenizer
+from tests.conftest import model_folder
 
 
 def test_a_quantized_file_under_an_amx_build_is_refused_with_the_fix(trained_run, monkeypatch):
@@ -29,6 +31,15 @@ def test_threads_are_the_cpus_this_process_may_use(monkeypatch):
     monkeypatch.setenv("FASTTUNE_THREADS", "all")
     with pytest.raises(UserError, match="FASTTUNE_THREADS='all': expected a whole number"):
         cpu_threads()
+
+
+def test_a_tokenizer_is_loaded_once_until_its_folder_changes(tmp_path, tiny_dir):
+    folder = model_folder(tmp_path, tiny_dir, weights=False)
+    first = load_tokenizer(folder)
+    assert load_tokenizer(folder) is first and load_tokenizer(str(folder) + "/") is first
+    (folder / "chat_template.jinja").write_text("{{ messages[0]['content'] }}")  # a new merge in its place, say
+    changed = load_tokenizer(folder)
+    assert changed is not first and changed.chat_template == "{{ messages[0]['content'] }}"
 
 
 def test_all_layers_go_to_the_gpu_when_the_build_can_offload(monkeypatch):
