@@ -6,6 +6,7 @@ Pipeline, one module per stage: data -> chat (template + mask) -> model (Unsloth
 """
 
 import functools
+import hashlib
 import os
 from pathlib import Path
 
@@ -50,18 +51,35 @@ def free_accelerator_memory() -> None:
         torch.cuda.empty_cache()
 
 
-
-def load_tokenizer(model_dir):
+def cached_tokenizer(model_dir):
     """transformers' AutoTokenizer for `model_dir`, loaded once per process for as long as the folder's
-    files are unchanged: a Qwen tokenizer takes about a second to load, and one export reads the same
-    one about ten times. Shared between callers, so none may modify it."""
-    folder = Path(model_dir).resolve()
-    stamp = tuple(sorted((p.name, p.stat().st_mtime_ns, p.stat().st_size) for p in folder.iterdir() if p.is_file()))
-    return _tokenizer(folder, stamp)
+    tokenizer files are unchanged: a Qwen tokenizer takes about a second to load, and one export reads
+    the same one about ten times. Shared between callers, so none may modify it. Not a folder (a hub
+    name): loaded each time, as transformers does."""
+    from transformers import AutoTokenizer
+
+    folder = Path(model_dir)
+    if not folder.is_dir():
+        return AutoTokenizer.from_pretrained(model_dir)
+    return _tokenizer(folder.resolve(), _tokenizer_digest(folder))
+
+
+# not read by a tokenizer; hashing them would cost seconds to minutes
+WEIGHTS = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".h5", ".msgpack", ".onnx", ".ckpt")
+
+
+def _tokenizer_digest(folder: Path) -> str:
+    """sha256 over the folder's files but its weights, and additional_chat_templates/ (transformers reads
+    it): content, not timestamps, which a copy can keep and a rewrite within one clock tick does not move."""
+    digest = hashlib.sha256()
+    files = [*folder.iterdir(), *(folder / "additional_chat_templates").glob("*")]
+    for path in sorted(p for p in files if p.is_file() and not p.name.endswith(WEIGHTS)):
+        digest.update(str(path.relative_to(folder)).encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()
 
 
 @functools.lru_cache(maxsize=4)
-def _tokenizer(folder: Path, stamp: tuple):
+def _tokenizer(folder: Path, digest: str):
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(folder)

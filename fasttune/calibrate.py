@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from fasttune import free_accelerator_memory, load_tokenizer
+from fasttune import free_accelerator_memory, cached_tokenizer
 
 logger = logging.getLogger(__name__)
 
@@ -83,7 +83,7 @@ def compute(merged_dir: Path, conversations: list[list[dict]], source: str) -> I
 
     config = AutoConfig.from_pretrained(merged_dir)
     names = gguf.get_tensor_name_map(ARCHITECTURES[config.architectures[0]].gguf_arch, config.num_hidden_layers)
-    tokenizer = load_tokenizer(merged_dir)
+    tokenizer = cached_tokenizer(merged_dir)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model = AutoModelForCausalLM.from_pretrained(merged_dir, dtype=torch.bfloat16).to(device).eval()
 

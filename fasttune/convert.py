@@ -28,7 +28,7 @@ import numpy as np
 from safetensors import SafetensorError, safe_open
 from tqdm import tqdm
 
-from fasttune import UserError, load_tokenizer
+from fasttune import UserError, cached_tokenizer
 
 logger = logging.getLogger(__name__)
 
@@ -283,7 +283,7 @@ def convert(model_dir: str | Path, out_path: str | Path, outtype: str = "bf16", 
         name += "-phi3"
     elif says_phi3 and not arch.phi3:
         name = re.sub(r"(?i)(phi-?)3", r"\1 3", name)
-    tokenizer = load_tokenizer(model_dir)
+    tokenizer = cached_tokenizer(model_dir)
     n_layers = config.num_hidden_layers
     names = gguf.get_tensor_name_map(arch.gguf_arch, n_layers)
 

@@ -18,7 +18,7 @@ import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from fasttune import UserError, autoquant, calibrate, infer, intervals, load_tokenizer, measure, mix, rundir
+from fasttune import UserError, autoquant, calibrate, infer, intervals, cached_tokenizer, measure, mix, rundir
 from fasttune.chat_formats import served_template
 from fasttune.convert import DIRECT_TYPES, convert
 from fasttune.lora_gguf import convert_lora
@@ -74,7 +74,7 @@ def write_pair(run_dir: Path, out_dir: Path, base_dir: str | Path, base_type: st
     rounded) and the base model in `base_type`, with a Modelfile that applies one to the other."""
     adapter = convert_lora(run_dir / "adapter", out_dir / f"{run_dir.name}-lora.gguf", base_dir, name=run_dir.name)
     # the run's template: the same as the base's once served (why_no_pair), Qwen3's own is not
-    served = load_tokenizer(run_dir / "merged").chat_template
+    served = cached_tokenizer(run_dir / "merged").chat_template
     base_path, _ = write_types(Path(base_dir), out_dir, [base_type], dict(meta, name="base", chat_template=served),
                                system_prompt, matrix)[0]
     write_modelfile(base_path, system_prompt, adapter=adapter)
@@ -196,7 +196,7 @@ def why_no_pair(run_dir: Path, base: str | Path | None) -> str | None:
     if base is None:
         return "the run's base model is not available (export/gguf.py says why)"
     # the base's template as training served it
-    if served_template(load_tokenizer(base).chat_template) != load_tokenizer(run_dir / "merged").chat_template:
+    if served_template(cached_tokenizer(base).chat_template) != cached_tokenizer(run_dir / "merged").chat_template:
         return "the base model's chat template is not the one the run was trained with"
     return None
 

@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from fasttune import free_accelerator_memory, infer, load_tokenizer
+from fasttune import free_accelerator_memory, infer, cached_tokenizer
 from fasttune.chat_formats import stop_ids
 
 logger = logging.getLogger(__name__)
@@ -109,7 +109,7 @@ def merged_reference(merged_dir: Path, fidelity_cases: list[Case]) -> Reference:
 
     logger.info("the merged model's logits and greedy answers on %d conversations (the fidelity reference)",
                 len(fidelity_cases))
-    tokenizer = load_tokenizer(merged_dir)
+    tokenizer = cached_tokenizer(merged_dir)
     # as the evaluation: float32 on the CPU, bf16 on a GPU (a 7B in float32 is 30 GB of host memory)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
@@ -147,7 +147,7 @@ class Task:
 
 def make_task(merged_dir: Path, examples, metric: str, tolerance: float, max_new_tokens: int) -> Task:
     """The eval examples as prompts and references, each prompt's length in tokens counted."""
-    tokenizer = load_tokenizer(merged_dir)
+    tokenizer = cached_tokenizer(merged_dir)
     prompts = [ex.messages[:-1] for ex in examples]
     lengths = [len(tokenizer.apply_chat_template(p, add_generation_prompt=True, tokenize=True, return_dict=False))
                for p in prompts]
@@ -352,7 +352,7 @@ class Measurer:
         settled(YARDSTICK's KL per case, a file's KL per case so far) -> True: that file's drift pass stops
         early (measure_file); a file measured before the yardstick runs every case.
         fidelity: whether files are compared with the merged model at all."""
-        self.drift_cases = cases(load_tokenizer(merged_dir), conversations)
+        self.drift_cases = cases(cached_tokenizer(merged_dir), conversations)
         if not self.drift_cases:
             raise RuntimeError("no conversation has a clean answer span to measure on")
         self.reference = merged_reference(merged_dir, self.drift_cases[:FIDELITY_CONVERSATIONS]) if fidelity else None

@@ -6,7 +6,7 @@ import os
 import llama_cpp
 import pytest
 
-from fasttune import UserError, cpu_threads, infer, load_tokenizer
+from fasttune import UserError, cpu_threads, infer, cached_tokenizer
 from tests.conftest import model_folder
 
 
@@ -33,13 +33,22 @@ def test_threads_are_the_cpus_this_process_may_use(monkeypatch):
         cpu_threads()
 
 
-def test_a_tokenizer_is_loaded_once_until_its_folder_changes(tmp_path, tiny_dir):
+def test_a_tokenizer_is_loaded_once_until_its_folder_s_files_change(tmp_path, tiny_dir):
     folder = model_folder(tmp_path, tiny_dir, weights=False)
-    first = load_tokenizer(folder)
-    assert load_tokenizer(folder) is first and load_tokenizer(str(folder) + "/") is first
-    (folder / "chat_template.jinja").write_text("{{ messages[0]['content'] }}")  # a new merge in its place, say
-    changed = load_tokenizer(folder)
-    assert changed is not first and changed.chat_template == "{{ messages[0]['content'] }}"
+    first = cached_tokenizer(folder)
+    assert cached_tokenizer(folder) is first and cached_tokenizer(str(folder) + "/") is first
+    template = folder / "chat_template.jinja"
+    stat = template.stat()
+    # a rewrite of the same size that keeps the timestamps (a copy with cp -p, a merge within one clock tick)
+    before = template.read_text()
+    template.write_text(before.replace("You are Qwen", "You are Kwen", 1))
+    os.utime(template, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert template.stat().st_size == stat.st_size and template.read_text() != before
+    changed = cached_tokenizer(folder)
+    assert changed is not first and changed.chat_template == template.read_text()
+    # not a folder: a hub name, loaded as transformers would (its own error, offline or not)
+    with pytest.raises(OSError, match="couldn't find them in the cached files|not a valid model identifier"):
+        cached_tokenizer("no-such-org/no-such-model")
 
 
 def test_all_layers_go_to_the_gpu_when_the_build_can_offload(monkeypatch):
