@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from fasttune import free_accelerator_memory, cached_tokenizer
+from fasttune import cached_tokenizer, free_accelerator_memory
 
 logger = logging.getLogger(__name__)
 

@@ -18,7 +18,7 @@ import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from fasttune import UserError, autoquant, calibrate, infer, intervals, cached_tokenizer, measure, mix, rundir
+from fasttune import UserError, autoquant, cached_tokenizer, calibrate, infer, intervals, measure, mix, rundir
 from fasttune.chat_formats import served_template
 from fasttune.convert import DIRECT_TYPES, convert
 from fasttune.lora_gguf import convert_lora

@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from fasttune import free_accelerator_memory, infer, cached_tokenizer
+from fasttune import cached_tokenizer, free_accelerator_memory, infer
 from fasttune.chat_formats import stop_ids
 
 logger = logging.getLogger(__name__)

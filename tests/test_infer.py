@@ -6,7 +6,7 @@ import os
 import llama_cpp
 import pytest
 
-from fasttune import UserError, cpu_threads, infer, cached_tokenizer
+from fasttune import UserError, cached_tokenizer, cpu_threads, infer
 from tests.conftest import model_folder
 
 
