@@ -2,6 +2,7 @@
 """What `--quants auto` costs against the training it follows, and its longest stretch without output.
 
     python bench/auto_cost.py [--shape 0.5b|tiny] [--train 400] [--eval 150] [--epochs 1] [--work DIR]
+    python bench/auto_cost.py --run RUN
 
 The setting: a Qwen2.5-0.5B-shaped model (random weights, the real tokenizer; cached),
 fine-tuned by recipes/sft.py on 400 doses examples for 1 epoch (LoRA r 16, alpha 32; no export, no
